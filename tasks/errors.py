@@ -1,0 +1,22 @@
+"""Error types that decide what Prefect retries and what the CLI prints as one line."""
+
+
+class BadInputError(ValueError):
+    """A problem with what the user asked for: never retried, printed as one line.
+
+    The message follows one template: what is wrong, what was received, how to fix it.
+    """
+
+
+class InjectedFailure(RuntimeError):
+    """A failure raised on purpose by a fault drill (`fail_after_epoch`), standing in for a crash."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for errors worth retrying: I/O and network trouble, not bad input or bugs."""
+    if exc is None or isinstance(exc, BadInputError):
+        return False
+    return isinstance(exc, TRANSIENT_ERRORS)

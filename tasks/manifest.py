@@ -1,0 +1,102 @@
+"""The run directory's `manifest.json`: every artifact with its format, path, SHA-256 and size.
+
+Each stage updates its own part as soon as its files are committed, so the manifest describes
+the run directory even after a crash half-way through a flow.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import BadInputError
+from tasks.files import atomic_write_json, sha256_path, size_of
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+_PACKAGES = ("ckptflow", "tensorflow", "keras", "prefect", "numpy", "h5py", "pandas", "pydantic")
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The manifest as a dict, `{}` for a run directory that has none yet."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(
+            f"{path} is not valid JSON ({exc}). Restore it from a backup or move the run "
+            "directory aside and start a new run.") from exc
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path} must hold a JSON object. Received: {type(data).__name__}.")
+    return data
+
+
+def update_manifest(run_dir: Path, **sections: Any) -> dict[str, Any]:
+    """Set top-level sections of the manifest and write it atomically."""
+    manifest = read_manifest(run_dir)
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    manifest.setdefault("created_at", _now())
+    manifest.setdefault("artifacts", [])
+    manifest.update(sections)
+    manifest["updated_at"] = _now()
+    manifest["packages"] = package_versions()
+    manifest["code_version"] = code_version()
+    atomic_write_json(Path(run_dir) / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def artifact_entry(run_dir: Path, path: Path, kind: str, format: str, **extra: Any) -> dict:
+    """A manifest entry for one file or directory of the run directory."""
+    run_dir, path = Path(run_dir), Path(path)
+    return {
+        "kind": kind,
+        "format": format,
+        "path": path.relative_to(run_dir).as_posix(),
+        "sha256": sha256_path(path),
+        "bytes": size_of(path),
+        **extra,
+    }
+
+
+def set_artifacts(run_dir: Path, kind: str, entries: list[dict]) -> dict[str, Any]:
+    """Replace every manifest entry of `kind` with `entries`."""
+    manifest = read_manifest(run_dir)
+    kept = [a for a in manifest.get("artifacts", []) if a.get("kind") != kind]
+    return update_manifest(run_dir, artifacts=kept + entries)
+
+
+@functools.cache
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape a run's files."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@functools.cache
+def code_version() -> str:
+    """The git commit of the ckptflow checkout, or the package version outside a checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"ckptflow {package_versions()['ckptflow']}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,42 @@
+"""Prefect artifacts of a run: live training progress, the metrics table and a markdown summary."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from tasks.config import TrainConfig
+
+
+def artifact_key(run_dir: str, what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) naming the run directory."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_dir.lower()).strip("-")[-40:].strip("-") or "run"
+    return f"ckptflow-{slug}-{what}"
+
+
+class EpochProgress:
+    """A progress artifact that follows the epochs of one training attempt."""
+
+    def __init__(self, config: TrainConfig):
+        self.total = config.epochs
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=artifact_key(config.run_dir, "progress"),
+            description=f"Epochs done of {config.epochs} in {config.run_dir}")
+
+    def update(self, row: dict[str, Any], state: dict[str, Any]) -> None:
+        update_progress_artifact(self.artifact_id, progress=100.0 * state["epoch"] / self.total)
+
+
+def publish_evaluation(run_dir: str, rows: list[dict[str, Any]], summary_md: str) -> None:
+    """Show the evaluation as a keyed table artifact and a keyed markdown summary."""
+    create_table_artifact(table=rows, key=artifact_key(run_dir, "metrics"),
+                          description=f"Test metrics of {run_dir}")
+    create_markdown_artifact(markdown=summary_md, key=artifact_key(run_dir, "summary"),
+                             description=f"ckptflow run summary of {run_dir}")

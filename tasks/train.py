@@ -1,0 +1,213 @@
+"""train-with-checkpoints: train to `epochs`, resuming from the latest checkpoint, saving as it goes."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.checkpoints import Checkpoint, CheckpointStore
+from tasks.config import TrainConfig
+from tasks.data import DataRecord, data_digest, load_snapshot
+from tasks.errors import BadInputError, InjectedFailure
+from tasks.files import atomic_write_bytes
+from tasks.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from tasks.model import INITIAL_MODEL, build_model
+from tasks.policy import retry_options
+from tasks.resume import CHECKPOINTS, CheckpointRef, find_resume_point
+
+log = logging.getLogger("ckptflow.train")
+
+HISTORY = Path("metrics") / "history.csv"
+FAULTS = Path("faults")
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+
+EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+class TrainRecord(BaseModel):
+    """What train-with-checkpoints left: the final checkpoint and how this attempt got there."""
+
+    checkpoint: str
+    commit_sha256: str
+    epoch: int
+    step: int
+    resumed_from: str | None
+    start_epoch: int
+    start_batch: int
+    batches_trained: int
+    best_val_accuracy: float | None
+    history_path: str
+
+    def checkpoint_ref(self) -> CheckpointRef:
+        """The final checkpoint alone: what evaluation and export depend on."""
+        return CheckpointRef(path=self.checkpoint, commit_sha256=self.commit_sha256,
+                             epoch=self.epoch, batch=0, step=self.step)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The batch order of one epoch: a permutation derived from (seed, epoch) alone.
+
+    Unlike `fit(shuffle=True)` under a global seed (the same order every epoch), each epoch gets
+    a fresh order, and a resumed run recomputes exactly the order it was interrupted in.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataRecord,
+                           on_epoch_end: EpochCallback | None = None) -> TrainRecord:
+    """Train until `config.epochs` epochs are done, continuing from the latest valid checkpoint.
+
+    Checkpoints are committed every `config.save_every_batches` batches and at every epoch end.
+    With the same seed, a run stopped and resumed any number of times ends with the same weights
+    as a run that was never stopped.
+    """
+    run_dir = Path(run_dir)
+    arrays = load_snapshot(run_dir / data.path)
+    if data_digest(arrays) != data.data_sha256:
+        raise BadInputError(f"data snapshot {run_dir / data.path} changed since fetch-data "
+                            "recorded it. Run the flow again to re-check the data.")
+    store = CheckpointStore(run_dir / CHECKPOINTS, keep=config.keep_checkpoints)
+    point = find_resume_point(run_dir, config.identity(), data.data_sha256)
+    model = build_model(config.units, config.dropout, config.learning_rate, config.seed)
+    if point is None:
+        model.load_weights(run_dir / INITIAL_MODEL)
+        state = _fresh_state(config, data)
+        latest = None
+    else:
+        latest = Checkpoint(run_dir / point.path, point.epoch, point.batch, point.step)
+        state = store.restore(latest, model)
+        if int(model.optimizer.iterations) != state["step"]:
+            raise RuntimeError(f"{latest.path}: optimizer restored at step "
+                               f"{int(model.optimizer.iterations)}, state says {state['step']}")
+        state["config"] = config.model_dump()
+        log.info("resuming from %s: epoch %d, batch %d, optimizer step %d", latest.name,
+                 state["epoch"], state["batch"], int(model.optimizer.iterations))
+    start_epoch, start_batch, start_step = state["epoch"], state["batch"], state["step"]
+    if state["epoch"] >= config.epochs:
+        log.info("run already has %d epochs (asked for %d): nothing to train", state["epoch"],
+                 config.epochs)
+
+    x, y = arrays["x_train"], arrays["y_train"]
+    steps = math.ceil(len(y) / config.batch_size)
+    while state["epoch"] < config.epochs:
+        order = epoch_order(config.seed, state["epoch"], len(y))
+        for batch in range(state["batch"], steps):
+            idx = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+            logs = model.train_on_batch(x[idx], y[idx], return_dict=True)  # this batch's means
+            partial = state["partial"]
+            state["partial"] = {
+                "loss_sum": partial["loss_sum"] + float(logs["loss"]) * len(idx),
+                "correct": partial["correct"] + float(logs["accuracy"]) * len(idx),
+                "seen": partial["seen"] + len(idx),
+            }
+            state["batch"], state["step"] = batch + 1, int(model.optimizer.iterations)
+            if (config.save_every_batches and state["batch"] % config.save_every_batches == 0
+                    and state["batch"] < steps):
+                latest = store.save(model, state, epoch_end=False)
+        row = _finish_epoch(model, state, arrays, config.batch_size)
+        latest = store.save(model, state, epoch_end=True)
+        _write_history(run_dir, state["history"])
+        log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
+                 "(checkpoint %s)", row["epoch"], config.epochs, row["loss"], row["accuracy"],
+                 row["val_loss"], row["val_accuracy"], latest.name)
+        if on_epoch_end is not None:
+            on_epoch_end(row, state)
+        _maybe_inject_failure(run_dir, config, state["epoch"])
+
+    record = TrainRecord(
+        checkpoint=latest.path.relative_to(run_dir).as_posix(),
+        commit_sha256=latest.commit_sha256(), epoch=state["epoch"], step=state["step"],
+        resumed_from=point.path if point else None, start_epoch=start_epoch,
+        start_batch=start_batch, batches_trained=state["step"] - start_step,
+        best_val_accuracy=state["best"]["val_accuracy"], history_path=HISTORY.as_posix())
+    _record_in_manifest(run_dir, store, record)
+    return record
+
+
+def _fresh_state(config: TrainConfig, data: DataRecord) -> dict[str, Any]:
+    """Everything a resume needs, at the start of training (nanoGPT's checkpoint dict)."""
+    return {
+        "epoch": 0, "batch": 0, "step": 0,
+        "partial": {"loss_sum": 0.0, "correct": 0.0, "seen": 0},
+        "history": [],
+        "best": {"val_accuracy": None, "epoch": None},
+        "identity": config.identity(),
+        "data_sha256": data.data_sha256,
+        "config": config.model_dump(),
+    }
+
+
+def _finish_epoch(model, state: dict[str, Any], arrays: dict, batch_size: int) -> dict[str, Any]:
+    """Close the epoch in `state`: history row, best score, counters. Returns the row."""
+    partial = state["partial"]
+    val = model.evaluate(arrays["x_test"], arrays["y_test"], batch_size=max(256, batch_size),
+                         verbose=0, return_dict=True)
+    row = {
+        "epoch": state["epoch"] + 1,
+        "loss": partial["loss_sum"] / partial["seen"],
+        "accuracy": partial["correct"] / partial["seen"],
+        "val_loss": float(val["loss"]),
+        "val_accuracy": float(val["accuracy"]),
+    }
+    state["history"].append(row)
+    best = state["best"]
+    if best["val_accuracy"] is None or row["val_accuracy"] > best["val_accuracy"]:
+        state["best"] = {"val_accuracy": row["val_accuracy"], "epoch": row["epoch"]}
+    state["epoch"] += 1
+    state["batch"] = 0
+    state["partial"] = {"loss_sum": 0.0, "correct": 0.0, "seen": 0}
+    state["saved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return row
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    buffer = io.StringIO()
+    pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(buffer, index=False)
+    atomic_write_bytes(run_dir / HISTORY, buffer.getvalue().encode())
+
+
+def _maybe_inject_failure(run_dir: Path, config: TrainConfig, epoch: int) -> None:
+    """Fault drill: fail once per run directory right after `fail_after_epoch` is committed."""
+    if config.fail_after_epoch != epoch:
+        return
+    marker = run_dir / FAULTS / f"fail_after_epoch-{epoch}"
+    if marker.exists():
+        return
+    atomic_write_bytes(marker, b"fired\n")
+    raise InjectedFailure(f"injected failure after epoch {epoch} (fail_after_epoch={epoch}); "
+                          "run again to resume from the checkpoint")
+
+
+def _record_in_manifest(run_dir: Path, store: CheckpointStore, record: TrainRecord) -> None:
+    attempts = read_manifest(run_dir).get("training", {}).get("attempts", [])
+    attempts.append({
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "resumed_from": record.resumed_from, "start_epoch": record.start_epoch,
+        "start_batch": record.start_batch, "end_epoch": record.epoch,
+        "batches_trained": record.batches_trained,
+    })
+    update_manifest(run_dir, training={**record.model_dump(), "attempts": attempts})
+    set_artifacts(run_dir, "checkpoint", [
+        artifact_entry(run_dir, c.path, "checkpoint", "ckptflow-checkpoint", epoch=c.epoch,
+                       batch=c.batch, step=c.step) for c in store.all()])
+    set_artifacts(run_dir, "history", [artifact_entry(run_dir, run_dir / HISTORY, "history", "csv")])
+
+
+@task(name="train-with-checkpoints", **retry_options())
+def train_task(config: TrainConfig, data: DataRecord) -> TrainRecord:
+    """Train with checkpoints; a retry resumes from the newest checkpoint, not from zero."""
+    from tasks.reporting import EpochProgress
+
+    progress = EpochProgress(config)
+    return train_with_checkpoints(config.run_dir, config, data, on_epoch_end=progress.update)

@@ -1,0 +1,89 @@
+"""`ckptflow` as a user runs it: fast help, one-line errors, run, rerun, refusals, direct flow file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tree_digest
+
+CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
+SMALL = ["--data", "bundled", "--train-samples", "256", "--test-samples", "128", "--units", "64",
+         "--epochs", "2", "--save-every-batches", "3"]
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # ad-hoc use: Prefect's temporary local server
+    return subprocess.run([CKPTFLOW, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_help_imports_neither_tensorflow_nor_prefect():
+    code = ("import sys, contextlib, io\nimport flows.cli as cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try: cli.main(['run', '--help'])\n    except SystemExit: pass\n"
+            "assert '--save-every-batches' in out.getvalue()\n"
+            "print(sorted(m for m in ('tensorflow', 'keras', 'prefect') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epochs", "0"], ["epochs", "greater than 0", "0"]),
+    (["--batch-size", "-4"], ["batch_size", "greater than 0", "-4"]),
+    (["--data", "mnist-please"], ["unknown data source", "mnist-please", "bundled"]),
+    (["--dropout", "1.5"], ["dropout", "less than 1"]),
+    (["--epochs", "ten"], ["--epochs", "invalid int value"]),
+])
+def test_bad_parameters_get_one_line_and_exit_2_before_any_work(tmp_path, args, words):
+    result = run_cli("run", "--run-dir", str(tmp_path / "run"), *args, timeout=60)
+    assert result.returncode == 2
+    line = last_line(result.stderr)
+    assert line.startswith(("ckptflow: error:", "ckptflow run: error:"))
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_rerun_and_refusals_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli("run", "--run-dir", str(run_dir), *SMALL)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained from scratch to epoch 2 (16 batches)" in first.stdout
+    assert "saved_model" in first.stdout and (run_dir / "manifest.json").exists()
+
+    again = run_cli("run", "--run-dir", str(run_dir), *SMALL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete at 2 epochs" in again.stdout
+
+    before = tree_digest(run_dir)
+    other_model = run_cli("run", "--run-dir", str(run_dir), *SMALL, "--units", "32")
+    assert other_model.returncode == 2
+    line = last_line(other_model.stderr)
+    assert line.startswith("ckptflow: error:") and "units" in line and "--run-dir" in line
+    assert tree_digest(run_dir) == before
+
+    missing = run_cli("run", "--run-dir", str(tmp_path / "other"), "--data",
+                      str(tmp_path / "nope.npz"), "--epochs", "1")
+    assert missing.returncode == 2
+    assert "data file not found" in last_line(missing.stderr)
+
+
+def test_the_flow_file_runs_directly_as_prefect_users_expect(tmp_path):
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, str(REPO / "flows" / "train_pipeline.py")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = (tmp_path / "runs" / "default" / "metrics" / "history.csv").read_text().splitlines()
+    assert len(history) == 11  # header + the tutorial's 10 epochs
+    assert "Finished in state Completed" in result.stderr + result.stdout

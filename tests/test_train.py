@@ -1,0 +1,118 @@
+"""train-with-checkpoints and resume-from-latest as plain functions: counters, exactness, refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import small_config, tree_digest, weights_digest
+
+from tasks.checkpoints import CheckpointStore
+from tasks.data import fetch_data
+from tasks.errors import BadInputError, InjectedFailure
+from tasks.model import build_model_stage
+from tasks.resume import find_resume_point, restore_model
+from tasks.train import HISTORY, train_with_checkpoints
+
+
+def prepare(config):
+    data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
+                      config.seed)
+    build_model_stage(config.run_dir, config.identity())
+    return data
+
+
+def final_digest(run_dir, record) -> str:
+    return weights_digest(restore_model(run_dir, record.checkpoint))
+
+
+def test_fresh_training_counts_epochs_batches_and_optimizer_steps(tmp_path):
+    config = small_config(tmp_path, epochs=2)
+    record = train_with_checkpoints(tmp_path, config, prepare(config))
+    assert (record.epoch, record.step, record.start_epoch, record.resumed_from) == (2, 16, 0, None)
+    assert int(restore_model(tmp_path, record.checkpoint).optimizer.iterations) == 16
+    history = pd.read_csv(tmp_path / HISTORY)
+    assert history["epoch"].tolist() == [1, 2]
+    assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert history["loss"].iloc[1] < history["loss"].iloc[0]
+    # saves every 3 batches inside an epoch (3, 6) and at each epoch end, newest 5 kept
+    names = [c.name for c in CheckpointStore(tmp_path / "checkpoints").all()]
+    assert names == ["cp-0000-b000006", "cp-0001", "cp-0001-b000003", "cp-0001-b000006",
+                     "cp-0002"]
+
+
+def test_more_epochs_continue_from_the_latest_checkpoint(tmp_path):
+    config = small_config(tmp_path, epochs=2)
+    data = prepare(config)
+    train_with_checkpoints(tmp_path, config, data)
+    record = train_with_checkpoints(tmp_path, small_config(tmp_path, epochs=3), data)
+    assert (record.start_epoch, record.start_batch, record.epoch) == (2, 0, 3)
+    assert record.batches_trained == 8 and record.step == 24
+    assert record.resumed_from == "checkpoints/cp-0002"
+    assert pd.read_csv(tmp_path / HISTORY)["epoch"].tolist() == [1, 2, 3]
+
+
+def test_a_complete_run_trains_nothing(tmp_path):
+    config = small_config(tmp_path, epochs=1)
+    data = prepare(config)
+    first = train_with_checkpoints(tmp_path, config, data)
+    before = tree_digest(tmp_path / "checkpoints")
+    again = train_with_checkpoints(tmp_path, config, data)
+    assert again.batches_trained == 0 and again.checkpoint == first.checkpoint
+    assert tree_digest(tmp_path / "checkpoints") == before
+
+
+def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    straight = small_config(tmp_path / "straight", epochs=3)
+    reference = train_with_checkpoints(straight.run_dir, straight, prepare(straight))
+
+    resumed = small_config(tmp_path / "resumed", epochs=2)
+    data = prepare(resumed)
+    train_with_checkpoints(resumed.run_dir, resumed, data)
+    # as if killed 6 batches into epoch 2: its end-of-epoch checkpoint never got written
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "cp-0002")
+    point = find_resume_point(resumed.run_dir, resumed.identity(), data.data_sha256)
+    assert (point.epoch, point.batch, point.step) == (1, 6, 14)
+    record = train_with_checkpoints(resumed.run_dir, small_config(tmp_path / "resumed", epochs=3),
+                                    data)
+    assert (record.start_epoch, record.start_batch, record.batches_trained) == (1, 6, 10)
+    assert record.step == reference.step == 24
+    assert final_digest(resumed.run_dir, record) == final_digest(straight.run_dir, reference)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed" / HISTORY),
+                                  pd.read_csv(tmp_path / "straight" / HISTORY), rtol=1e-5)
+
+
+def test_fault_drill_fails_once_after_the_committed_epoch(tmp_path):
+    config = small_config(tmp_path, epochs=3, fail_after_epoch=1)
+    data = prepare(config)
+    with pytest.raises(InjectedFailure):
+        train_with_checkpoints(tmp_path, config, data)
+    assert CheckpointStore(tmp_path / "checkpoints").latest().name == "cp-0001"
+    record = train_with_checkpoints(tmp_path, config, data)
+    assert (record.start_epoch, record.epoch, record.batches_trained) == (1, 3, 16)
+
+
+@pytest.mark.parametrize("change", [{"units": 32}, {"dropout": 0.5}, {"learning_rate": 0.01},
+                                    {"batch_size": 16}])
+def test_resuming_with_other_settings_is_refused_and_nothing_changes(tmp_path, change):
+    config = small_config(tmp_path, epochs=1)
+    data = prepare(config)
+    train_with_checkpoints(tmp_path, config, data)
+    before = tree_digest(tmp_path)
+    with pytest.raises(BadInputError, match="trained with other settings") as info:
+        train_with_checkpoints(tmp_path, small_config(tmp_path, epochs=2, **change), data)
+    assert "\n" not in str(info.value) and "--run-dir" in str(info.value)
+    assert tree_digest(tmp_path) == before
+
+
+def test_checkpoints_without_commit_records_are_refused_not_silently_restarted(tmp_path):
+    config = small_config(tmp_path, epochs=1)
+    data = prepare(config)
+    train_with_checkpoints(tmp_path, config, data)
+    for commit in (tmp_path / "checkpoints").glob("cp-*/COMMIT.json"):
+        commit.unlink()
+    before = tree_digest(tmp_path)
+    with pytest.raises(BadInputError, match="no valid checkpoint"):
+        train_with_checkpoints(tmp_path, small_config(tmp_path, epochs=2), data)
+    assert tree_digest(tmp_path) == before
