@@ -1,0 +1,27 @@
+"""prefect.yaml stays true to the code: entrypoints import and parameters validate."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import yaml
+from conftest import REPO
+
+from tasks.config import TrainConfig
+
+
+def test_every_deployment_points_at_a_flow_and_valid_parameters():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert spec["deployments"], "prefect.yaml defines no deployment"
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        module_spec = importlib.util.spec_from_file_location("entry", REPO / path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        flow = getattr(module, name)
+        assert flow.name == "train-pipeline"
+        config = TrainConfig(**deployment["parameters"]["config"])
+        assert config.epochs > 0
+        assert deployment["enforce_parameter_schema"] is True
+        assert deployment["work_pool"]["name"] == "ckptflow-process"
+    assert any("set_working_directory" in str(step) for step in spec["pull"])
