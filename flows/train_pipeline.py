@@ -12,6 +12,7 @@ from tasks.config import TrainConfig
 from tasks.data import fetch_data_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
+from tasks.lock import run_dir_lock
 from tasks.model import build_model_task
 from tasks.resume import resume_from_latest_task
 from tasks.train import train_task
@@ -23,14 +24,16 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     """Train the tutorial's MNIST model with checkpoints, evaluate it and export every format.
 
     A failed run retried (by Prefect or by running it again on the same run directory) continues
-    from the latest committed checkpoint; finished stages are skipped.
+    from the latest committed checkpoint; finished stages are skipped. One run at a time holds
+    the run directory.
     """
-    data = fetch_data_task(config)
-    build_model_task(config)
-    resume_from_latest_task(config, data.data_sha256)
-    trained = train_task(config, data)
-    evaluation = evaluate_task(config, data, trained.checkpoint_ref())
-    exports = export_task(config, data, trained.checkpoint_ref())
+    with run_dir_lock(config.run_dir, config.wait_for_lock):
+        data = fetch_data_task(config)
+        build_model_task(config)
+        resume_from_latest_task(config, data.data_sha256)
+        trained = train_task(config, data)
+        evaluation = evaluate_task(config, data, trained.checkpoint_ref())
+        exports = export_task(config, data, trained.checkpoint_ref())
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},

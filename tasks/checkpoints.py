@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -38,6 +39,10 @@ COMMIT = "COMMIT.json"
 STATE = "state.json"
 TF_PREFIX = "train_state"
 _NAME = re.compile(r"^cp-(\d{4,})(?:-b(\d{6,}))?$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, refused write); the previous one stands."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,11 @@ class CheckpointStore:
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
             fsync_tree(tmp)
             publish(tmp, self.directory / name)
+        except tf.errors.OpError as exc:
+            # TensorFlow reports a full disk or a refused write as its own error types (e.g.
+            # OutOfRangeError "File too large"); as an OSError it is retried like other I/O.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointWriteError(f"writing checkpoint {name} failed: {exc.message}") from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -188,11 +198,14 @@ class CheckpointStore:
 
     def _prune(self, newest: Checkpoint) -> None:
         """Remove all but the newest `keep` checkpoints, and abandoned temporary writes."""
-        for stale in self.directory.glob(".tmp-cp-*"):  # left by a writer that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*self.directory.glob(".tmp-cp-*"), *self.directory.glob(".trash-cp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a writer or pruner that was killed
         committed = [c for c in self._committed() if c.step <= newest.step]
         for old in committed[: max(0, len(committed) - self.keep)]:
-            shutil.rmtree(old.path)
+            # Renamed away first, so a kill mid-delete never leaves a half checkpoint behind.
+            trash = self.directory / f".trash-{old.name}"
+            os.replace(old.path, trash)
+            shutil.rmtree(trash)
         fsync_dir(self.directory)
 
     def _update_tf_index(self) -> None:

@@ -45,10 +45,20 @@ class TrainConfig(BaseModel):
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="Adam learning rate.")] = 1e-3
     seed: Annotated[int, Field(ge=0, lt=2**31, description="Seed for data split, init, "
                                "dropout and batch order.")] = 42
+    deterministic: Annotated[bool, Field(
+        description="Make TensorFlow ops deterministic, so a resumed run ends bit-identical to "
+        "an uninterrupted one (costs some speed; see README).")] = True
+    wait_for_lock: Annotated[float, Field(
+        ge=0, description="Seconds to wait while another run holds the run directory "
+        "(0: fail at once).")] = 0.0
     fail_after_epoch: Annotated[int | None, Field(
         ge=1,
         description="Fault drill: fail once right after this epoch's checkpoint is committed, "
-        "as a crash would. Leave empty for normal runs.")] = None
+        "as a crash would (the flow's retry resumes). Leave empty for normal runs.")] = None
+    io_error_at_step: Annotated[int | None, Field(
+        ge=1,
+        description="Fault drill: raise a transient I/O error once when training reaches this "
+        "optimizer step (the task's retry resumes mid-epoch). Leave empty for normal runs.")] = None
 
     @field_validator("data")
     @classmethod

@@ -12,6 +12,10 @@ class InjectedFailure(RuntimeError):
     """A failure raised on purpose by a fault drill (`fail_after_epoch`), standing in for a crash."""
 
 
+class InjectedIOError(OSError):
+    """A transient I/O error raised on purpose by a fault drill (`io_error_at_step`)."""
+
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
 
 

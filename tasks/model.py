@@ -60,21 +60,25 @@ class ModelRecord(BaseModel):
     identity: dict
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow, and make TensorFlow ops deterministic."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and TensorFlow; with `deterministic`, make TensorFlow ops deterministic.
+
+    Op determinism is process-wide and cannot be switched off again in the same process.
+    """
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def build_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1e-3,
-                seed: int = 42) -> keras.Model:
+                seed: int = 42, deterministic: bool = True) -> keras.Model:
     """The tutorial's model: Standardize → Dense(units, relu) → Dropout → Dense(10), compiled.
 
     Example:
         model = build_model(units=64)
         logits = model(np.zeros((1, 784), "float32"))
     """
-    seed_everything(seed)
+    seed_everything(seed, deterministic)
     inputs = keras.Input((784,), name="pixels")
     x = Standardize(MNIST_MEAN, MNIST_STD, name="standardize")(inputs)
     x = keras.layers.Dense(units, activation="relu", name="hidden")(x)

@@ -17,8 +17,9 @@ from pydantic import BaseModel
 from tasks.checkpoints import Checkpoint, CheckpointStore
 from tasks.config import TrainConfig
 from tasks.data import DataRecord, data_digest, load_snapshot
-from tasks.errors import BadInputError, InjectedFailure
+from tasks.errors import BadInputError, InjectedFailure, InjectedIOError
 from tasks.files import atomic_write_bytes
+from tasks.lock import run_dir_lock
 from tasks.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from tasks.model import INITIAL_MODEL, build_model
 from tasks.policy import retry_options
@@ -31,6 +32,7 @@ FAULTS = Path("faults")
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 
 EpochCallback = Callable[[dict[str, Any], dict[str, Any]], None]
+BatchCallback = Callable[[dict[str, Any]], None]
 
 
 class TrainRecord(BaseModel):
@@ -63,21 +65,32 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataRecord,
-                           on_epoch_end: EpochCallback | None = None) -> TrainRecord:
+                           on_epoch_end: EpochCallback | None = None,
+                           on_batch_end: BatchCallback | None = None) -> TrainRecord:
     """Train until `config.epochs` epochs are done, continuing from the latest valid checkpoint.
 
     Checkpoints are committed every `config.save_every_batches` batches and at every epoch end.
     With the same seed, a run stopped and resumed any number of times ends with the same weights
-    as a run that was never stopped.
+    as a run that was never stopped. Holds the run directory's lock while it trains.
+
+    Args:
+        on_epoch_end: called with the epoch's history row and the state, after its checkpoint.
+        on_batch_end: called with the state after every batch (progress, fault drills).
     """
-    run_dir = Path(run_dir)
+    with run_dir_lock(run_dir, config.wait_for_lock):
+        return _train(Path(run_dir), config, data, on_epoch_end, on_batch_end)
+
+
+def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
+           on_epoch_end: EpochCallback | None, on_batch_end: BatchCallback | None) -> TrainRecord:
     arrays = load_snapshot(run_dir / data.path)
     if data_digest(arrays) != data.data_sha256:
         raise BadInputError(f"data snapshot {run_dir / data.path} changed since fetch-data "
                             "recorded it. Run the flow again to re-check the data.")
     store = CheckpointStore(run_dir / CHECKPOINTS, keep=config.keep_checkpoints)
     point = find_resume_point(run_dir, config.identity(), data.data_sha256)
-    model = build_model(config.units, config.dropout, config.learning_rate, config.seed)
+    model = build_model(config.units, config.dropout, config.learning_rate, config.seed,
+                        config.deterministic)
     if point is None:
         model.load_weights(run_dir / INITIAL_MODEL)
         state = _fresh_state(config, data)
@@ -113,6 +126,9 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
             if (config.save_every_batches and state["batch"] % config.save_every_batches == 0
                     and state["batch"] < steps):
                 latest = store.save(model, state, epoch_end=False)
+            if on_batch_end is not None:
+                on_batch_end(state)
+            _maybe_inject_io_error(run_dir, config, state["step"])
         row = _finish_epoch(model, state, arrays, config.batch_size)
         latest = store.save(model, state, epoch_end=True)
         _write_history(run_dir, state["history"])
@@ -123,6 +139,7 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
             on_epoch_end(row, state)
         _maybe_inject_failure(run_dir, config, state["epoch"])
 
+    _write_history(run_dir, state["history"])  # also after a kill between checkpoint and CSV
     record = TrainRecord(
         checkpoint=latest.path.relative_to(run_dir).as_posix(),
         commit_sha256=latest.commit_sha256(), epoch=state["epoch"], step=state["step"],
@@ -187,6 +204,17 @@ def _maybe_inject_failure(run_dir: Path, config: TrainConfig, epoch: int) -> Non
     atomic_write_bytes(marker, b"fired\n")
     raise InjectedFailure(f"injected failure after epoch {epoch} (fail_after_epoch={epoch}); "
                           "run again to resume from the checkpoint")
+
+
+def _maybe_inject_io_error(run_dir: Path, config: TrainConfig, step: int) -> None:
+    """Fault drill: a transient I/O error once per run directory at `io_error_at_step`."""
+    if config.io_error_at_step != step:
+        return
+    marker = run_dir / FAULTS / f"io_error_at_step-{step}"
+    if marker.exists():
+        return
+    atomic_write_bytes(marker, b"fired\n")
+    raise InjectedIOError(f"injected I/O error at step {step} (io_error_at_step={step})")
 
 
 def _record_in_manifest(run_dir: Path, store: CheckpointStore, record: TrainRecord) -> None:

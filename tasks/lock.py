@@ -1,0 +1,130 @@
+"""One run at a time per run directory: an exclusive `flock` on RUN_DIR/.lock.
+
+The kernel drops the lock when the holding process exits or is killed, so a lock left behind by a
+killed run is free for the next one; the file only says who held it last. Re-entrant within a
+process, so the flow and the stage it calls can both hold it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks.errors import BadInputError
+
+log = logging.getLogger("ckptflow.lock")
+
+LOCK_NAME = ".lock"
+_POLL_S = 0.2
+_held: dict[str, list] = {}  # realpath -> [file object, depth]
+_guard = threading.Lock()
+
+
+class RunDirBusy(BadInputError):
+    """Another live process is using the run directory."""
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0) -> Iterator[None]:
+    """Hold the run directory exclusively; wait up to `wait_seconds` for another holder.
+
+    Example:
+        with run_dir_lock("runs/demo"):
+            train_with_checkpoints(...)
+
+    Raises:
+        RunDirBusy: another process holds it past `wait_seconds`.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    with _guard:
+        if key in _held:
+            _held[key][1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _guard:
+                _held[key][1] -= 1
+        return
+
+    lock_file = open(run_dir / LOCK_NAME, "a+")  # held open while the lock is held
+    try:
+        _acquire(lock_file, run_dir, wait_seconds)
+        with _guard:
+            _held[key] = [lock_file, 1]
+        try:
+            yield
+        finally:
+            with _guard:
+                del _held[key]
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    finally:
+        lock_file.close()
+
+
+def _acquire(lock_file, run_dir: Path, wait_seconds: float) -> None:
+    deadline = time.monotonic() + wait_seconds
+    announced = False
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _read_holder(lock_file)
+            if time.monotonic() >= deadline:
+                raise RunDirBusy(
+                    f"run directory {run_dir} is in use by {holder}. Wait for that run to finish, "
+                    "pass --wait-for-lock SECONDS, or use another --run-dir.") from None
+            if not announced:
+                log.info("run directory %s is in use by %s; waiting up to %.0f s", run_dir,
+                         holder, wait_seconds)
+                announced = True
+            time.sleep(_POLL_S)
+    previous = _read_holder_record(lock_file)
+    if previous and previous.get("pid") != os.getpid() and previous.get("host") == socket.gethostname() \
+            and not _alive(previous.get("pid")):
+        log.warning("taking over run directory %s from pid %s, which is no longer running",
+                    run_dir, previous.get("pid"))
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "since": datetime.now(UTC).isoformat(timespec="seconds")}))
+    lock_file.flush()
+
+
+def _read_holder_record(lock_file) -> dict | None:
+    lock_file.seek(0)
+    try:
+        return json.loads(lock_file.read() or "null")
+    except ValueError:
+        return None
+
+
+def _read_holder(lock_file) -> str:
+    record = _read_holder_record(lock_file) or {}
+    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} since "
+            f"{record.get('since', '?')}")
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
