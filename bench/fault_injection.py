@@ -200,6 +200,7 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
     last_step_before_kill: int | None = None
     done_kills = 0
     while True:
+        leftovers = set(checkpoints.glob(".tmp-cp-*"))  # from earlier kills, cleaned on next save
         child = _Child(_child_train, run_dir)
         report.restarts += 1
         while child.last("start") is None and child.exit is None:
@@ -248,7 +249,7 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
         report.kills += 1
         report.kills_in_write += int(in_write)
         report.kills_that_left_a_partial_write += int(
-            next(checkpoints.glob(".tmp-cp-*"), None) is not None)
+            bool(set(checkpoints.glob(".tmp-cp-*")) - leftovers))
         last = child.last("step")
         last_step_before_kill = int(last.split()[1]) if last else step_now
         report.corrupt_committed_seen += len(_committed_corrupt(checkpoints))

@@ -18,10 +18,12 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _option_type(annotation) -> type:
-    """The scalar type behind an annotation such as `int`, `float` or `int | None`."""
+def _option_type(annotation):
+    """The parser behind an annotation such as `int`, `float`, `int | None` or `list[str]`."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        return lambda text: [item.strip() for item in text.split(",") if item.strip()]
     return annotation
 
 
@@ -41,14 +43,49 @@ def build_parser() -> argparse.ArgumentParser:
         "has checkpoints is resumed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, field in TrainConfig.model_fields.items():
-        run.add_argument(f"--{name.replace('_', '-')}", dest=name, default=field.default,
-                         type=_option_type(field.annotation), help=field.description,
-                         metavar=name.upper())
+        flag = f"--{name.replace('_', '-')}"
+        if field.annotation is bool:
+            run.add_argument(flag, dest=name, default=field.default, help=field.description,
+                             action=argparse.BooleanOptionalAction)
+        else:
+            run.add_argument(flag, dest=name, default=field.default, help=field.description,
+                             type=_option_type(field.annotation), metavar=name.upper())
+    verify = sub.add_parser(
+        "verify", help="check a run directory: hashes, safe paths, every export loaded and run",
+        description="For each manifest entry: refuse paths that leave the run directory, check "
+        "the SHA-256 before opening anything, then load every export in a fresh process with "
+        "its own runtime, predict the test set and compare with the reference predictions and "
+        "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect.")
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check")
+    verify.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
+
+
+def run_verify(run_dir: str, as_json: bool) -> int:
+    """`ckptflow verify`: print the table, exit 1 if any row fails, 2 for an unusable manifest."""
+    import json
+
+    from tasks.errors import BadInputError
+    from tasks.verify import format_table, verify_run_dir
+
+    try:
+        rows = verify_run_dir(run_dir)
+    except BadInputError as exc:
+        print(f"ckptflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps([r.model_dump() for r in rows], indent=2) if as_json else format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        print(f"ckptflow: verify failed: {len(failed)} of {len(rows)} artifacts "
+              f"({', '.join(r.path for r in failed)})", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        return run_verify(args.run_dir, args.json)
     from pydantic import ValidationError
 
     from tasks.config import describe_validation_error

@@ -1,4 +1,4 @@
-"""train_pipeline: fetch-data → build-model → resume-from-latest → train → evaluate → export.
+"""train_pipeline: fetch-data → build-model → resume-from-latest → train → evaluate → export → verify.
 
 Run it directly (`python flows/train_pipeline.py`), through `ckptflow run`, or from a deployment
 in prefect.yaml. Running it again on the same run directory resumes the run.
@@ -16,6 +16,7 @@ from tasks.lock import run_dir_lock
 from tasks.model import build_model_task
 from tasks.resume import resume_from_latest_task
 from tasks.train import train_task
+from tasks.verify import verify_task
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
@@ -34,12 +35,14 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         trained = train_task(config, data)
         evaluation = evaluate_task(config, data, trained.checkpoint_ref())
         exports = export_task(config, data, trained.checkpoint_ref())
+        verified = verify_task(config)
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},
         "training": trained.model_dump(),
         "evaluation": evaluation.model_dump(),
         "exports": [e.model_dump() for e in exports],
+        "verified": [r.model_dump() for r in verified],
     }
 
 

@@ -7,6 +7,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DATA_SOURCES = ("auto", "keras", "bundled")
+# Kept equal to tasks.formats.FORMATS (checked by a test); here so --help imports no NumPy.
+FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
 
 # Settings that define the model and its training trajectory. On resume they come from the
@@ -45,6 +47,9 @@ class TrainConfig(BaseModel):
     learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="Adam learning rate.")] = 1e-3
     seed: Annotated[int, Field(ge=0, lt=2**31, description="Seed for data split, init, "
                                "dropout and batch order.")] = 42
+    formats: Annotated[list[str] | None, Field(
+        description="Export formats (comma-separated on the command line); empty: every format "
+        "whose packages are installed. Known: " + ", ".join(FORMAT_NAMES) + ".")] = None
     deterministic: Annotated[bool, Field(
         description="Make TensorFlow ops deterministic, so a resumed run ends bit-identical to "
         "an uninterrupted one (costs some speed; see README).")] = True
@@ -68,6 +73,14 @@ class TrainConfig(BaseModel):
         raise ValueError(
             f"unknown data source. Received: data={value!r}. Expected one of "
             f"{', '.join(DATA_SOURCES)} or a path ending in {', '.join(DATA_FILE_SUFFIXES)}")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [f for f in value or [] if f not in FORMAT_NAMES]
+        if unknown:
+            raise ValueError(f"unknown export format {unknown}. Expected some of {list(FORMAT_NAMES)}")
+        return value or None
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""

@@ -8,6 +8,10 @@ class BadInputError(ValueError):
     """
 
 
+class VerificationFailed(RuntimeError):
+    """An artifact of a run directory failed `ckptflow verify` (hash, load or predictions)."""
+
+
 class InjectedFailure(RuntimeError):
     """A failure raised on purpose by a fault drill (`fail_after_epoch`), standing in for a crash."""
 

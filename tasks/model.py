@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import keras
@@ -95,9 +96,28 @@ def build_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1
 
 
 def load_keras_model(path: str | Path) -> keras.Model:
-    """Load a `.keras`/`.h5` model with safe mode on and ckptflow's custom layer known."""
-    return keras.models.load_model(path, custom_objects={"Standardize": Standardize},
-                                   safe_mode=True)
+    """Load a `.keras`/`.h5` model with safe mode on and ckptflow's custom layer known.
+
+    Raises BadInputError with what to do, instead of Keras' traceback, for a file that holds
+    Python code (a lambda) or a custom class this program does not know.
+    """
+    try:
+        return keras.models.load_model(path, custom_objects={"Standardize": Standardize},
+                                       safe_mode=True)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        if "safe_mode" in text or "lambda" in text.lower():
+            raise BadInputError(
+                f"{path} holds Python code (a Lambda layer); ckptflow loads models with "
+                "safe_mode=True and refuses it. Rebuild the model without Lambda layers, or load "
+                "it yourself with safe_mode=False only if you trust its source.") from exc
+        missing = re.search(r"[Cc]ould not (?:locate|deserialize) class '?([\w.>]+)'?", text)
+        if missing:
+            raise BadInputError(
+                f"{path} uses the custom class {missing.group(1)}, which this program has not "
+                "registered. Import the module that defines it (for ckptflow's layer: "
+                "`import tasks.model`) or pass custom_objects={...} to load_model.") from exc
+        raise
 
 
 def build_model_stage(run_dir: str | Path, identity: dict) -> ModelRecord:

@@ -87,3 +87,12 @@ def test_the_flow_file_runs_directly_as_prefect_users_expect(tmp_path):
     history = (tmp_path / "runs" / "default" / "metrics" / "history.csv").read_text().splitlines()
     assert len(history) == 11  # header + the tutorial's 10 epochs
     assert "Finished in state Completed" in result.stderr + result.stdout
+
+
+def test_boolean_options_parse_as_flags():
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run"]).deterministic is True
+    assert parser.parse_args(["run", "--no-deterministic"]).deterministic is False
+    assert parser.parse_args(["run", "--wait-for-lock", "30"]).wait_for_lock == 30.0

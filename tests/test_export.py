@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tasks.data import load_snapshot
-from tasks.export import FORMATS, TOLERANCE
 from tasks.files import sha256_path
+from tasks.formats import FORMATS
 from tasks.manifest import read_manifest
 
 
@@ -20,6 +20,21 @@ def _load_and_predict(fmt: str, path, x):
 
     from tasks.model import Standardize, build_model
 
+    if fmt == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path))
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        interpreter.resize_tensor_input(inp["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"])
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
     if fmt == "saved_model":
         loaded = tf.saved_model.load(str(path))
         return loaded.signatures["serving_default"](tf.constant(x))["output_0"].numpy()
@@ -45,7 +60,7 @@ def test_every_export_loads_back_and_matches(finished_run, fmt):
     y = load_snapshot(run_dir / "data" / "mnist.npz")["y_test"]
     reference = np.load(run_dir / "exports" / "reference_predictions.npy")
     predictions = _load_and_predict(fmt, path, x)
-    assert np.max(np.abs(predictions - reference)) <= TOLERANCE
+    assert np.max(np.abs(predictions - reference)) <= FORMATS[fmt].tolerance
     accuracy = float(np.mean(predictions.argmax(axis=1) == y))
     assert accuracy == pytest.approx(entry["test_accuracy"], abs=1e-9)
     assert accuracy == pytest.approx(summary["evaluation"]["test_accuracy"], abs=1e-6)
@@ -55,7 +70,7 @@ def test_manifest_names_every_artifact_with_hash_size_and_provenance(finished_ru
     run_dir, _ = finished_run
     manifest = read_manifest(run_dir)
     kinds = {a["kind"] for a in manifest["artifacts"]}
-    assert kinds >= {"data", "model", "checkpoint", "history", "evaluation", "export"}
+    assert kinds >= {"data", "model", "checkpoint", "history", "evaluation", "export", "reference"}
     for artifact in manifest["artifacts"]:
         assert {"format", "path", "sha256", "bytes"} <= artifact.keys()
         assert not artifact["path"].startswith("/") and ".." not in artifact["path"]

@@ -1,0 +1,240 @@
+"""verify: check a run directory without the flow, as another machine would before trusting it.
+
+For every manifest entry: the path must stay inside the run directory (no absolute paths, no
+`..`, no links pointing out), the file must exist and match its SHA-256, and only then is it
+opened. Every export is then loaded in a fresh process with its own runtime, predicts the test
+set, and must match the reference predictions saved at export time (within the format's
+tolerance) and the accuracy recorded in the manifest. HDF5 files are also inspected with h5py.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.config import TrainConfig
+from tasks.errors import BadInputError, VerificationFailed
+from tasks.files import sha256_path
+from tasks.formats import FORMATS
+from tasks.manifest import MANIFEST_NAME, read_manifest
+
+log = logging.getLogger("ckptflow.verify")
+
+REQUIRED_FIELDS = ("kind", "format", "path", "sha256", "bytes")
+
+
+class VerifyRow(BaseModel):
+    """The verdict on one manifest entry."""
+
+    kind: str
+    format: str
+    path: str
+    bytes: int | None = None
+    load_seconds: float | None = None
+    max_abs_diff: float | None = None
+    accuracy: float | None = None
+    ok: bool
+    problem: str = ""
+
+
+def verify_run_dir(run_dir: str | Path) -> list[VerifyRow]:
+    """Verify every artifact of `run_dir`'s manifest; exports are loaded and run.
+
+    Example:
+        rows = verify_run_dir("runs/default")
+        assert all(r.ok for r in rows)
+    """
+    run_dir = Path(run_dir).resolve()
+    manifest = checked_manifest(run_dir)
+    rows, exports = [], []
+    for entry in manifest["artifacts"]:
+        row, path = _check_file(run_dir, entry)
+        rows.append(row)
+        if row.ok and entry["kind"] == "export":
+            exports.append((row, entry, path))
+    if exports:
+        by_kind = {r.kind: r for r in rows}
+        for needed in ("data", "reference"):
+            if needed not in by_kind or not by_kind[needed].ok:
+                raise BadInputError(f"{run_dir}: the {needed} file is missing or changed, so "
+                                    "exports cannot be checked. Re-run the flow on this run "
+                                    "directory.")
+        _check_exports(run_dir, manifest, exports)
+    return rows
+
+
+def checked_manifest(run_dir: Path) -> dict:
+    """The manifest, with a one-line error if it is missing, not JSON, or lacks fields."""
+    if not (run_dir / MANIFEST_NAME).is_file():
+        raise BadInputError(f"{run_dir} has no {MANIFEST_NAME}. Expected a ckptflow run "
+                            "directory (made by `ckptflow run`).")
+    manifest = read_manifest(run_dir)
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, list) or not artifacts:
+        raise BadInputError(f"{run_dir / MANIFEST_NAME} lists no artifacts. Expected a list "
+                            "'artifacts' of entries with " + ", ".join(REQUIRED_FIELDS) + ".")
+    for i, entry in enumerate(artifacts):
+        missing = [f for f in REQUIRED_FIELDS if not isinstance(entry, dict) or f not in entry]
+        if missing:
+            raise BadInputError(f"{run_dir / MANIFEST_NAME}: artifact #{i} lacks {missing}. "
+                                "Expected " + ", ".join(REQUIRED_FIELDS) + ".")
+    if "model" not in manifest or "identity" not in manifest["model"]:
+        raise BadInputError(f"{run_dir / MANIFEST_NAME} lacks model.identity (the settings that "
+                            "rebuild the architecture).")
+    return manifest
+
+
+def safe_path(run_dir: Path, relative: str) -> Path:
+    """`run_dir / relative`, refusing absolute paths, `..` and links that lead outside."""
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise BadInputError(f"manifest path {relative!r} leaves the run directory. Expected a "
+                            "path relative to it, without '..'.")
+    path = run_dir / candidate
+    resolved = path.resolve()
+    if not resolved.is_relative_to(run_dir):
+        raise BadInputError(f"manifest path {relative!r} is a link to {resolved}, outside the "
+                            "run directory. Refused.")
+    if path.is_dir():
+        for inner in path.rglob("*"):
+            if not inner.resolve().is_relative_to(run_dir):
+                raise BadInputError(f"{inner} links outside the run directory. Refused.")
+    return path
+
+
+def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
+    row = VerifyRow(kind=entry["kind"], format=entry["format"], path=str(entry["path"]), ok=False)
+    try:
+        path = safe_path(run_dir, str(entry["path"]))
+    except BadInputError as exc:
+        row.problem = str(exc)
+        return row, None
+    if not path.exists():
+        row.problem = "missing"
+        return row, None
+    row.bytes = entry["bytes"]
+    if sha256_path(path) != entry["sha256"]:
+        row.problem = "SHA-256 does not match the manifest: refused, not opened"
+        return row, None
+    row.ok = True
+    return row, path
+
+
+def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
+    from tasks.data import SNAPSHOT, load_snapshot
+
+    reference_entry = next(a for a in manifest["artifacts"] if a["kind"] == "reference")
+    reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
+    y = load_snapshot(run_dir / SNAPSHOT)["y_test"]
+    identity = manifest["model"]["identity"]
+    context = multiprocessing.get_context("forkserver")
+    # Each export loads in a process forked from a server that has imported TensorFlow but run
+    # nothing, so no state of this process (or of another format) leaks into a load.
+    context.set_forkserver_preload(["tensorflow", "tasks.formats", "tasks.model"])
+    for row, entry, path in exports:
+        fmt = FORMATS.get(entry["format"])
+        if fmt is None:
+            row.ok, row.problem = False, f"unknown format {entry['format']!r}"
+            continue
+        if fmt.missing():
+            row.ok, row.problem = False, f"needs {', '.join(fmt.missing())} (pip install -e '.[formats]')"
+            continue
+        if fmt.hdf5:
+            problem = inspect_hdf5(path, identity)
+            if problem:
+                row.ok, row.problem = False, problem
+                continue
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_load_and_predict,
+                                args=(sender, fmt.name, str(path), str(run_dir), identity))
+        child.start()
+        sender.close()
+        try:
+            outcome = receiver.recv()
+        except EOFError:
+            outcome = {"error": f"the loading process died (exit code {child.exitcode})"}
+        child.join()
+        if "error" in outcome:
+            row.ok, row.problem = False, outcome["error"]
+            continue
+        predictions = outcome["predictions"]
+        row.load_seconds = round(outcome["seconds"], 3)
+        row.max_abs_diff = float(np.max(np.abs(predictions - reference)))
+        row.accuracy = float(np.mean(np.argmax(predictions, axis=1) == y))
+        if not row.max_abs_diff <= fmt.tolerance:
+            row.ok, row.problem = False, (f"predictions differ by {row.max_abs_diff:.2e} "
+                                          f"(> {fmt.tolerance})")
+        elif row.accuracy != entry.get("test_accuracy"):
+            row.ok, row.problem = False, (f"accuracy {row.accuracy} differs from the recorded "
+                                          f"{entry.get('test_accuracy')}")
+
+
+def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict) -> None:
+    """In the fresh process: load one export with its own runtime and predict the test set."""
+    from tasks.data import SNAPSHOT, load_snapshot
+
+    try:
+        x = load_snapshot(Path(run_dir) / SNAPSHOT)["x_test"]
+        started = time.perf_counter()
+        predictions = FORMATS[name].predict(Path(path), x, identity)
+        sender.send({"predictions": np.asarray(predictions),
+                     "seconds": time.perf_counter() - started})
+    except Exception as exc:  # reported as the row's problem, in one line
+        sender.send({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+    finally:
+        sender.close()
+
+
+def inspect_hdf5(path: Path, identity: dict) -> str:
+    """'' if the HDF5 file holds the model's kernel and bias shapes, else what is wrong."""
+    import h5py
+
+    expected = {(784, identity["units"]), (identity["units"],), (identity["units"], 10), (10,)}
+    shapes = set()
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda _, obj: shapes.add(obj.shape)
+                         if isinstance(obj, h5py.Dataset) else None)
+    except OSError as exc:
+        return f"not a readable HDF5 file ({exc})"
+    missing = expected - shapes
+    return f"HDF5 lacks datasets of shapes {sorted(missing)}" if missing else ""
+
+
+def format_table(rows: list[VerifyRow]) -> str:
+    """The verdicts as a text table: format, bytes, load time, max difference, accuracy, OK."""
+    lines = [f"{'kind':<10} {'format':<19} {'bytes':>11} {'load s':>7} {'max|diff|':>10} "
+             f"{'accuracy':>8}  ok  path / problem"]
+    for r in rows:
+        lines.append(
+            f"{r.kind:<10} {r.format:<19} {r.bytes if r.bytes is not None else '-':>11} "
+            f"{r.load_seconds if r.load_seconds is not None else '-':>7} "
+            f"{f'{r.max_abs_diff:.1e}' if r.max_abs_diff is not None else '-':>10} "
+            f"{f'{r.accuracy:.4f}' if r.accuracy is not None else '-':>8}  "
+            f"{'OK' if r.ok else 'FAIL':<3} {r.path}{'  ' + r.problem if r.problem else ''}")
+    return "\n".join(lines)
+
+
+@task(name="verify")
+def verify_task(config: TrainConfig) -> list[VerifyRow]:
+    """Verify the run directory as `ckptflow verify` does; fail the run if any artifact fails."""
+    from prefect.artifacts import create_table_artifact
+
+    from tasks.reporting import artifact_key
+
+    rows = verify_run_dir(config.run_dir)
+    create_table_artifact(table=[r.model_dump() for r in rows],
+                          key=artifact_key(config.run_dir, "verify"),
+                          description=f"ckptflow verify {config.run_dir}")
+    failed = [r for r in rows if not r.ok]
+    log.info("verify:\n%s", format_table(rows))
+    if failed:
+        raise VerificationFailed(f"verify failed for {len(failed)} artifact(s): " + "; ".join(
+            f"{r.path}: {r.problem}" for r in failed))
+    return rows
