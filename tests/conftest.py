@@ -42,9 +42,9 @@ def small_config(run_dir: Path, **overrides):
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under `root`, to prove nothing was changed."""
+    """SHA-256 of every file under `root` but the lock's holder note, to prove nothing changed."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def weights_digest(model) -> str:
@@ -56,10 +56,26 @@ def weights_digest(model) -> str:
 
 
 @pytest.fixture(scope="session")
-def finished_run(prefect_server, tmp_path_factory):
-    """One pipeline run through Prefect (2 epochs, bundled data), shared by read-only tests."""
-    from flows.train_pipeline import train_pipeline
+def prefect_api_url(prefect_server) -> str:
+    """The session's Prefect API, for subprocesses that should not start a server of their own."""
+    from prefect.settings import PREFECT_API_URL
 
-    run_dir = tmp_path_factory.mktemp("finished_run")
-    summary = train_pipeline(small_config(run_dir, epochs=2))
-    return run_dir, summary
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """`python flows/train_pipeline.py` run as a Prefect user runs it: the defaults, no server.
+
+    Shared by read-only tests. Returns the run directory and the process's combined output.
+    """
+    import subprocess
+    import sys
+
+    cwd = tmp_path_factory.mktemp("flow_file_run")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # ad-hoc use: Prefect's temporary local server
+    result = subprocess.run([sys.executable, str(REPO / "flows" / "train_pipeline.py")],
+                            capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "runs" / "default", result.stdout + result.stderr

@@ -15,9 +15,12 @@ SMALL = ["--data", "bundled", "--train-samples", "256", "--test-samples", "128",
          "--epochs", "2", "--save-every-batches", "3"]
 
 
-def run_cli(*args, cwd=None, timeout=300):
+def run_cli(*args, cwd=None, timeout=300, api_url=None):
+    """Run `ckptflow`; with no `api_url` as ad-hoc use does (Prefect's temporary local server)."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)  # ad-hoc use: Prefect's temporary local server
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     return subprocess.run([CKPTFLOW, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=timeout)
 
@@ -54,39 +57,33 @@ def test_bad_parameters_get_one_line_and_exit_2_before_any_work(tmp_path, args, 
     assert not (tmp_path / "run").exists()
 
 
-def test_run_rerun_and_refusals_from_the_command_line(tmp_path):
+def test_run_rerun_and_refusals_from_the_command_line(tmp_path, prefect_api_url):
     run_dir = tmp_path / "run"
-    first = run_cli("run", "--run-dir", str(run_dir), *SMALL)
+    first = run_cli("run", "--run-dir", str(run_dir), *SMALL)  # no server: the ad-hoc path
     assert first.returncode == 0, first.stderr[-3000:]
     assert "trained from scratch to epoch 2 (16 batches)" in first.stdout
     assert "saved_model" in first.stdout and (run_dir / "manifest.json").exists()
+    assert "Starting temporary server" in first.stderr
 
-    again = run_cli("run", "--run-dir", str(run_dir), *SMALL)
+    # The same command again, this time against a running server (PREFECT_API_URL set).
+    again = run_cli("run", "--run-dir", str(run_dir), *SMALL, api_url=prefect_api_url)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete at 2 epochs" in again.stdout
 
     before = tree_digest(run_dir)
-    other_model = run_cli("run", "--run-dir", str(run_dir), *SMALL, "--units", "32")
+    other_model = run_cli("run", "--run-dir", str(run_dir), *SMALL, "--units", "32",
+                          api_url=prefect_api_url)
     assert other_model.returncode == 2
     line = last_line(other_model.stderr)
     assert line.startswith("ckptflow: error:") and "units" in line and "--run-dir" in line
     assert tree_digest(run_dir) == before
 
-    missing = run_cli("run", "--run-dir", str(tmp_path / "other"), "--data",
-                      str(tmp_path / "nope.npz"), "--epochs", "1")
-    assert missing.returncode == 2
-    assert "data file not found" in last_line(missing.stderr)
 
-
-def test_the_flow_file_runs_directly_as_prefect_users_expect(tmp_path):
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    result = subprocess.run([sys.executable, str(REPO / "flows" / "train_pipeline.py")],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    history = (tmp_path / "runs" / "default" / "metrics" / "history.csv").read_text().splitlines()
+def test_the_flow_file_runs_directly_as_prefect_users_expect(finished_run):
+    run_dir, output = finished_run
+    history = (run_dir / "metrics" / "history.csv").read_text().splitlines()
     assert len(history) == 11  # header + the tutorial's 10 epochs
-    assert "Finished in state Completed" in result.stderr + result.stdout
+    assert "Finished in state Completed" in output
 
 
 def test_boolean_options_parse_as_flags():
