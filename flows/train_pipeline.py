@@ -1,4 +1,4 @@
-"""train_pipeline: fetch-data → build-model → resume-from-latest → train → evaluate → export → verify.
+"""train_pipeline: fetch-data, build-model, resume-from-latest, train, evaluate, export, verify, report.
 
 Run it directly (`python flows/train_pipeline.py`), through `ckptflow run`, or from a deployment
 in prefect.yaml. Running it again on the same run directory resumes the run.
@@ -14,6 +14,7 @@ from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.lock import run_dir_lock
 from tasks.model import build_model_task
+from tasks.report import report_task
 from tasks.resume import resume_from_latest_task
 from tasks.train import train_task
 from tasks.verify import verify_task
@@ -36,6 +37,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         evaluation = evaluate_task(config, data, trained.checkpoint_ref())
         exports = export_task(config, data, trained.checkpoint_ref())
         verified = verify_task(config)
+        report = report_task(config)
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},
@@ -43,6 +45,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         "evaluation": evaluation.model_dump(),
         "exports": [e.model_dump() for e in exports],
         "verified": [r.model_dump() for r in verified],
+        "report": report,
     }
 
 

@@ -28,6 +28,7 @@ from tasks.resume import CHECKPOINTS, CheckpointRef, find_resume_point
 log = logging.getLogger("ckptflow.train")
 
 HISTORY = Path("metrics") / "history.csv"
+TENSORBOARD = Path("tensorboard")
 FAULTS = Path("faults")
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 
@@ -111,6 +112,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
 
     x, y = arrays["x_train"], arrays["y_train"]
     steps = math.ceil(len(y) / config.batch_size)
+    summaries = _tensorboard_writer(run_dir) if state["epoch"] < config.epochs else None
     while state["epoch"] < config.epochs:
         order = epoch_order(config.seed, state["epoch"], len(y))
         for batch in range(state["batch"], steps):
@@ -132,6 +134,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         row = _finish_epoch(model, state, arrays, config.batch_size)
         latest = store.save(model, state, epoch_end=True)
         _write_history(run_dir, state["history"])
+        _write_tensorboard(summaries, row)
         log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
                  "(checkpoint %s)", row["epoch"], config.epochs, row["loss"], row["accuracy"],
                  row["val_loss"], row["val_accuracy"], latest.name)
@@ -139,6 +142,8 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
             on_epoch_end(row, state)
         _maybe_inject_failure(run_dir, config, state["epoch"])
 
+    if summaries is not None:
+        summaries.close()
     _write_history(run_dir, state["history"])  # also after a kill between checkpoint and CSV
     record = TrainRecord(
         checkpoint=latest.path.relative_to(run_dir).as_posix(),
@@ -146,7 +151,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         resumed_from=point.path if point else None, start_epoch=start_epoch,
         start_batch=start_batch, batches_trained=state["step"] - start_step,
         best_val_accuracy=state["best"]["val_accuracy"], history_path=HISTORY.as_posix())
-    _record_in_manifest(run_dir, store, record)
+    _record_in_manifest(run_dir, store, record, config)
     return record
 
 
@@ -194,30 +199,49 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(run_dir / HISTORY, buffer.getvalue().encode())
 
 
+def _tensorboard_writer(run_dir: Path):
+    import tensorflow as tf
+
+    return tf.summary.create_file_writer(str(run_dir / TENSORBOARD))
+
+
+def _write_tensorboard(writer, row: dict[str, Any]) -> None:
+    """Per-epoch scalars for `tensorboard --logdir RUN_DIR/tensorboard`, named as Keras' callback
+    names them (train/epoch_loss, validation/epoch_accuracy, ...)."""
+    import tensorflow as tf
+
+    with writer.as_default():
+        for name in HISTORY_COLUMNS[1:]:
+            split = "validation" if name.startswith("val_") else "train"
+            tf.summary.scalar(f"{split}/epoch_{name.removeprefix('val_')}", row[name],
+                              step=row["epoch"])
+    writer.flush()
+
+
 def _maybe_inject_failure(run_dir: Path, config: TrainConfig, epoch: int) -> None:
     """Fault drill: fail once per run directory right after `fail_after_epoch` is committed."""
-    if config.fail_after_epoch != epoch:
-        return
-    marker = run_dir / FAULTS / f"fail_after_epoch-{epoch}"
-    if marker.exists():
-        return
-    atomic_write_bytes(marker, b"fired\n")
-    raise InjectedFailure(f"injected failure after epoch {epoch} (fail_after_epoch={epoch}); "
-                          "run again to resume from the checkpoint")
+    if config.fail_after_epoch == epoch and _first_time(run_dir, f"fail_after_epoch-{epoch}"):
+        raise InjectedFailure(f"injected failure after epoch {epoch} (fail_after_epoch={epoch}); "
+                              "run again to resume from the checkpoint")
 
 
 def _maybe_inject_io_error(run_dir: Path, config: TrainConfig, step: int) -> None:
     """Fault drill: a transient I/O error once per run directory at `io_error_at_step`."""
-    if config.io_error_at_step != step:
-        return
-    marker = run_dir / FAULTS / f"io_error_at_step-{step}"
+    if config.io_error_at_step == step and _first_time(run_dir, f"io_error_at_step-{step}"):
+        raise InjectedIOError(f"injected I/O error at step {step} (io_error_at_step={step})")
+
+
+def _first_time(run_dir: Path, drill: str) -> bool:
+    """True the first time a drill fires in a run directory (it leaves a marker in faults/)."""
+    marker = run_dir / FAULTS / drill
     if marker.exists():
-        return
+        return False
     atomic_write_bytes(marker, b"fired\n")
-    raise InjectedIOError(f"injected I/O error at step {step} (io_error_at_step={step})")
+    return True
 
 
-def _record_in_manifest(run_dir: Path, store: CheckpointStore, record: TrainRecord) -> None:
+def _record_in_manifest(run_dir: Path, store: CheckpointStore, record: TrainRecord,
+                        config: TrainConfig) -> None:
     attempts = read_manifest(run_dir).get("training", {}).get("attempts", [])
     attempts.append({
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -225,11 +249,15 @@ def _record_in_manifest(run_dir: Path, store: CheckpointStore, record: TrainReco
         "start_batch": record.start_batch, "end_epoch": record.epoch,
         "batches_trained": record.batches_trained,
     })
-    update_manifest(run_dir, training={**record.model_dump(), "attempts": attempts})
+    update_manifest(run_dir, parameters=config.model_dump(),
+                    training={**record.model_dump(), "attempts": attempts})
     set_artifacts(run_dir, "checkpoint", [
         artifact_entry(run_dir, c.path, "checkpoint", "ckptflow-checkpoint", epoch=c.epoch,
                        batch=c.batch, step=c.step) for c in store.all()])
     set_artifacts(run_dir, "history", [artifact_entry(run_dir, run_dir / HISTORY, "history", "csv")])
+    if (run_dir / TENSORBOARD).is_dir():
+        set_artifacts(run_dir, "tensorboard", [
+            artifact_entry(run_dir, run_dir / TENSORBOARD, "tensorboard", "tfevents")])
 
 
 @task(name="train-with-checkpoints", **retry_options())

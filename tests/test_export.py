@@ -100,3 +100,24 @@ def test_saved_model_has_a_serving_signature(finished_run):
     assert signature.structured_input_signature[1]  # a named input
     index = json.loads((run_dir / "exports" / "exports.json").read_text())
     assert index["checkpoint"] == "checkpoints/cp-0010"
+
+
+def test_report_curve_and_tensorboard_logs_describe_the_run(finished_run):
+    import tensorflow as tf
+
+    run_dir, output = finished_run
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Training curve", "## Per-epoch metrics", "## Exports", "## Parameters"):
+        assert section in report
+    assert report.count("\n| ") >= 10 + 7  # a row per epoch and per export, at least
+    assert "data:image/png;base64," in report
+    assert (run_dir / "metrics" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = {}
+    for event_file in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, set()).add(event.step)
+    assert steps["validation/epoch_accuracy"] == set(range(1, 11))
+    assert steps["train/epoch_loss"] == set(range(1, 11))
+    assert read_manifest(run_dir)["parameters"]["epochs"] == 10
+    assert "Finished in state Completed" in output

@@ -1,0 +1,129 @@
+"""report: one markdown report of the run and its training curve, written into the run directory.
+
+Built from the run directory alone (manifest, history, exports), so it describes what is on
+disk: parameters, data source and hash, per-epoch metrics, which checkpoint training resumed
+from, and every export with its accuracy and size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from pathlib import Path
+
+from prefect import task
+
+from tasks.config import TrainConfig
+from tasks.files import atomic_write_bytes
+from tasks.manifest import artifact_entry, read_manifest, set_artifacts
+from tasks.train import HISTORY
+
+log = logging.getLogger("ckptflow.report")
+
+REPORT = Path("report.md")
+CURVE = Path("metrics") / "training_curve.png"
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write `report.md` and `metrics/training_curve.png`; return the markdown."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    history = pd.read_csv(run_dir / HISTORY)
+    atomic_write_bytes(run_dir / CURVE, training_curve_png(history))
+    markdown = _markdown(run_dir, manifest, history)
+    atomic_write_bytes(run_dir / REPORT, markdown.encode())
+    set_artifacts(run_dir, "report", [
+        artifact_entry(run_dir, run_dir / REPORT, "report", "markdown"),
+        artifact_entry(run_dir, run_dir / CURVE, "report", "png")])
+    return markdown
+
+
+def training_curve_png(history) -> bytes:
+    """Loss and accuracy per epoch, training and validation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for axes, metric in ((loss, "loss"), (accuracy, "accuracy")):
+        axes.plot(history["epoch"], history[metric], marker="o", label=f"train {metric}")
+        axes.plot(history["epoch"], history[f"val_{metric}"], marker="o", label=f"val {metric}")
+        axes.set_xlabel("epoch")
+        axes.set_title(metric)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _markdown(run_dir: Path, manifest: dict, history) -> str:
+    data, training = manifest.get("data", {}), manifest.get("training", {})
+    evaluation, parameters = manifest.get("evaluation", {}), manifest.get("model", {})
+    config = manifest.get("parameters") or {}
+    attempts = training.get("attempts", [])
+    resumed = attempts[-1]["resumed_from"] if attempts else None
+    lines = [
+        f"# ckptflow run `{run_dir.name}`",
+        "",
+        f"- **Data**: {data.get('source')} ({data.get('reason')}), "
+        f"{data.get('train_samples')} train / {data.get('test_samples')} test images, "
+        f"sha256 `{str(data.get('data_sha256'))[:16]}…`",
+        f"- **Model**: {parameters.get('parameters')} parameters, "
+        + ", ".join(f"{k}={v}" for k, v in parameters.get("identity", {}).items()),
+        f"- **Training**: {training.get('epoch')} epochs, {training.get('step')} optimizer steps; "
+        + (f"this run resumed from `{resumed}`" if resumed else "this run started from scratch"),
+        f"- **Test accuracy**: {evaluation.get('test_accuracy', 0):.2%} "
+        f"(untrained model: {evaluation.get('untrained_accuracy', 0):.2%})",
+        f"- **Code**: `{manifest.get('code_version')}`, TensorFlow "
+        f"{manifest.get('packages', {}).get('tensorflow')}, Prefect "
+        f"{manifest.get('packages', {}).get('prefect')}",
+        "",
+        "## Training curve",
+        "",
+        f"![training curve](data:image/png;base64,"
+        f"{base64.b64encode((run_dir / CURVE).read_bytes()).decode()})",
+        "",
+        f"(also `{CURVE.as_posix()}` in the run directory)",
+        "",
+        "## Per-epoch metrics",
+        "",
+        "| epoch | loss | accuracy | val_loss | val_accuracy |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in history.itertuples(index=False):
+        lines.append(f"| {row.epoch} | {row.loss:.4f} | {row.accuracy:.4f} | {row.val_loss:.4f} "
+                     f"| {row.val_accuracy:.4f} |")
+    lines += ["", "## Exports", "", "| format | file | bytes | test accuracy | max abs diff |",
+              "|---|---|---:|---:|---:|"]
+    for entry in (a for a in manifest.get("artifacts", []) if a.get("kind") == "export"):
+        lines.append(f"| {entry['format']} | `{entry['path']}` | {entry['bytes']:,} | "
+                     f"{entry.get('test_accuracy', 0):.4f} | {entry.get('max_abs_diff', 0):.1e} |")
+    if config:
+        lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
+        lines += [f"| {k} | `{v}` |" for k, v in config.items()]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="report")
+def report_task(config: TrainConfig) -> str:
+    """Write the run report and show it (and the metrics table) as keyed Prefect artifacts."""
+    import pandas as pd
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.reporting import artifact_key
+
+    markdown = write_report(config.run_dir)
+    create_markdown_artifact(markdown=markdown, key=artifact_key(config.run_dir, "report"),
+                             description=f"ckptflow report of {config.run_dir}")
+    history = pd.read_csv(Path(config.run_dir) / HISTORY).round(4).to_dict(orient="records")
+    create_table_artifact(table=history, key=artifact_key(config.run_dir, "history"),
+                          description=f"Per-epoch metrics of {config.run_dir}")
+    log.info("report: %s", Path(config.run_dir) / REPORT)
+    return str(Path(config.run_dir) / REPORT)
