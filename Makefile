@@ -6,11 +6,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test install clean-venv help
+# A local Prefect server, its work pool and a worker (see README, "Run on a Prefect server").
+PREFECT_PORT ?= 4200
+POOL         ?= ckptflow-process
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+
+.PHONY: run test install clean-venv help server deploy worker
 
 help:
-	@echo "make run    run the whole pipeline on built-in defaults (ARGS='--epochs 3' to override)"
-	@echo "make test   run the test suite"
+	@echo "make run     run the whole pipeline on built-in defaults (ARGS='--epochs 3' to override)"
+	@echo "make test    run the test suite"
+	@echo "make server  start a Prefect server on 127.0.0.1:$(PREFECT_PORT) (SQLite)"
+	@echo "make deploy  create the work pool if missing and deploy everything in prefect.yaml"
+	@echo "make worker  start a worker on the pool, running flows from this checkout"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,3 +36,14 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: $(STAMP)
+	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create $(POOL) --type process
+	CKPTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+
+worker: $(STAMP)
+	CKPTFLOW_HOME=$(CURDIR) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/prefect worker start --pool $(POOL)

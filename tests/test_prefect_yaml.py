@@ -25,3 +25,7 @@ def test_every_deployment_points_at_a_flow_and_valid_parameters():
         assert deployment["enforce_parameter_schema"] is True
         assert deployment["work_pool"]["name"] == "ckptflow-process"
     assert any("set_working_directory" in str(step) for step in spec["pull"])
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    from prefect.client.schemas.schedules import CronSchedule
+
+    assert CronSchedule(cron=nightly["schedules"][0]["cron"], timezone="UTC").cron == "0 2 * * *"
