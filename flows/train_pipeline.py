@@ -1,4 +1,4 @@
-"""train_pipeline: fetch-data, build-model, resume-from-latest, train, evaluate, export, verify, report.
+"""train_pipeline: fetch-data, build-model, resume-from-latest, train, evaluate, export, report, verify.
 
 Run it directly (`python flows/train_pipeline.py`), through `ckptflow run`, or from a deployment
 in prefect.yaml. Running it again on the same run directory resumes the run.
@@ -36,8 +36,8 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         trained = train_task(config, data)
         evaluation = evaluate_task(config, data, trained.checkpoint_ref())
         exports = export_task(config, data, trained.checkpoint_ref())
-        verified = verify_task(config)
         report = report_task(config)
+        verified = verify_task(config)
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},
