@@ -32,7 +32,7 @@ run: $(STAMP)
 	$(BIN)/ckptflow run $(ARGS)
 
 test: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

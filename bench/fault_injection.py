@@ -9,10 +9,10 @@ were lost. TensorFlow is imported once here and every training process is forked
 so a restart costs model set-up and tracing, not a 10-second import.
 
 Usage:
-    python bench/fault_injection.py --kills 200            # the full drill (~15 min on 2 cores)
+    python bench/fault_injection.py --kills 200            # the full drill (~5 min on 2 cores)
     python bench/fault_injection.py --kills 20 --json out.json
 
-Also imported by tests/test_fault_injection.py with a smaller number of kills.
+tests/test_fault_injection.py runs it with 20 kills.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each manifest entry: refuse paths that leave the run directory, check "
         "the SHA-256 before opening anything, then load every export in a fresh process with "
         "its own runtime, predict the test set and compare with the reference predictions and "
-        "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect.")
+        "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect server.")
     verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check")
     verify.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser

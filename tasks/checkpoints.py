@@ -106,6 +106,7 @@ class CheckpointStore:
         import tensorflow as tf
 
         epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        write_errors = _tf_write_errors()
         name = checkpoint_name(epoch, batch)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -121,7 +122,7 @@ class CheckpointStore:
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
             fsync_tree(tmp)
             publish(tmp, self.directory / name)
-        except tf.errors.OpError as exc:
+        except write_errors as exc:
             # TensorFlow reports a full disk or a refused write as its own error types (e.g.
             # OutOfRangeError "File too large"); as an OSError it is retried like other I/O.
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,6 +217,14 @@ class CheckpointStore:
             tf.compat.v1.train.update_checkpoint_state(
                 str(self.directory), model_checkpoint_path=f"{kept[-1].name}/{TF_PREFIX}",
                 all_model_checkpoint_paths=[f"{c.name}/{TF_PREFIX}" for c in kept])
+
+
+def _tf_write_errors() -> tuple[type[BaseException], ...]:
+    import tensorflow as tf
+
+    e = tf.errors
+    return (e.OutOfRangeError, e.ResourceExhaustedError, e.UnavailableError,
+            e.PermissionDeniedError, e.NotFoundError, e.DataLossError, e.AbortedError)
 
 
 def _trackables(model) -> dict[str, Any]:

@@ -70,14 +70,15 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
     raw, used, reason = _load(source)
     arrays = _select(raw, train_samples, test_samples, used, seed)
     digest = data_digest(arrays)
-    if snapshot.exists():
-        existing = data_digest(load_snapshot(snapshot))
-        if existing != digest:
-            raise BadInputError(
-                f"run directory {run_dir} already holds different data (sha256 {existing[:12]}, "
-                f"requested {digest[:12]} from data={source!r}). Use another --run-dir, or the "
-                "data, sample counts and seed the run was started with.")
-    else:
+    # The run's data is what the manifest recorded, even if the snapshot file has gone missing.
+    existing = data_digest(load_snapshot(snapshot)) if snapshot.exists() else (
+        recorded or {}).get("data_sha256")
+    if existing is not None and existing != digest:
+        raise BadInputError(
+            f"run directory {run_dir} already holds different data (sha256 {existing[:12]}, "
+            f"requested {digest[:12]} from data={source!r}). Use another --run-dir, or the "
+            "data, sample counts and seed the run was started with.")
+    if not snapshot.exists():
         _write_snapshot(snapshot, arrays)
     record = DataRecord(source=used, reason=reason, path=SNAPSHOT.as_posix(),
                         file_sha256=sha256_file(snapshot), data_sha256=digest,

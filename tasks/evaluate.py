@@ -41,6 +41,7 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     run_dir = Path(run_dir)
     recorded = read_manifest(run_dir).get("evaluation")
     if (recorded and recorded["checkpoint"] == checkpoint.path
+            and recorded.get("commit_sha256") == checkpoint.commit_sha256
             and recorded.get("csv_sha256") == _sha_or_none(run_dir / EVALUATION)):
         log.info("evaluation of %s already on disk: reusing it", checkpoint.path)
         return EvaluationRecord(**recorded)
@@ -62,6 +63,7 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     pd.DataFrame(rows).to_csv(buffer, index=False)
     atomic_write_bytes(run_dir / EVALUATION, buffer.getvalue().encode())
     update_manifest(run_dir, evaluation={**record.model_dump(),
+                                         "commit_sha256": checkpoint.commit_sha256,
                                          "csv_sha256": sha256_file(run_dir / EVALUATION)})
     set_artifacts(run_dir, "evaluation", [artifact_entry(run_dir, run_dir / EVALUATION,
                                                          "evaluation", "csv")])

@@ -61,41 +61,49 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     if reusable is not None and [r.format for r in reusable] == names:
         log.info("exports of %s already on disk and unchanged: reusing them", checkpoint.path)
         return reusable
+    for abandoned in (run_dir / EXPORTS).glob(".tmp-*"):  # left by a killed export
+        shutil.rmtree(abandoned, ignore_errors=True)
     arrays = load_snapshot(run_dir / data.path)
     x, y = arrays["x_test"], arrays["y_test"]
     model = restore_model(run_dir, checkpoint.path)
     identity = model_identity(run_dir, checkpoint)
     reference = model.predict(x, batch_size=256, verbose=0)
-    atomic_write_bytes(run_dir / REFERENCE, _npy_bytes(reference))
-    records = []
-    for fmt in chosen:
-        name = fmt.name
-        final = run_dir / EXPORTS / fmt.filename
-        staging = run_dir / EXPORTS / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        try:
+    # Every file is written and checked in one staging directory first; only when all of them
+    # pass do they (and the reference they were checked against) replace the previous set.
+    staging = run_dir / EXPORTS / f".tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        checked = []
+        for fmt in chosen:
             fmt.save(model, staging / fmt.filename)
             predictions = fmt.predict(staging / fmt.filename, x, identity)
             diff = float(np.max(np.abs(predictions - reference)))
             if not diff <= fmt.tolerance:
-                raise RuntimeError(f"{name} export predicts differently from the trained model "
-                                   f"(max abs difference {diff:.2e} > {fmt.tolerance})")
-            publish(staging / fmt.filename, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        entry = artifact_entry(run_dir, final, "export", name)
-        records.append(ExportRecord(
-            format=name, path=entry["path"], sha256=entry["sha256"], bytes=entry["bytes"],
-            test_accuracy=float(np.mean(np.argmax(predictions, axis=1) == y)),
-            max_abs_diff=diff, loader=fmt.loader))
-        log.info("export %-13s %9d bytes  accuracy %.4f  max |diff| %.1e", name,
-                 entry["bytes"], records[-1].test_accuracy, diff)
+                raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
+                                   f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
+            checked.append((fmt, float(np.mean(np.argmax(predictions, axis=1) == y)), diff))
+        atomic_write_bytes(staging / REFERENCE.name, _npy_bytes(reference))
+        for fmt, _, _ in checked:
+            publish(staging / fmt.filename, run_dir / EXPORTS / fmt.filename)
+        publish(staging / REFERENCE.name, run_dir / REFERENCE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    records = []
+    for fmt, accuracy, diff in checked:
+        entry = artifact_entry(run_dir, run_dir / EXPORTS / fmt.filename, "export", fmt.name)
+        records.append(ExportRecord(format=fmt.name, path=entry["path"], sha256=entry["sha256"],
+                                    bytes=entry["bytes"], test_accuracy=accuracy,
+                                    max_abs_diff=diff, loader=fmt.loader))
+        log.info("export %-13s %9d bytes  accuracy %.4f  max |diff| %.1e", fmt.name,
+                 entry["bytes"], accuracy, diff)
+    reference_entry = artifact_entry(run_dir, run_dir / REFERENCE, "reference", "npy",
+                                     checkpoint=checkpoint.path)
     set_artifacts(run_dir, "export", [
         {"kind": "export", **r.model_dump(), "checkpoint": checkpoint.path} for r in records])
-    set_artifacts(run_dir, "reference", [artifact_entry(run_dir, run_dir / REFERENCE, "reference",
-                                                        "npy", checkpoint=checkpoint.path)])
+    set_artifacts(run_dir, "reference", [reference_entry])
     atomic_write_json(run_dir / INDEX, {"checkpoint": checkpoint.path,
                                         "commit_sha256": checkpoint.commit_sha256,
+                                        "reference_sha256": reference_entry["sha256"],
                                         "exports": [r.model_dump() for r in records]})
     return records
 
@@ -108,6 +116,9 @@ def intact_exports(run_dir: Path, checkpoint: CheckpointRef) -> list[ExportRecor
         return None
     if index.get("commit_sha256") != checkpoint.commit_sha256:
         return None
+    reference = Path(run_dir) / REFERENCE
+    if not reference.exists() or sha256_path(reference) != index.get("reference_sha256"):
+        return None
     records = [ExportRecord(**r) for r in index["exports"]]
     for r in records:
         path = Path(run_dir) / r.path
@@ -117,10 +128,11 @@ def intact_exports(run_dir: Path, checkpoint: CheckpointRef) -> list[ExportRecor
 
 
 def export_outputs(run_dir: Path) -> list[Path]:
-    """The export index and every file it lists: what must be intact for a cache hit."""
+    """The export index, the reference predictions and every export: intact for a cache hit."""
     try:
         index = json.loads((Path(run_dir) / INDEX).read_text())
-        return [Path(run_dir) / INDEX] + [Path(run_dir) / r["path"] for r in index["exports"]]
+        return [Path(run_dir) / INDEX, Path(run_dir) / REFERENCE] + [
+            Path(run_dir) / r["path"] for r in index["exports"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 

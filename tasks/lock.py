@@ -2,7 +2,8 @@
 
 The kernel drops the lock when the holding process exits or is killed, so a lock left behind by a
 killed run is free for the next one; the file only says who held it last. Re-entrant within a
-process, so the flow and the stage it calls can both hold it.
+thread, so the flow and the stage it calls can both hold it; another thread of the same process
+opens its own descriptor and is refused like another process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ log = logging.getLogger("ckptflow.lock")
 
 LOCK_NAME = ".lock"
 _POLL_S = 0.2
-_held: dict[str, list] = {}  # realpath -> [file object, depth]
+_held: dict[tuple[str, int], list] = {}  # (realpath, thread id) -> [file object, depth]
 _guard = threading.Lock()
 
 
@@ -46,7 +47,7 @@ def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0) -> Iterator[Non
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(run_dir)
+    key = (os.path.realpath(run_dir), threading.get_ident())
     with _guard:
         if key in _held:
             _held[key][1] += 1

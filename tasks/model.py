@@ -61,10 +61,11 @@ class ModelRecord(BaseModel):
     identity: dict
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and TensorFlow; with `deterministic`, make TensorFlow ops deterministic.
 
-    Op determinism is process-wide and cannot be switched off again in the same process.
+    Op determinism is process-wide and cannot be switched off again in the same process, so only
+    training asks for it (`--no-deterministic` then really runs without it).
     """
     keras.utils.set_random_seed(seed)
     if deterministic:
@@ -72,12 +73,16 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def build_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1e-3,
-                seed: int = 42, deterministic: bool = True) -> keras.Model:
+                seed: int = 42, deterministic: bool = False) -> keras.Model:
     """The tutorial's model: Standardize → Dense(units, relu) → Dropout → Dense(10), compiled.
 
     Example:
         model = build_model(units=64)
         logits = model(np.zeros((1, 784), "float32"))
+
+    Args:
+        deterministic: also enable TensorFlow op determinism (process-wide). Defaults to False;
+            training passes its `deterministic` setting.
     """
     seed_everything(seed, deterministic)
     inputs = keras.Input((784,), name="pixels")
@@ -129,14 +134,13 @@ def build_model_stage(run_dir: str | Path, identity: dict) -> ModelRecord:
     run_dir = Path(run_dir)
     path = run_dir / INITIAL_MODEL
     recorded = read_manifest(run_dir).get("model")
-    if path.exists() and recorded:
-        if recorded["identity"] != identity:
-            raise BadInputError(
-                f"run directory {run_dir} was started with a different model "
-                f"({_diff(recorded['identity'], identity)}). Use another --run-dir, or the "
-                "original settings.")
-        if sha256_file(path) == recorded["sha256"]:
-            return ModelRecord(**recorded)
+    if recorded and recorded["identity"] != identity:  # whether or not the file is still there
+        raise BadInputError(
+            f"run directory {run_dir} was started with a different model "
+            f"({_diff(recorded['identity'], identity)}). Use another --run-dir, or the "
+            "original settings.")
+    if recorded and path.exists() and sha256_file(path) == recorded["sha256"]:
+        return ModelRecord(**recorded)
     model = build_model(**{k: identity[k] for k in ("units", "dropout", "learning_rate", "seed")})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.keras")

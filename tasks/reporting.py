@@ -31,7 +31,11 @@ class EpochProgress:
             description=f"Epochs done of {config.epochs} in {config.run_dir}")
 
     def update(self, row: dict[str, Any], state: dict[str, Any]) -> None:
-        update_progress_artifact(self.artifact_id, progress=100.0 * state["epoch"] / self.total)
+        self.set(state["epoch"])
+
+    def set(self, epochs_done: int) -> None:
+        update_progress_artifact(self.artifact_id,
+                                 progress=min(100.0, 100.0 * epochs_done / self.total))
 
 
 def publish_evaluation(run_dir: str, rows: list[dict[str, Any]], summary_md: str) -> None:

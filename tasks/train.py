@@ -42,6 +42,7 @@ class TrainRecord(BaseModel):
     checkpoint: str
     commit_sha256: str
     epoch: int
+    batch: int
     step: int
     resumed_from: str | None
     start_epoch: int
@@ -53,7 +54,7 @@ class TrainRecord(BaseModel):
     def checkpoint_ref(self) -> CheckpointRef:
         """The final checkpoint alone: what evaluation and export depend on."""
         return CheckpointRef(path=self.checkpoint, commit_sha256=self.commit_sha256,
-                             epoch=self.epoch, batch=0, step=self.step)
+                             epoch=self.epoch, batch=self.batch, step=self.step)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -147,7 +148,8 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
     _write_history(run_dir, state["history"])  # also after a kill between checkpoint and CSV
     record = TrainRecord(
         checkpoint=latest.path.relative_to(run_dir).as_posix(),
-        commit_sha256=latest.commit_sha256(), epoch=state["epoch"], step=state["step"],
+        commit_sha256=latest.commit_sha256(), epoch=state["epoch"], batch=latest.batch,
+        step=state["step"],
         resumed_from=point.path if point else None, start_epoch=start_epoch,
         start_batch=start_batch, batches_trained=state["step"] - start_step,
         best_val_accuracy=state["best"]["val_accuracy"], history_path=HISTORY.as_posix())
@@ -251,13 +253,13 @@ def _record_in_manifest(run_dir: Path, store: CheckpointStore, record: TrainReco
     })
     update_manifest(run_dir, parameters=config.model_dump(),
                     training={**record.model_dump(), "attempts": attempts})
-    set_artifacts(run_dir, "checkpoint", [
+    set_artifacts(run_dir, "checkpoint", [  # only checkpoints that match their commit records
         artifact_entry(run_dir, c.path, "checkpoint", "ckptflow-checkpoint", epoch=c.epoch,
-                       batch=c.batch, step=c.step) for c in store.all()])
+                       batch=c.batch, step=c.step) for c in store.all() if store.verify(c) is None])
     set_artifacts(run_dir, "history", [artifact_entry(run_dir, run_dir / HISTORY, "history", "csv")])
-    if (run_dir / TENSORBOARD).is_dir():
-        set_artifacts(run_dir, "tensorboard", [
-            artifact_entry(run_dir, run_dir / TENSORBOARD, "tensorboard", "tfevents")])
+    set_artifacts(run_dir, "tensorboard", [
+        artifact_entry(run_dir, run_dir / TENSORBOARD, "tensorboard", "tfevents")]
+        if (run_dir / TENSORBOARD).is_dir() else [])
 
 
 @task(name="train-with-checkpoints", **retry_options())
@@ -266,4 +268,6 @@ def train_task(config: TrainConfig, data: DataRecord) -> TrainRecord:
     from tasks.reporting import EpochProgress
 
     progress = EpochProgress(config)
-    return train_with_checkpoints(config.run_dir, config, data, on_epoch_end=progress.update)
+    record = train_with_checkpoints(config.run_dir, config, data, on_epoch_end=progress.update)
+    progress.set(record.epoch)  # also for a resumed or already complete run
+    return record

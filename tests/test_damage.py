@@ -11,7 +11,7 @@ import pytest
 from conftest import small_config
 from test_train import prepare
 
-from tasks.checkpoints import CheckpointStore
+from tasks.checkpoints import CheckpointStore, CheckpointWriteError
 from tasks.errors import is_transient
 from tasks.manifest import read_manifest
 from tasks.model import build_model
@@ -46,7 +46,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_is_retryable(tmp_path):
     previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
     try:
-        with pytest.raises(OSError) as info:
+        with pytest.raises(CheckpointWriteError, match="File too large") as info:
             store.save(model, {"epoch": 0, "batch": 2, "step": 2}, epoch_end=False)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

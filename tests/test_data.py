@@ -116,3 +116,13 @@ def test_second_fetch_reuses_the_snapshot(tmp_path):
     before = tree_digest(tmp_path / "data")
     again = fetch_data(tmp_path, "bundled", 100, 50)
     assert again == first and tree_digest(tmp_path / "data") == before
+
+
+def test_a_missing_snapshot_does_not_let_other_data_in(tmp_path):
+    fetch_data(tmp_path, "bundled", 100, 50, seed=1)
+    (tmp_path / SNAPSHOT).unlink()
+    with pytest.raises(BadInputError, match="already holds different data"):
+        fetch_data(tmp_path, "bundled", 100, 50, seed=2)
+    assert not (tmp_path / SNAPSHOT).exists()
+    fetch_data(tmp_path, "bundled", 100, 50, seed=1)  # the run's own data is restored
+    assert (tmp_path / SNAPSHOT).exists()

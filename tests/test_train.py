@@ -116,3 +116,37 @@ def test_checkpoints_without_commit_records_are_refused_not_silently_restarted(t
     with pytest.raises(BadInputError, match="no valid checkpoint"):
         train_with_checkpoints(tmp_path, small_config(tmp_path, epochs=2), data)
     assert tree_digest(tmp_path) == before
+
+
+def test_a_missing_untrained_model_does_not_let_other_settings_in(tmp_path):
+    config = small_config(tmp_path, epochs=1)
+    data = prepare(config)
+    train_with_checkpoints(tmp_path, config, data)
+    (tmp_path / "model" / "initial.keras").unlink()
+    before = tree_digest(tmp_path)
+    with pytest.raises(BadInputError, match="started with a different model"):
+        build_model_stage(tmp_path, small_config(tmp_path, units=32).identity())
+    assert tree_digest(tmp_path) == before
+
+
+def test_no_deterministic_really_leaves_op_determinism_off(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/tests')\n"
+        "from conftest import small_config\n"
+        "from test_train import prepare\n"
+        "from tasks.train import train_with_checkpoints\n"
+        "from tensorflow.python.framework import config as tf_config\n"
+        "for flag in (False, True):\n"
+        "    c = small_config(Path(sys.argv[2]) / str(flag), epochs=1, deterministic=flag)\n"
+        "    train_with_checkpoints(c.run_dir, c, prepare(c))\n"
+        "    print(flag, tf_config.is_op_determinism_enabled())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(REPO), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "False", "True", "True"]

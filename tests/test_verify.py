@@ -156,3 +156,15 @@ def test_formats_with_missing_packages_are_skipped_with_a_message():
 
 def test_config_knows_exactly_the_registered_formats():
     assert FORMAT_NAMES == tuple(FORMATS)
+
+
+def test_a_deleted_reference_makes_the_exports_stale(copied_run):
+    from tasks.export import REFERENCE, intact_exports
+    from tasks.resume import CheckpointRef
+
+    index = json.loads((copied_run / "exports" / "exports.json").read_text())
+    ref = CheckpointRef(path=index["checkpoint"], commit_sha256=index["commit_sha256"],
+                        epoch=10, batch=0, step=320)
+    assert intact_exports(copied_run, ref) is not None
+    (copied_run / REFERENCE).unlink()
+    assert intact_exports(copied_run, ref) is None
