@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import BadInputError
-from tasks.files import fsync_dir, fsync_tree, publish, sha256_file
+from tasks.files import fsync_dir, publish, sha256_file
 
 log = logging.getLogger("ckptflow.checkpoints")
 
@@ -120,8 +120,7 @@ class CheckpointStore:
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             commit = {"name": name, "epoch": epoch, "batch": batch, "step": step, "files": files}
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
-            fsync_tree(tmp)
-            publish(tmp, self.directory / name)
+            publish(tmp, self.directory / name)  # fsyncs every file, then renames
         except write_errors as exc:
             # TensorFlow reports a full disk or a refused write as its own error types (e.g.
             # OutOfRangeError "File too large"); as an OSError it is retried like other I/O.

@@ -20,7 +20,8 @@ class InjectedIOError(OSError):
     """A transient I/O error raised on purpose by a fault drill (`io_error_at_step`)."""
 
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+# OSError covers disk, network (ConnectionError) and timeout (TimeoutError) trouble alike.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError,)
 
 
 def is_transient(exc: BaseException | None) -> bool:

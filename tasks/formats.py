@@ -50,10 +50,9 @@ class ExportFormat:
 
 
 def _fresh(identity: dict):
-    from tasks.model import build_model
+    from tasks.model import build_from_identity
 
-    return build_model(identity["units"], identity["dropout"], identity["learning_rate"],
-                       identity["seed"])
+    return build_from_identity(identity)
 
 
 def _save_tf_checkpoint(model, path: Path) -> None:

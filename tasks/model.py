@@ -100,6 +100,12 @@ def build_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1
     return model
 
 
+def build_from_identity(identity: dict) -> keras.Model:
+    """A fresh, untrained model from the settings recorded with a run (its `identity`)."""
+    return build_model(identity["units"], identity["dropout"], identity["learning_rate"],
+                       identity["seed"])
+
+
 def load_keras_model(path: str | Path) -> keras.Model:
     """Load a `.keras`/`.h5` model with safe mode on and ckptflow's custom layer known.
 
@@ -141,7 +147,7 @@ def build_model_stage(run_dir: str | Path, identity: dict) -> ModelRecord:
             "original settings.")
     if recorded and path.exists() and sha256_file(path) == recorded["sha256"]:
         return ModelRecord(**recorded)
-    model = build_model(**{k: identity[k] for k in ("units", "dropout", "learning_rate", "seed")})
+    model = build_from_identity(identity)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.keras")
     model.save(tmp)

@@ -65,7 +65,7 @@ def training_curve_png(history) -> bytes:
 
 def _markdown(run_dir: Path, manifest: dict, history) -> str:
     data, training = manifest.get("data", {}), manifest.get("training", {})
-    evaluation, parameters = manifest.get("evaluation", {}), manifest.get("model", {})
+    evaluation, model = manifest.get("evaluation", {}), manifest.get("model", {})
     config = manifest.get("parameters") or {}
     attempts = training.get("attempts", [])
     resumed = attempts[-1]["resumed_from"] if attempts else None
@@ -75,8 +75,8 @@ def _markdown(run_dir: Path, manifest: dict, history) -> str:
         f"- **Data**: {data.get('source')} ({data.get('reason')}), "
         f"{data.get('train_samples')} train / {data.get('test_samples')} test images, "
         f"sha256 `{str(data.get('data_sha256'))[:16]}…`",
-        f"- **Model**: {parameters.get('parameters')} parameters, "
-        + ", ".join(f"{k}={v}" for k, v in parameters.get("identity", {}).items()),
+        f"- **Model**: {model.get('parameters')} parameters, "
+        + ", ".join(f"{k}={v}" for k, v in model.get("identity", {}).items()),
         f"- **Training**: {training.get('epoch')} epochs, {training.get('step')} optimizer steps; "
         + (f"this run resumed from `{resumed}`" if resumed else "this run started from scratch"),
         f"- **Test accuracy**: {evaluation.get('test_accuracy', 0):.2%} "

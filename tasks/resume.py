@@ -82,7 +82,7 @@ def resume_from_latest_task(config: TrainConfig, data_sha256: str) -> Checkpoint
 
 def restore_model(run_dir: str | Path, checkpoint: str):
     """A fresh model built from the checkpoint's own settings, with its weights and optimizer."""
-    from tasks.model import build_model  # lazy: TensorFlow only where a model is needed
+    from tasks.model import build_from_identity  # lazy: TensorFlow only where a model is needed
 
     run_dir = Path(run_dir)
     path = run_dir / checkpoint
@@ -92,9 +92,6 @@ def restore_model(run_dir: str | Path, checkpoint: str):
     if problem:
         raise BadInputError(f"checkpoint {path} is unusable ({problem}). Run training again to make a "
                             "valid one.")
-    state = found.read_state()
-    identity = state["identity"]
-    model = build_model(identity["units"], identity["dropout"], identity["learning_rate"],
-                        identity["seed"])
+    model = build_from_identity(found.read_state()["identity"])
     store.restore(found, model)
     return model
