@@ -38,7 +38,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 server: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_UI_API_URL=$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
+		$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 deploy: $(STAMP)
 	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \

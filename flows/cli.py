@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"ckptflow: error: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect stops its temporary server at exit and logs it; an error registered before that
     # handler is printed after it (atexit runs last-in, first-out), so it stays the last line.
     last_words: list[str] = []

@@ -60,6 +60,11 @@ class TrainConfig(BaseModel):
         ge=1,
         description="Fault drill: fail once right after this epoch's checkpoint is committed, "
         "as a crash would (the flow's retry resumes). Leave empty for normal runs.")] = None
+    fail_attempts: Annotated[int, Field(
+        ge=1, le=10,
+        description="Fault drill: how many attempts in a row fail_after_epoch fails, each at its "
+        "first epoch end from that epoch on. 2 outlasts the flow's one automatic retry, so the "
+        "run ends Failed and can be retried from the UI.")] = 1
     io_error_at_step: Annotated[int | None, Field(
         ge=1,
         description="Fault drill: raise a transient I/O error once when training reaches this "

@@ -221,9 +221,15 @@ def _write_tensorboard(writer, row: dict[str, Any]) -> None:
 
 
 def _maybe_inject_failure(run_dir: Path, config: TrainConfig, epoch: int) -> None:
-    """Fault drill: fail once per run directory right after `fail_after_epoch` is committed."""
-    if config.fail_after_epoch == epoch and _first_time(run_dir, f"fail_after_epoch-{epoch}"):
-        raise InjectedFailure(f"injected failure after epoch {epoch} (fail_after_epoch={epoch}); "
+    """Fault drill: fail right after epoch `fail_after_epoch` is committed, and in each of the
+    next `fail_attempts - 1` attempts at their first epoch end (a marker in faults/ counts them)."""
+    if config.fail_after_epoch is None or epoch < config.fail_after_epoch:
+        return
+    fired = next((k for k in range(1, config.fail_attempts + 1)
+                  if _first_time(run_dir, f"fail_after_epoch-{config.fail_after_epoch}-{k}")), None)
+    if fired is not None:
+        raise InjectedFailure(f"injected failure {fired} of {config.fail_attempts} after epoch {epoch} "
+                              f"(fail_after_epoch={config.fail_after_epoch}); "
                               "run again to resume from the checkpoint")
 
 

@@ -1,0 +1,291 @@
+"""Prefect as its users run it: `make server`, `make deploy`, `make worker`, the CLI and the UI.
+
+One real `prefect server` on a free loopback port with a temporary PREFECT_HOME, the deployments
+of prefect.yaml, a process worker running this checkout, and headless Chromium on the UI.
+Run alone with `pytest -m server`. Every process started here is stopped by its process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
+
+PREFECT = str(REPO / ".venv" / "bin" / "prefect")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+FLOW_RUN_TIMEOUT_S = 420
+# A run small enough for the suite: 256 images, 8 batches an epoch, three export formats.
+SMALL = {"data": "bundled", "train_samples": 256, "test_samples": 128, "units": 64, "seed": 7,
+         "save_every_batches": 3, "formats": ["keras", "weights_h5", "h5"]}
+
+
+@dataclass
+class Stack:
+    url: str  # the API, e.g. http://127.0.0.1:PORT/api
+    env: dict[str, str]
+    logs: Path
+    nightly_runs: list = field(default_factory=list)  # what the schedule created
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start `cmd` in its own process group, so stopping it also stops what it started."""
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=stack.env,
+                            capture_output=True, text=True, timeout=180)
+    if check:
+        assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _client(stack: Stack):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api=stack.url)
+
+
+def _run_deployment(stack: Stack, config: dict, name: str = "train-pipeline/train") -> str:
+    """`prefect deployment run` with the config as JSON; returns the flow run id."""
+    result = _cli(stack, "deployment", "run", name, "--params", json.dumps({"config": config}))
+    return next(line.split("UUID:")[1].strip() for line in result.stdout.splitlines()
+                if "UUID:" in line)
+
+
+def _wait_final(stack: Stack, flow_run_id: str, timeout: float = FLOW_RUN_TIMEOUT_S):
+    """The flow run once it reaches a final state (Completed, Failed, Crashed, Cancelled)."""
+    deadline = time.monotonic() + timeout
+    with _client(stack) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(1)
+    pytest.fail(f"flow run {flow_run_id} not finished after {timeout} s (last state {run.state})")
+
+
+def _logs(stack: Stack, flow_run_id: str) -> str:
+    return _cli(stack, "flow-run", "logs", flow_run_id).stdout
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`make server` on a free port, `make deploy`, then `make worker` on the process pool.
+
+    The nightly schedule's runs are recorded for the schedule test, then the schedule is paused
+    and its runs deleted, so a test run near 02:00 UTC does not train the nightly run.
+    """
+    home = tmp_path_factory.mktemp("prefect_home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_API_PORT=str(port))
+    stack = Stack(url=url, env=env, logs=home)
+    procs = []
+    try:
+        procs.append(_start(["make", "--no-print-directory", "server", f"PREFECT_PORT={port}"], env,
+                            home / "server.log"))
+        _wait_healthy(url, procs[0], home / "server.log")
+        deploy = subprocess.run(["make", "--no-print-directory", "deploy"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        stack.nightly_runs = _take_nightly_runs(stack)
+        procs.append(_start(["make", "--no-print-directory", "worker"], env, home / "worker.log"))
+        yield stack
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _take_nightly_runs(stack: Stack) -> list:
+    """The runs the nightly schedule created; then pause it and delete them."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _client(stack) as client:
+        deployment = client.read_deployment_by_name("train-pipeline/nightly")
+        deadline = time.monotonic() + 90
+        runs = []
+        while not runs and time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["nightly"])))
+            time.sleep(1)
+        for schedule in deployment.schedules:  # pausing also deletes the runs it scheduled
+            client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+        left = client.read_flow_runs(deployment_filter=_by_id(deployment.id))
+        for run in left:
+            client.delete_flow_run(run.id)
+    return runs
+
+
+def test_the_schedule_creates_nightly_runs(stack):
+    runs = stack.nightly_runs
+    assert runs, "the nightly schedule created no runs"
+    assert all(run.state.is_scheduled() for run in runs)
+    times = sorted(run.expected_start_time for run in runs)
+    assert all((t.hour, t.minute) == (2, 0) and t.utcoffset().total_seconds() == 0 for t in times)
+    assert all((b - a).total_seconds() == 86_400 for a, b in zip(times, times[1:], strict=False))
+    assert runs[0].parameters["config"]["run_dir"] == "runs/nightly"
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"epochs": 0}, "Validation failed for field 'config.epochs'"),
+    ({"epochs": "ten"}, "Validation failed for field 'config.epochs'"),
+    ({"epoch": 3}, "Additional properties are not allowed ('epoch' was unexpected)"),
+])
+def test_an_invalid_parameter_is_refused_by_the_server(stack, config, problem):
+    with _client(stack) as client:
+        deployment = client.read_deployment_by_name("train-pipeline/train")
+        before = len(client.read_flow_runs(deployment_filter=_by_id(deployment.id)))
+    result = _cli(stack, "deployment", "run", "train-pipeline/train", "--params",
+                  json.dumps({"config": config}), check=False)
+    assert result.returncode != 0
+    assert problem in " ".join((result.stdout + result.stderr).split())
+    with _client(stack) as client:
+        assert len(client.read_flow_runs(deployment_filter=_by_id(deployment.id))) == before
+
+
+def _by_id(deployment_id):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+
+
+@pytest.fixture(scope="module")
+def failed_then_retried(stack, tmp_path_factory):
+    """A deployment run whose injected failure outlasts the flow's own retry, then `flow-run retry`."""
+    run_dir = tmp_path_factory.mktemp("deployed") / "run"
+    config = {**SMALL, "run_dir": str(run_dir), "epochs": 4, "fail_after_epoch": 1, "fail_attempts": 2}
+    flow_run_id = _run_deployment(stack, config)
+    failed = _wait_final(stack, flow_run_id)
+    failed_logs = _logs(stack, flow_run_id)
+    _cli(stack, "flow-run", "retry", flow_run_id)
+    completed = _wait_final(stack, flow_run_id)
+    return run_dir, failed, failed_logs, completed, _logs(stack, flow_run_id)
+
+
+def test_a_failed_deployment_run_retried_resumes_from_its_checkpoint(failed_then_retried):
+    run_dir, failed, failed_logs, completed, logs = failed_then_retried
+    assert failed.state.is_failed(), f"{failed.state}\n{failed_logs[-3000:]}"
+    assert "injected failure 2 of 2 after epoch 2" in failed_logs
+    assert completed.state.is_completed(), f"{completed.state}\n{logs[-3000:]}"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    attempts = manifest["training"]["attempts"]
+    # the retry trained epochs 3 and 4 only: 2 epochs of 8 batches, ending at optimizer step 32
+    assert [(a["resumed_from"], a["start_epoch"], a["end_epoch"], a["batches_trained"])
+            for a in attempts] == [("checkpoints/cp-0002", 2, 4, 16)]
+    assert manifest["training"]["step"] == 32
+    assert "resuming from cp-0002: epoch 2, batch 0, optimizer step 16" in logs
+    assert "epoch 4/4: loss" in logs
+    assert "epoch 1/4: loss" not in logs.split("resuming from cp-0002")[-1]
+
+
+def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
+    run_dir, _, _, completed, _ = failed_then_retried
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from tasks.reporting import artifact_key
+
+    with _client(stack) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[completed.id])))
+    by_type = {}
+    for artifact in artifacts:
+        by_type.setdefault(artifact.type, []).append(artifact)
+    keys = {a.key for a in artifacts}
+    assert {"markdown", "table", "progress"} <= set(by_type)
+    report = next(a for a in by_type["markdown"] if a.key == artifact_key(str(run_dir), "report"))
+    assert "## Exports" in report.data and "| keras |" in report.data
+    assert "resumed from `checkpoints/cp-0002`" in report.data
+    assert "data:image/png;base64," in report.data
+    assert {artifact_key(str(run_dir), what) for what in ("history", "progress", "exports")} <= keys
+    assert max(a.data for a in by_type["progress"]) == 100.0
+    assert (run_dir / "metrics" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="no chromium/chromedriver installed (apt-get install chromium chromium-driver)")
+def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    completed = failed_then_retried[3]
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'c'}"):
+        options.add_argument(flag)
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    ui = stack.url.removesuffix("/api")
+    shot = tmp_path / "report_artifact.png"
+    try:
+        wait = WebDriverWait(driver, 90)
+        driver.get(f"{ui}/runs/flow-run/{completed.id}")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "li.p-tab#artifacts")).click()
+        wait.until(lambda d: d.find_element(By.XPATH, "//*[contains(text(), '-run-report')]")).click()
+        wait.until(lambda d: "Per-epoch metrics" in d.find_element(By.TAG_NAME, "body").text)
+        text = " ".join(driver.find_element(By.TAG_NAME, "body").text.split())
+        curve_width = driver.execute_script(
+            "const img = document.querySelector('img[src^=\"data:image/png\"]');"
+            "return img && img.complete ? img.naturalWidth : 0;")
+        url = driver.current_url
+    finally:
+        driver.save_screenshot(str(shot))  # kept in the test's temporary directory
+        driver.quit()
+    assert "/artifacts/artifact/" in url
+    assert "this run resumed from checkpoints/cp-0002" in text, text
+    assert "keras exports/model.keras" in text and "h5 exports/model.h5" in text
+    assert curve_width > 100, "the training curve did not render"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
