@@ -31,8 +31,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ckptflow run $(ARGS)
 
+# Two pytest workers: much of the suite waits on process start-up, servers and I/O. Tests that
+# share a session fixture (the finished default run, the deployed server) keep to one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

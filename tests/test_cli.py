@@ -79,6 +79,7 @@ def test_run_rerun_and_refusals_from_the_command_line(tmp_path, prefect_api_url)
     assert tree_digest(run_dir) == before
 
 
+@pytest.mark.xdist_group("finished_run")
 def test_the_flow_file_runs_directly_as_prefect_users_expect(finished_run):
     run_dir, output = finished_run
     history = (run_dir / "metrics" / "history.csv").read_text().splitlines()

@@ -12,6 +12,9 @@ from tasks.files import sha256_path
 from tasks.formats import FORMATS
 from tasks.manifest import read_manifest
 
+# Tests of the one finished default run stay on one pytest worker, so it runs once.
+pytestmark = pytest.mark.xdist_group("finished_run")
+
 
 def _load_and_predict(fmt: str, path, x, identity: dict):
     """Load an export as a user of that format would, independently of ckptflow's registry."""

@@ -16,6 +16,9 @@ from tasks.errors import BadInputError
 from tasks.files import sha256_path
 from tasks.formats import FORMATS, ExportFormat, select_formats
 
+# Tests of the one finished default run stay on one pytest worker, so it runs once.
+pytestmark = pytest.mark.xdist_group("finished_run")
+
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
 
 
