@@ -12,7 +12,7 @@ from conftest import REPO, tree_digest
 
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
 SMALL = ["--data", "bundled", "--train-samples", "256", "--test-samples", "128", "--units", "64",
-         "--epochs", "2", "--save-every-batches", "3"]
+         "--epochs", "2", "--save-every-batches", "3", "--formats", "keras,saved_model"]
 
 
 def run_cli(*args, cwd=None, timeout=300, api_url=None):
@@ -62,7 +62,8 @@ def test_run_rerun_and_refusals_from_the_command_line(tmp_path, prefect_api_url)
     first = run_cli("run", "--run-dir", str(run_dir), *SMALL)  # no server: the ad-hoc path
     assert first.returncode == 0, first.stderr[-3000:]
     assert "trained from scratch to epoch 2 (16 batches)" in first.stdout
-    assert "saved_model" in first.stdout and (run_dir / "manifest.json").exists()
+    assert "saved_model" in first.stdout and "onnx" not in first.stdout  # --formats honoured
+    assert (run_dir / "manifest.json").exists()
     assert "Starting temporary server" in first.stderr
 
     # The same command again, this time against a running server (PREFECT_API_URL set).
