@@ -42,14 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate and export-each-format as one Prefect flow. A run directory that already "
         "has checkpoints is resumed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, field in TrainConfig.model_fields.items():
-        flag = f"--{name.replace('_', '-')}"
-        if field.annotation is bool:
-            run.add_argument(flag, dest=name, default=field.default, help=field.description,
-                             action=argparse.BooleanOptionalAction)
-        else:
-            run.add_argument(flag, dest=name, default=field.default, help=field.description,
-                             type=_option_type(field.annotation), metavar=name.upper())
+    _add_config_options(run)
     verify = sub.add_parser(
         "verify", help="check a run directory: hashes, safe paths, every export loaded and run",
         description="For each manifest entry: refuse paths that leave the run directory, check "
@@ -58,7 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
         "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect server.")
     verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check")
     verify.add_argument("--json", action="store_true", help="print the rows as JSON")
+    worker = sub.add_parser(
+        "worker", help="join a multi-worker run as a non-chief worker (TF_CONFIG index 1, 2, ...)",
+        description="Train along with the chief (`ckptflow run --strategy multi-worker`, TF_CONFIG "
+        "index 0) of a MultiWorkerMirroredStrategy run. Give it the chief's options; it waits for "
+        "the chief's data snapshot in the shared run directory, restores the chief's latest "
+        "checkpoint and writes nothing into the run directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(worker)
+    worker.add_argument("--wait-for-chief", type=float, default=600.0, metavar="SECONDS",
+                        help="seconds to wait for the chief's data snapshot and model")
     return parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, so the CLI cannot drift from the typed parameters."""
+    for name, field in TrainConfig.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, default=field.default, help=field.description,
+                                action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            parser.add_argument(flag, dest=name, default=field.default, help=field.description,
+                                choices=typing.get_args(field.annotation))
+        else:
+            parser.add_argument(flag, dest=name, default=field.default, help=field.description,
+                                type=_option_type(field.annotation), metavar=name.upper())
 
 
 def run_verify(run_dir: str, as_json: bool) -> int:
@@ -82,6 +100,24 @@ def run_verify(run_dir: str, as_json: bool) -> int:
     return 0
 
 
+def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
+    """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
+    from tasks.distributed import run_worker as train_along
+    from tasks.errors import BadInputError
+
+    try:
+        done = train_along(config, wait_for_chief)
+    except BadInputError as exc:
+        print(f"ckptflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        print(f"ckptflow: worker failed: {type(exc).__name__}: {exc}. Restart every worker of "
+              "the run; they resume from the chief's latest checkpoint.", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"worker done: epoch {done['epoch']}, optimizer step {done['step']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "verify":
@@ -91,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import describe_validation_error
     from tasks.errors import BadInputError
 
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")}
     try:
-        config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+        config = TrainConfig(**options)
     except ValidationError as exc:
         print(f"ckptflow: error: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "worker":
+        return run_worker(config, args.wait_for_chief)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect stops its temporary server at exit and logs it; an error registered before that
     # handler is printed after it (atexit runs last-in, first-out), so it stays the last line.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -10,6 +10,7 @@ DATA_SOURCES = ("auto", "keras", "bundled")
 # Kept equal to tasks.formats.FORMATS (checked by a test); here so --help imports no NumPy.
 FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
+Strategy = Literal["default", "mirrored", "multi-worker"]
 
 # Settings that define the model and its training trajectory. On resume they come from the
 # checkpoint; a different value is refused rather than silently mixed into the run.
@@ -53,6 +54,10 @@ class TrainConfig(BaseModel):
     deterministic: Annotated[bool, Field(
         description="Make TensorFlow ops deterministic, so a resumed run ends bit-identical to "
         "an uninterrupted one (costs some speed; see README).")] = True
+    strategy: Annotated[Strategy, Field(
+        description="How training is spread: default (one device), mirrored (every local GPU, "
+        "or logical CPU devices), multi-worker (processes joined by TF_CONFIG; start the other "
+        "workers with `ckptflow worker`). The global batch is --batch-size in every case.")] = "default"
     wait_for_lock: Annotated[float, Field(
         ge=0, description="Seconds to wait while another run holds the run directory "
         "(0: fail at once).")] = 0.0
