@@ -71,12 +71,13 @@ def strategy_for(name: str):
     """
     if name in _strategies:
         return _strategies[name]
+    if name == "multi-worker":
+        _check_tf_config()
     import tensorflow as tf
 
     if name == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     elif name == "multi-worker":
-        _check_tf_config()
         try:
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
         except RuntimeError as exc:

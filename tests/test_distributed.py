@@ -26,8 +26,6 @@ from tasks.manifest import read_manifest
 from tasks.resume import restore_model
 from tasks.train import train_with_checkpoints
 
-pytestmark = pytest.mark.distributed
-
 DRIVER = str(REPO / "tests" / "distributed_driver.py")
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
 # Largest |weight difference| allowed after 16-24 Adam steps; measured 2.2e-7 for both tests.
@@ -50,6 +48,7 @@ def records(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.distributed
 def test_mirrored_on_two_logical_cpus_resumes_mid_epoch_and_matches_one_device(tmp_path):
     run_dir = tmp_path / "mirrored"
     steps = [{"epochs": 1}, {"drop": "cp-0001"}, {"epochs": 2}]  # killed before cp-0001
@@ -101,6 +100,7 @@ def start_job(run_dir: Path, epochs: int) -> tuple[subprocess.Popen, subprocess.
     return chief, worker
 
 
+@pytest.mark.distributed
 def test_two_workers_killed_and_restarted_resume_and_match_one_device(tmp_path):
     run_dir = tmp_path / "multi"
     store = CheckpointStore(run_dir / "checkpoints")
@@ -137,3 +137,18 @@ def test_two_workers_killed_and_restarted_resume_and_match_one_device(tmp_path):
 
     reference = one_device_weights(tmp_path / "one_device", epochs=3)
     assert max_weight_difference(run_dir, record["checkpoint"], reference) < WEIGHT_TOLERANCE
+
+
+
+@pytest.mark.parametrize("tf_config", [None, '{"cluster": {}}', '{"cluster": {"worker": ["h:1"]}}'])
+def test_multi_worker_without_a_valid_tf_config_is_one_line_naming_the_fix(monkeypatch, tf_config):
+    from tasks.distributed import strategy_for
+    from tasks.errors import BadInputError
+
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(BadInputError, match="TF_CONFIG") as info:
+        strategy_for("multi-worker")  # refused before TensorFlow is touched
+    assert "\n" not in str(info.value) and '"index": 0' in str(info.value)
