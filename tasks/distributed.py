@@ -155,9 +155,11 @@ def train_with_strategy(run_dir: str | Path, config: TrainConfig, data: DataReco
             batches_trained=state["step"] - start["step"],
             best_val_accuracy=state["best"]["val_accuracy"], history_path=HISTORY.as_posix())
         _record_in_manifest(run_dir, store, record, config)
-        update_manifest(run_dir, distribution={
-            "strategy": config.strategy, "replicas": strategy.num_replicas_in_sync,
-            "cluster": describe_worker(strategy), "global_batch_size": config.batch_size})
+        training = read_manifest(run_dir)["training"]  # this attempt: how it was spread
+        training["attempts"][-1].update(strategy=config.strategy,
+                                        replicas=strategy.num_replicas_in_sync,
+                                        cluster=describe_worker(strategy))
+        update_manifest(run_dir, training=training)
         return record
 
 

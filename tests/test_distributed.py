@@ -63,7 +63,7 @@ def test_mirrored_on_two_logical_cpus_resumes_mid_epoch_and_matches_one_device(t
     assert (resumed["epoch"], resumed["step"]) == (2, 16)
     assert int(restore_model(run_dir, resumed["checkpoint"]).optimizer.iterations) == 16
     manifest = read_manifest(run_dir)
-    assert manifest["distribution"]["replicas"] == 2
+    assert manifest["training"]["attempts"][-1]["replicas"] == 2
     assert manifest["parameters"]["strategy"] == "mirrored"
 
     reference = one_device_weights(tmp_path / "one_device", epochs=2)
@@ -133,7 +133,8 @@ def test_two_workers_killed_and_restarted_resume_and_match_one_device(tmp_path):
     assert (record["epoch"], record["step"]) == (3, 24)
     assert "worker done: epoch 3, optimizer step 24" in worker_out
     assert not list(run_dir.glob("checkpoints/.tmp-*"))  # the worker wrote nothing here
-    assert read_manifest(run_dir)["distribution"]["cluster"] == "worker 0 of 2 workers"
+    last = read_manifest(run_dir)["training"]["attempts"][-1]
+    assert (last["strategy"], last["cluster"]) == ("multi-worker", "worker 0 of 2 workers")
 
     reference = one_device_weights(tmp_path / "one_device", epochs=3)
     assert max_weight_difference(run_dir, record["checkpoint"], reference) < WEIGHT_TOLERANCE
