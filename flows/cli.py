@@ -12,18 +12,24 @@ import sys
 import types
 import typing
 
-from tasks.config import TrainConfig
+from tasks.config import NOT_SHARED, SweepConfig, TrainConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
 def _option_type(annotation):
-    """The parser behind an annotation such as `int`, `float`, `int | None` or `list[str]`."""
+    """The parser behind an annotation such as `int`, `float`, `int | None` or `list[int]`."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(annotation) is list:
-        return lambda text: [item.strip() for item in text.split(",") if item.strip()]
+        item_type = typing.get_args(annotation)[0]
+
+        def parse_list(text: str) -> list:
+            return [item_type(item.strip()) for item in text.split(",") if item.strip()]
+
+        parse_list.__name__ = f"comma-separated {item_type.__name__}"  # argparse's error names it
+        return parse_list
     return annotation
 
 
@@ -42,14 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate and export-each-format as one Prefect flow. A run directory that already "
         "has checkpoints is resumed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, field in TrainConfig.model_fields.items():
-        flag = f"--{name.replace('_', '-')}"
-        if field.annotation is bool:
-            run.add_argument(flag, dest=name, default=field.default, help=field.description,
-                             action=argparse.BooleanOptionalAction)
-        else:
-            run.add_argument(flag, dest=name, default=field.default, help=field.description,
-                             type=_option_type(field.annotation), metavar=name.upper())
+    _add_config_options(run)
     verify = sub.add_parser(
         "verify", help="check a run directory: hashes, safe paths, every export loaded and run",
         description="For each manifest entry: refuse paths that leave the run directory, check "
@@ -58,7 +57,50 @@ def build_parser() -> argparse.ArgumentParser:
         "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect server.")
     verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check")
     verify.add_argument("--json", action="store_true", help="print the rows as JSON")
+    worker = sub.add_parser(
+        "worker", help="join a multi-worker run as a non-chief worker (TF_CONFIG index 1, 2, ...)",
+        description="Train along with the chief (`ckptflow run --strategy multi-worker`, TF_CONFIG "
+        "index 0) of a MultiWorkerMirroredStrategy run. Give it the chief's options; it waits for "
+        "the chief's data snapshot in the shared run directory, restores the chief's latest "
+        "checkpoint and writes nothing into the run directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(worker)
+    worker.add_argument("--wait-for-chief", type=float, default=600.0, metavar="SECONDS",
+                        help="seconds to wait for the chief's data snapshot and model")
+    sweep = sub.add_parser(
+        "sweep", help="train a grid of units × dropout × learning rate in parallel on Dask",
+        description="Train and evaluate every grid point, each in its own run directory under "
+        "--sweep-dir, as tasks on a Dask cluster (a local one by default), and rank them. Run "
+        "again to skip finished points and resume unfinished ones. Other options are shared by "
+        "every point.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_config_options(sweep, SweepConfig.model_fields, skip=("settings",))
+    _add_config_options(sweep, TrainConfig.model_fields, skip=(*NOT_SHARED, "formats"),
+                        shared=True)  # a sweep exports nothing
     return parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser, fields=None, skip: tuple = (),
+                        shared: bool = False) -> None:
+    """One option per typed parameter, so the CLI cannot drift from the pydantic models.
+
+    `shared` options (a sweep's settings for every point) keep no default of their own: only
+    the options given reach `settings`, the rest come from TrainConfig.
+    """
+    for name, field in (fields or TrainConfig.model_fields).items():
+        if name in skip:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        common = {"dest": f"shared.{name}" if shared else name,
+                  "help": f"{field.description} (default: {field.default})" if shared
+                  else field.description,
+                  "default": argparse.SUPPRESS if shared else field.default}
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(field.annotation), **common)
+        else:
+            parser.add_argument(flag, type=_option_type(field.annotation), metavar=name.upper(),
+                                **common)
 
 
 def run_verify(run_dir: str, as_json: bool) -> int:
@@ -82,6 +124,24 @@ def run_verify(run_dir: str, as_json: bool) -> int:
     return 0
 
 
+def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
+    """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
+    from tasks.distributed import run_worker as train_along
+    from tasks.errors import BadInputError
+
+    try:
+        done = train_along(config, wait_for_chief)
+    except BadInputError as exc:
+        print(f"ckptflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        print(f"ckptflow: worker failed: {type(exc).__name__}: {exc}. Restart every worker of "
+              "the run; they resume from the chief's latest checkpoint.", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"worker done: epoch {done['epoch']}, optimizer step {done['step']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "verify":
@@ -91,19 +151,32 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import describe_validation_error
     from tasks.errors import BadInputError
 
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")}
     try:
-        config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+        if args.command == "sweep":
+            shared = {k.removeprefix("shared."): options.pop(k) for k in list(options)
+                      if k.startswith("shared.")}
+            config = SweepConfig(**options, settings=shared)
+        else:
+            config = TrainConfig(**options)
     except ValidationError as exc:
         print(f"ckptflow: error: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "worker":
+        return run_worker(config, args.wait_for_chief)
     # Prefect stops its temporary server at exit and logs it; an error registered before that
     # handler is printed after it (atexit runs last-in, first-out), so it stays the last line.
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
     try:
-        from flows.train_pipeline import train_pipeline
+        if args.command == "sweep":
+            from flows.sweep import sweep_flow
 
-        summary = train_pipeline(config)
+            rows = sweep_flow(config)
+        else:
+            from flows.train_pipeline import train_pipeline
+
+            summary = train_pipeline(config)
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT
@@ -111,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         last_words.append(f"ckptflow: run failed: {type(exc).__name__}: {exc}. Run the same "
                           "command again to resume from the latest checkpoint.")
         return EXIT_FAILED
+    if args.command == "sweep":
+        from tasks.sweep import SUMMARY
+
+        print(f"{len(rows)} points: " + ", ".join(f"{r['point']} {r['status']}" for r in rows))
+        print(f"ranked summary: {os.path.join(config.sweep_dir, SUMMARY)}")
+        return 0
     print(format_summary(summary))
     return 0
 

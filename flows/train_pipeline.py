@@ -17,6 +17,7 @@ from prefect import flow
 
 from tasks.config import TrainConfig
 from tasks.data import fetch_data_task
+from tasks.distributed import join_cluster_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.lock import run_dir_lock
@@ -37,6 +38,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     the run directory.
     """
     with run_dir_lock(config.run_dir, config.wait_for_lock):
+        join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
         data = fetch_data_task(config)
         build_model_task(config)
         resume_from_latest_task(config, data.data_sha256)

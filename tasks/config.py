@@ -1,15 +1,18 @@
-"""The one typed parameter set of a training run, shared by the CLI, the flow and the Prefect UI form."""
+"""The typed parameters of a training run and of a sweep, shared by the CLI, the flows and the Prefect UI."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import itertools
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATA_SOURCES = ("auto", "keras", "bundled")
 # Kept equal to tasks.formats.FORMATS (checked by a test); here so --help imports no NumPy.
 FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
+Strategy = Literal["default", "mirrored", "multi-worker"]
 
 # Settings that define the model and its training trajectory. On resume they come from the
 # checkpoint; a different value is refused rather than silently mixed into the run.
@@ -53,6 +56,10 @@ class TrainConfig(BaseModel):
     deterministic: Annotated[bool, Field(
         description="Make TensorFlow ops deterministic, so a resumed run ends bit-identical to "
         "an uninterrupted one (costs some speed; see README).")] = True
+    strategy: Annotated[Strategy, Field(
+        description="How training is spread: default (one device), mirrored (every local GPU, "
+        "or logical CPU devices), multi-worker (processes joined by TF_CONFIG; start the other "
+        "workers with `ckptflow worker`). The global batch is --batch-size in every case.")] = "default"
     wait_for_lock: Annotated[float, Field(
         ge=0, description="Seconds to wait while another run holds the run directory "
         "(0: fail at once).")] = 0.0
@@ -100,5 +107,70 @@ def describe_validation_error(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown parameter"
-        parts.append(f"{name}: {msg} (received {err.get('input')!r})")
+        # A whole-model check (no field) already names the value in its message.
+        parts.append(f"{name}: {msg} (received {err.get('input')!r})" if err["loc"] else msg)
     return "invalid parameters: " + "; ".join(parts)
+
+
+# Set per point by the grid; the sweep's shared settings may not name them.
+GRID_FIELDS = ("units", "dropout", "learning_rate")
+NOT_SHARED = (*GRID_FIELDS, "run_dir", "strategy")
+
+
+class SweepConfig(BaseModel):
+    """A grid sweep: every combination of `units`, `dropout` and `learning_rate`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sweep_dir: Annotated[str, Field(
+        min_length=1, description="Directory holding one run directory per grid point. The "
+        "same directory again skips finished points and resumes the others.")] = "sweeps/default"
+    units: Annotated[list[int], Field(min_length=1, description="Hidden units to try.")] = [64, 128]
+    dropout: Annotated[list[float], Field(min_length=1, description="Dropout rates to try.")] = [0.0, 0.2]
+    learning_rate: Annotated[list[float], Field(
+        min_length=1, description="Adam learning rates to try.")] = [1e-3]
+    settings: Annotated[dict[str, Any], Field(
+        description="Settings shared by every point (any run parameter but run_dir, units, "
+        "dropout, learning_rate and strategy), e.g. {\"epochs\": 5, \"data\": \"bundled\"}.")] = {}
+    dask_address: Annotated[str | None, Field(
+        description="Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786); empty: "
+        "a local Dask cluster of `workers` processes.")] = None
+    workers: Annotated[int, Field(gt=0, le=256, description="Processes of the local Dask cluster "
+                                  "(ignored with dask_address).")] = 2
+
+    @field_validator("units", "dropout", "learning_rate")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"values repeat. Received: {values}. Expected each value once")
+        return values
+
+    @field_validator("settings")
+    @classmethod
+    def _shared_only(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        named = [k for k in settings if k in NOT_SHARED]
+        if named:
+            raise ValueError(f"{named} are set per point by the sweep, not shared. Use the "
+                             "sweep's own units/dropout/learning_rate lists instead")
+        return settings
+
+    @model_validator(mode="after")
+    def _points_valid(self) -> SweepConfig:
+        try:  # every point's parameters, checked before any point starts
+            grid_points(self)
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc).removeprefix("invalid parameters: ")) \
+                from None
+        return self
+
+
+def point_name(units: int, dropout: float, learning_rate: float) -> str:
+    """`units64-dropout0.2-lr0.001`: the point's run directory name."""
+    return f"units{units}-dropout{dropout:g}-lr{learning_rate:g}"
+
+
+def grid_points(sweep: SweepConfig) -> list[TrainConfig]:
+    """One validated TrainConfig per grid point (pydantic's error names a bad value)."""
+    return [TrainConfig(**sweep.settings, units=u, dropout=d, learning_rate=lr,
+                        run_dir=str(Path(sweep.sweep_dir) / point_name(u, d, lr)))
+            for u, d, lr in itertools.product(sweep.units, sweep.dropout, sweep.learning_rate)]

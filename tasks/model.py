@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import re
 from pathlib import Path
 
@@ -85,11 +86,18 @@ def build_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1
             training passes its `deterministic` setting.
     """
     seed_everything(seed, deterministic)
+    # The seeds Keras would draw for unseeded initializers right after set_random_seed(seed), but
+    # from a private generator: another thread drawing from the process-wide `random` (Dask's,
+    # Prefect's) in between would otherwise change the initial weights.
+    draws = random.Random(seed)
+    hidden_seed, logits_seed = draws.randint(1, int(1e9)), draws.randint(1, int(1e9))
     inputs = keras.Input((784,), name="pixels")
     x = Standardize(MNIST_MEAN, MNIST_STD, name="standardize")(inputs)
-    x = keras.layers.Dense(units, activation="relu", name="hidden")(x)
+    x = keras.layers.Dense(units, activation="relu", name="hidden",
+                           kernel_initializer=keras.initializers.GlorotUniform(hidden_seed))(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(10, name="logits")(x)
+    outputs = keras.layers.Dense(10, name="logits",
+                                 kernel_initializer=keras.initializers.GlorotUniform(logits_seed))(x)
     model = keras.Model(inputs, outputs, name="mnist_mlp")
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),

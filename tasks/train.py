@@ -79,6 +79,10 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
         on_epoch_end: called with the epoch's history row and the state, after its checkpoint.
         on_batch_end: called with the state after every batch (progress, fault drills).
     """
+    if config.strategy != "default":  # tf.distribute only when asked for
+        from tasks.distributed import train_with_strategy
+
+        return train_with_strategy(run_dir, config, data, on_epoch_end, on_batch_end)
     with run_dir_lock(run_dir, config.wait_for_lock):
         return _train(Path(run_dir), config, data, on_epoch_end, on_batch_end)
 

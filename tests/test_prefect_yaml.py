@@ -7,7 +7,10 @@ import importlib.util
 import yaml
 from conftest import REPO
 
-from tasks.config import TrainConfig
+from tasks.config import SweepConfig, TrainConfig
+
+# flow name -> its one parameter and that parameter's typed model
+PARAMETERS = {"train-pipeline": ("config", TrainConfig), "sweep": ("sweep", SweepConfig)}
 
 
 def test_every_deployment_points_at_a_flow_and_valid_parameters():
@@ -19,9 +22,10 @@ def test_every_deployment_points_at_a_flow_and_valid_parameters():
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         flow = getattr(module, name)
-        assert flow.name == "train-pipeline"
-        config = TrainConfig(**deployment["parameters"]["config"])
-        assert config.epochs > 0
+        parameter, model = PARAMETERS[flow.name]
+        assert list(deployment["parameters"]) == [parameter]
+        assert list(flow.parameters.properties) == [parameter]
+        model(**deployment["parameters"][parameter])
         assert deployment["enforce_parameter_schema"] is True
         assert deployment["work_pool"]["name"] == "ckptflow-process"
     assert any("set_working_directory" in str(step) for step in spec["pull"])
@@ -29,3 +33,4 @@ def test_every_deployment_points_at_a_flow_and_valid_parameters():
     from prefect.client.schemas.schedules import CronSchedule
 
     assert CronSchedule(cron=nightly["schedules"][0]["cron"], timezone="UTC").cron == "0 2 * * *"
+    assert {d["name"] for d in spec["deployments"]} == {"train", "nightly", "sweep"}

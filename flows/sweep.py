@@ -1,0 +1,43 @@
+"""sweep: a grid over units, dropout and learning rate, each point a resumable run, in parallel on Dask.
+
+Run it with `ckptflow sweep`, directly (`python flows/sweep.py`), or from the `sweep` deployment
+in prefect.yaml. Running it again on the same sweep directory skips finished points and resumes
+unfinished ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.config import SweepConfig, TrainConfig, grid_points
+from tasks.sweep import dask_task_runner, failed_row, sweep_point_task, sweep_summary_task
+
+
+@flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}")
+def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
+    """Every point as a task on the Dask cluster; a failed point becomes a `failed` row."""
+    futures = sweep_point_task.map(points)
+    rows = []
+    for config, future in zip(points, futures, strict=True):
+        future.wait()
+        state = future.state
+        rows.append(future.result() if state.is_completed() else failed_row(config, state.message))
+    return rows
+
+
+@flow(name="sweep", flow_run_name="sweep {sweep.sweep_dir}", retries=1, retry_delay_seconds=2,
+      validate_parameters=True)
+def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 (frozen)
+    """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
+    points = grid_points(sweep)
+    rows = train_points.with_options(task_runner=dask_task_runner(sweep))(sweep, points)
+    sweep_summary_task(sweep, rows)
+    failed = [r["point"] for r in rows if r["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} points failed ({', '.join(failed)}); "
+                           "run the sweep again to resume them")
+    return rows
+
+
+if __name__ == "__main__":
+    sweep_flow()

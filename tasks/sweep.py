@@ -1,0 +1,137 @@
+"""A grid sweep over units, dropout and learning rate: one resumable run directory per point.
+
+Each point is the pipeline's own stages (fetch-data, build-model, train-with-checkpoints,
+evaluate) on `SWEEP_DIR/units{U}-dropout{D}-lr{LR}`, so a sweep run again skips finished points
+and resumes the others from their latest checkpoints. Exports are left to `ckptflow run
+--run-dir` on the point you keep: it finds the training complete and exports and verifies it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks.config import GRID_FIELDS, SweepConfig, TrainConfig
+from tasks.files import atomic_write_bytes
+from tasks.lock import run_dir_lock
+from tasks.manifest import read_manifest
+from tasks.policy import retry_options
+
+log = logging.getLogger("ckptflow.sweep")
+
+SUMMARY = "summary.md"
+
+
+def is_finished(config: TrainConfig) -> bool:
+    """True when the point's run directory is evaluated at `epochs` with these very settings."""
+    manifest = read_manifest(Path(config.run_dir))
+    done = manifest.get("parameters", {})
+    same = all(done.get(k) == v for k, v in config.model_dump().items()
+               if k in (*GRID_FIELDS, "batch_size", "seed", "data", "train_samples",
+                        "test_samples", "epochs"))
+    evaluation = manifest.get("evaluation") or {}
+    return same and evaluation.get("epoch", 0) >= config.epochs
+
+
+def run_point(config: TrainConfig) -> dict[str, Any]:
+    """Train and evaluate one grid point, or skip it if finished; return its summary row."""
+    if is_finished(config):
+        log.info("%s: finished earlier, skipped", config.run_dir)
+        return point_row(config, "skipped")
+    from tasks.data import fetch_data
+    from tasks.evaluate import evaluate
+    from tasks.model import build_model_stage
+    from tasks.train import train_with_checkpoints
+
+    with run_dir_lock(config.run_dir, config.wait_for_lock):
+        data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
+                          config.seed)
+        build_model_stage(config.run_dir, config.identity())
+        trained = train_with_checkpoints(config.run_dir, config, data)
+        evaluate(config.run_dir, data, trained.checkpoint_ref())
+    return point_row(config, "resumed" if trained.resumed_from else "trained")
+
+
+def point_row(config: TrainConfig, status: str) -> dict[str, Any]:
+    """The summary row of a point, read from its manifest."""
+    manifest = read_manifest(Path(config.run_dir))
+    training, evaluation = manifest.get("training") or {}, manifest.get("evaluation") or {}
+    return {
+        "point": Path(config.run_dir).name, "units": config.units, "dropout": config.dropout,
+        "learning_rate": config.learning_rate, "status": status,
+        "epochs": training.get("epoch"), "best_val_accuracy": training.get("best_val_accuracy"),
+        "test_accuracy": evaluation.get("test_accuracy"),
+        "attempts": len(training.get("attempts", [])), "run_dir": config.run_dir,
+    }
+
+
+def failed_row(config: TrainConfig, error: str) -> dict[str, Any]:
+    return {**point_row(config, "failed"), "error": error}
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best test accuracy first; points without one (failed) last."""
+    return sorted(rows, key=lambda r: (r["test_accuracy"] is None, -(r["test_accuracy"] or 0.0)))
+
+
+def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
+    """The ranked table, as the sweep's markdown artifact and SWEEP_DIR/summary.md."""
+    def pct(value):
+        return "–" if value is None else f"{value:.2%}"
+
+    lines = [f"# Sweep {sweep.sweep_dir}", "",
+             f"{len(rows)} points, ranked by test accuracy. Status: trained (from zero), resumed "
+             "(from a checkpoint), skipped (finished by an earlier run), failed.", "",
+             "| rank | point | units | dropout | learning rate | test accuracy | best val accuracy "
+             "| epochs | status | attempts |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | `{r['point']}` | {r['units']} | {r['dropout']:g} | "
+                     f"{r['learning_rate']:g} | {pct(r['test_accuracy'])} | "
+                     f"{pct(r['best_val_accuracy'])} | {r['epochs'] or 0} | {r['status']} | "
+                     f"{r['attempts']} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="sweep-point", task_run_name="point {config.run_dir}", **retry_options())
+def sweep_point_task(config: TrainConfig) -> dict[str, Any]:
+    """One grid point; a retry (or the next sweep run) resumes it from its latest checkpoint."""
+    return run_point(config)
+
+
+@task(name="sweep-summary")
+def sweep_summary_task(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
+    """Rank the points into SWEEP_DIR/summary.md and a keyed markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.reporting import artifact_key
+
+    markdown = summary_markdown(sweep, rank(rows))
+    atomic_write_bytes(Path(sweep.sweep_dir) / SUMMARY, markdown.encode())
+    create_markdown_artifact(markdown=markdown, key=artifact_key(sweep.sweep_dir, "sweep"),
+                             description=f"ckptflow sweep {sweep.sweep_dir}, ranked")
+    return markdown
+
+
+def dask_task_runner(sweep: SweepConfig):
+    """prefect-dask's runner: the given Dask scheduler, or a local cluster of worker processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if sweep.dask_address:  # its workers need PREFECT_API_URL of a server they can reach
+        return DaskTaskRunner(address=sweep.dask_address)
+    # One thread per process: each point trains with TensorFlow's process-wide settings. The
+    # worker processes report to this process's API, which without PREFECT_API_URL is the
+    # temporary server it started (left alone, each worker would start its own and time out).
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": sweep.workers, "threads_per_worker": 1, "processes": True,
+        "env": {"PREFECT_API_URL": current_api_url()}})
+
+
+def current_api_url() -> str:
+    """The Prefect API this flow run reports to."""
+    from prefect.context import get_run_context
+
+    return str(get_run_context().client.api_url).rstrip("/")

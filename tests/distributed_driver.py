@@ -1,0 +1,45 @@
+"""Training steps in a fresh process for tests/test_distributed.py.
+
+TensorFlow's devices and collective ops can only be configured before its first op, which the
+pytest process has long run. Usage: `python distributed_driver.py RUN_DIR CONFIG_JSON STEPS_JSON
+[LOGICAL_CPUS]`, where each step is {"epochs": N} (train to N, print the record as JSON) or
+{"drop": "cp-0001"} (remove a checkpoint, as if the process had been killed before writing it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+
+def main(run_dir: str, config_json: str, steps_json: str, logical_cpus: int = 0) -> None:
+    import tensorflow as tf
+
+    if logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
+    from conftest import small_config
+    from test_train import prepare
+
+    from tasks.distributed import strategy_for
+    from tasks.train import train_with_checkpoints
+
+    overrides = json.loads(config_json)
+    strategy_for(overrides["strategy"])  # before the first TensorFlow op
+    for step in json.loads(steps_json):
+        if "drop" in step:
+            shutil.rmtree(Path(run_dir) / "checkpoints" / step["drop"])
+            continue
+        config = small_config(run_dir, **{**overrides, "epochs": step["epochs"]})
+        record = train_with_checkpoints(run_dir, config, prepare(config))
+        print(json.dumps(record.model_dump()), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))
