@@ -7,6 +7,9 @@ unfinished ones from their checkpoints.
 
 from __future__ import annotations
 
+# isort: off
+import flows.prefect_defaults  # noqa: F401 (before Prefect loads: it reads them at import)
+# isort: on
 from prefect import flow
 
 from tasks.config import SweepConfig, TrainConfig, grid_points

@@ -6,13 +6,9 @@ in prefect.yaml. Running it again on the same run directory resumes the run.
 
 from __future__ import annotations
 
-import os
-
-# Read by Prefect at import. An ad-hoc run starts Prefect's temporary server, which on a busy
-# 2-core machine can take longer than Prefect's 20 s default; nothing is sent to Prefect's analytics.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
+# isort: off
+import flows.prefect_defaults  # noqa: F401 (before Prefect loads: it reads them at import)
+# isort: on
 from prefect import flow
 
 from tasks.config import TrainConfig
