@@ -9,10 +9,8 @@ import argparse
 import atexit
 import os
 import sys
-import threading
 import types
 import typing
-from collections.abc import Callable
 
 from tasks.config import TrainConfig
 
@@ -104,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
     try:
-        wait_for_helpers = start_helpers()
-        from flows.train_pipeline import train_pipeline  # imports TensorFlow: seconds
+        from flows.train_pipeline import train_pipeline
 
-        wait_for_helpers()
         summary = train_pipeline(config)
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
@@ -118,43 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     print(format_summary(summary))
     return 0
-
-
-def start_helpers() -> Callable[[], None]:
-    """Start the helper processes a run waits for, so that they start while TensorFlow imports.
-
-    Without PREFECT_API_URL the flow's first API call starts Prefect's temporary server and waits
-    for it (seconds); the verify stage forks export loaders from a server that imports TensorFlow
-    (seconds). Started here, both overlap this process's own imports; the flow then finds them
-    running (Prefect keeps one temporary server per process, multiprocessing one forkserver).
-    Returns a function that waits until the Prefect server answers.
-    """
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_EPHEMERAL_ENABLED,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-    )
-
-    from tasks.verify import start_loader_server
-
-    start_loader_server()
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return lambda: None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    def start_server() -> None:
-        # It shares the CPU with two TensorFlow imports, hence the longer wait. A failure is
-        # not reported here: the server is stopped (Prefect leaves it running after a timeout)
-        # and the flow's first API call starts a new one, reporting its error as a run failure.
-        server = SubprocessASGIServer()
-        try:
-            server.start(timeout=3 * PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-        except Exception:
-            server.stop()
-
-    thread = threading.Thread(target=start_server, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread.join
 
 
 def format_summary(summary: dict) -> str:

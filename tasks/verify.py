@@ -28,7 +28,6 @@ from tasks.policy import cache_while_present
 log = logging.getLogger("ckptflow.verify")
 
 REQUIRED_FIELDS = ("kind", "format", "path", "sha256", "bytes")
-LOADER_PRELOAD = ["tensorflow", "tasks.formats", "tasks.model"]
 
 
 class VerifyRow(BaseModel):
@@ -135,7 +134,10 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
     reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
     y = load_snapshot(run_dir / SNAPSHOT)["y_test"]
     identity = manifest["model"]["identity"]
-    context = start_loader_server()
+    context = multiprocessing.get_context("forkserver")
+    # Each export loads in a process forked from a server that has imported TensorFlow but run
+    # nothing, so no state of this process (or of another format) leaks into a load.
+    context.set_forkserver_preload(["tensorflow", "tasks.formats", "tasks.model"])
     for row, entry, path in exports:
         fmt = FORMATS.get(entry["format"])
         if fmt is None:
@@ -172,21 +174,6 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
         elif row.accuracy != entry.get("test_accuracy"):
             row.ok, row.problem = False, (f"accuracy {row.accuracy} differs from the recorded "
                                           f"{entry.get('test_accuracy')}")
-
-
-def start_loader_server() -> multiprocessing.context.ForkServerContext:
-    """Start (once per process) the server that every export loader is forked from.
-
-    It imports TensorFlow and runs nothing, so no state of this process (or of another format)
-    leaks into a load. Its TensorFlow import takes seconds; `ckptflow run` starts it first thing,
-    so that the import overlaps the run's own work instead of delaying the verify stage.
-    """
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(LOADER_PRELOAD)
-    forkserver.ensure_running()
-    return context
 
 
 def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict) -> None:
