@@ -43,8 +43,8 @@ class TrainConfig(BaseModel):
     checkpoint_budget: Annotated[float, Field(
         ge=0.0, le=1.0,
         description="Most share of training time that mid-epoch checkpoints may take: after a "
-        "save that took t seconds, the next mid-epoch save waits until training has run t / "
-        "budget seconds (0: no limit, save exactly every N batches).")] = 0.02
+        "save that took t seconds, the next mid-epoch save waits t / budget seconds (0: no "
+        "limit, save exactly every N batches).")] = 0.02
     keep_checkpoints: Annotated[int, Field(
         ge=1, description="Newest checkpoints to keep; older ones are removed after a newer "
         "one is committed.")] = 5
