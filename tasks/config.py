@@ -41,7 +41,13 @@ class TrainConfig(BaseModel):
     batch_size: Annotated[int, Field(gt=0, le=65_536, description="Batch size.")] = 32
     save_every_batches: Annotated[int, Field(
         ge=0,
-        description="Also checkpoint every N batches inside an epoch (0: only at epoch ends).")] = 16
+        description="Also checkpoint every N batches inside an epoch, as the checkpoint budget "
+        "allows (0: only at epoch ends).")] = 16
+    checkpoint_budget: Annotated[float, Field(
+        ge=0.0, le=1.0,
+        description="Most share of training time that mid-epoch checkpoints may take: after a "
+        "save that took t seconds, the next mid-epoch save waits t / budget seconds (0: no "
+        "limit, save exactly every N batches).")] = 0.02
     keep_checkpoints: Annotated[int, Field(
         ge=1, description="Newest checkpoints to keep; older ones are removed after a newer "
         "one is committed.")] = 5

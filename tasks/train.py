@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,40 @@ class TrainRecord(BaseModel):
                              epoch=self.epoch, batch=self.batch, step=self.step)
 
 
+class SavePolicy:
+    """When to commit a mid-epoch checkpoint: every `every_batches` batches, within a time budget.
+
+    A save that took t seconds defers the next mid-epoch save until t / `budget` seconds have
+    passed, so checkpoints take at most about `budget` of the training time however slow the disk
+    or large the model (CheckFreq's idea). At 60,000 images a checkpoint every 16 batches would
+    otherwise be 117 saves an epoch. A budget of 0 saves exactly every `every_batches` batches.
+    Epoch ends are always saved, and count against the budget too.
+
+    Example:
+        policy = SavePolicy(every_batches=16, budget=0.02)
+        if policy.due(batch, steps):
+            policy.saved(seconds_the_save_took)
+    """
+
+    def __init__(self, every_batches: int, budget: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_batches = every_batches
+        self.budget = budget
+        self.clock = clock
+        self._not_before = -math.inf
+
+    def due(self, batch: int, steps: int) -> bool:
+        """Whether to save after `batch` batches of an epoch of `steps` batches."""
+        if not self.every_batches or batch % self.every_batches or batch >= steps:
+            return False
+        return self.clock() >= self._not_before
+
+    def saved(self, seconds: float) -> None:
+        """Record a committed save that took `seconds`."""
+        if self.budget:
+            self._not_before = self.clock() + seconds / self.budget
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The batch order of one epoch: a permutation derived from (seed, epoch) alone.
 
@@ -71,7 +106,8 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
                            on_batch_end: BatchCallback | None = None) -> TrainRecord:
     """Train until `config.epochs` epochs are done, continuing from the latest valid checkpoint.
 
-    Checkpoints are committed every `config.save_every_batches` batches and at every epoch end.
+    Checkpoints are committed at every epoch end and every `config.save_every_batches` batches,
+    as `config.checkpoint_budget` allows (see SavePolicy).
     With the same seed, a run stopped and resumed any number of times ends with the same weights
     as a run that was never stopped. Holds the run directory's lock while it trains.
 
@@ -118,6 +154,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
     x, y = arrays["x_train"], arrays["y_train"]
     steps = math.ceil(len(y) / config.batch_size)
     summaries = _tensorboard_writer(run_dir) if state["epoch"] < config.epochs else None
+    policy = SavePolicy(config.save_every_batches, config.checkpoint_budget)
     while state["epoch"] < config.epochs:
         order = epoch_order(config.seed, state["epoch"], len(y))
         for batch in range(state["batch"], steps):
@@ -130,14 +167,13 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
                 "seen": partial["seen"] + len(idx),
             }
             state["batch"], state["step"] = batch + 1, int(model.optimizer.iterations)
-            if (config.save_every_batches and state["batch"] % config.save_every_batches == 0
-                    and state["batch"] < steps):
-                latest = store.save(model, state, epoch_end=False)
+            if policy.due(state["batch"], steps):
+                latest = _save(store, model, state, policy, epoch_end=False)
             if on_batch_end is not None:
                 on_batch_end(state)
             _maybe_inject_io_error(run_dir, config, state["step"])
         row = _finish_epoch(model, state, arrays, config.batch_size)
-        latest = store.save(model, state, epoch_end=True)
+        latest = _save(store, model, state, policy, epoch_end=True)
         _write_history(run_dir, state["history"])
         _write_tensorboard(summaries, row)
         log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
@@ -159,6 +195,14 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         best_val_accuracy=state["best"]["val_accuracy"], history_path=HISTORY.as_posix())
     _record_in_manifest(run_dir, store, record, config)
     return record
+
+
+def _save(store: CheckpointStore, model, state: dict[str, Any], policy: SavePolicy,
+          epoch_end: bool) -> Checkpoint:
+    started = policy.clock()
+    checkpoint = store.save(model, state, epoch_end=epoch_end)
+    policy.saved(policy.clock() - started)
+    return checkpoint
 
 
 def _fresh_state(config: TrainConfig, data: DataRecord) -> dict[str, Any]:

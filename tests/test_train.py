@@ -13,7 +13,7 @@ from tasks.data import fetch_data
 from tasks.errors import BadInputError, InjectedFailure
 from tasks.model import build_model_stage
 from tasks.resume import find_resume_point, restore_model
-from tasks.train import HISTORY, train_with_checkpoints
+from tasks.train import HISTORY, SavePolicy, train_with_checkpoints
 
 
 def prepare(config):
@@ -40,6 +40,30 @@ def test_fresh_training_counts_epochs_batches_and_optimizer_steps(tmp_path):
     names = [c.name for c in CheckpointStore(tmp_path / "checkpoints").all()]
     assert names == ["cp-0000-b000006", "cp-0001", "cp-0001-b000003", "cp-0001-b000006",
                      "cp-0002"]
+
+
+def test_the_save_policy_keeps_mid_epoch_saves_within_the_time_budget():
+    now = [0.0]
+    policy = SavePolicy(every_batches=4, budget=0.02, clock=lambda: now[0])
+    assert [b for b in range(1, 13) if policy.due(b, steps=12)] == [4, 8]  # never the epoch end
+    policy.saved(0.5)  # a 0.5 s save: the next one waits 0.5 / 0.02 = 25 s
+    now[0] = 24.9
+    assert not policy.due(8, steps=12)
+    now[0] = 25.0
+    assert policy.due(8, steps=12) and not policy.due(9, steps=12)
+    unlimited = SavePolicy(every_batches=4, budget=0.0, clock=lambda: now[0])
+    unlimited.saved(100.0)
+    assert unlimited.due(4, steps=12)
+    assert not SavePolicy(every_batches=0, budget=0.0).due(4, steps=12)
+
+
+def test_the_default_budget_skips_mid_epoch_saves_that_would_cost_too_much(tmp_path):
+    config = small_config(tmp_path, epochs=1, checkpoint_budget=0.02)
+    train_with_checkpoints(tmp_path, config, prepare(config))
+    # a save takes tens of milliseconds and an epoch here well under a second: after the first
+    # mid-epoch save (batch 3) the budget defers the rest; the epoch end is always saved
+    names = [c.name for c in CheckpointStore(tmp_path / "checkpoints").all()]
+    assert names == ["cp-0000-b000003", "cp-0001"]
 
 
 def test_more_epochs_continue_from_the_latest_checkpoint(tmp_path):
