@@ -45,7 +45,7 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
             and recorded.get("csv_sha256") == _sha_or_none(run_dir / EVALUATION)):
         log.info("evaluation of %s already on disk: reusing it", checkpoint.path)
         return EvaluationRecord(**recorded)
-    arrays = load_snapshot(run_dir / data.path)
+    arrays = load_snapshot(run_dir / data.path, keys=("x_test", "y_test"))
     x, y = arrays["x_test"], arrays["y_test"]
     results = {}
     for name, model in (("untrained", load_keras_model(run_dir / INITIAL_MODEL)),

@@ -63,7 +63,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
         return reusable
     for abandoned in (run_dir / EXPORTS).glob(".tmp-*"):  # left by a killed export
         shutil.rmtree(abandoned, ignore_errors=True)
-    arrays = load_snapshot(run_dir / data.path)
+    arrays = load_snapshot(run_dir / data.path, keys=("x_test", "y_test"))
     x, y = arrays["x_test"], arrays["y_test"]
     model = restore_model(run_dir, checkpoint.path)
     identity = model_identity(run_dir, checkpoint)

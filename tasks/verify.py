@@ -132,7 +132,7 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
 
     reference_entry = next(a for a in manifest["artifacts"] if a["kind"] == "reference")
     reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
-    y = load_snapshot(run_dir / SNAPSHOT)["y_test"]
+    y = load_snapshot(run_dir / SNAPSHOT, keys=("y_test",))["y_test"]
     identity = manifest["model"]["identity"]
     context = multiprocessing.get_context("forkserver")
     # Each export loads in a process forked from a server that has imported TensorFlow but run
@@ -181,7 +181,7 @@ def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict
     from tasks.data import SNAPSHOT, load_snapshot
 
     try:
-        x = load_snapshot(Path(run_dir) / SNAPSHOT)["x_test"]
+        x = load_snapshot(Path(run_dir) / SNAPSHOT, keys=("x_test",))["x_test"]
         started = time.perf_counter()
         predictions = FORMATS[name].predict(Path(path), x, identity)
         sender.send({"predictions": np.asarray(predictions),
