@@ -278,6 +278,17 @@ def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def _rendered_report(driver):
+    """The report's text and the curve's pixel width, once both are on the page; else False."""
+    from selenium.webdriver.common.by import By
+
+    text = " ".join(driver.find_element(By.TAG_NAME, "body").text.split())
+    width = driver.execute_script(
+        "const img = document.querySelector('img[src^=\"data:image/png\"]');"
+        "return img && img.complete ? img.naturalWidth : 0;")
+    return (text, width) if "Per-epoch metrics" in text and "## " not in text and width else False
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="no chromium/chromedriver installed (apt-get install chromium chromium-driver)")
@@ -303,11 +314,8 @@ def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, 
         driver.get(f"{ui}/runs/flow-run/{completed.id}")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "li.p-tab#artifacts")).click()
         wait.until(lambda d: d.find_element(By.XPATH, "//*[contains(text(), '-run-report')]")).click()
-        wait.until(lambda d: "Per-epoch metrics" in d.find_element(By.TAG_NAME, "body").text)
-        text = " ".join(driver.find_element(By.TAG_NAME, "body").text.split())
-        curve_width = driver.execute_script(
-            "const img = document.querySelector('img[src^=\"data:image/png\"]');"
-            "return img && img.complete ? img.naturalWidth : 0;")
+        # The page may re-render while it loads: read what it shows in the same step as the check.
+        text, curve_width = wait.until(_rendered_report)
         url = driver.current_url
     finally:
         driver.save_screenshot(str(shot))  # kept in the test's temporary directory
