@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
         ge=0.0, le=1.0,
         description="Most share of training time that mid-epoch checkpoints may take: after a "
         "save that took t seconds, the next mid-epoch save waits t / budget seconds (0: no "
-        "limit, save exactly every N batches).")] = 0.02
+        "limit, save exactly every N batches). One device only: under a strategy every worker must "
+        "save at the same batch, so saves come exactly every N batches.")] = 0.02
     keep_checkpoints: Annotated[int, Field(
         ge=1, description="Newest checkpoints to keep; older ones are removed after a newer "
         "one is committed.")] = 5
