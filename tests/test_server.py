@@ -278,15 +278,28 @@ def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def _open_card(driver, key: str) -> bool:
+    """Click the artifact card titled `key` until its page opens (a click while the list is
+    still rendering can be lost)."""
+    from selenium.webdriver.common.by import By
+
+    if "/artifacts/artifact/" in driver.current_url:
+        return True
+    for card in driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{key}']"):
+        card.click()
+    return False
+
+
 def _rendered_report(driver):
-    """The report's text and the curve's pixel width, once both are on the page; else False."""
+    """The artifact page's text and the curve's pixel width, once the report is shown; else False."""
     from selenium.webdriver.common.by import By
 
     text = " ".join(driver.find_element(By.TAG_NAME, "body").text.split())
     width = driver.execute_script(
         "const img = document.querySelector('img[src^=\"data:image/png\"]');"
         "return img && img.complete ? img.naturalWidth : 0;")
-    return (text, width) if "Per-epoch metrics" in text and "## " not in text and width else False
+    shown = "Training curve" in text and "Per-epoch metrics" in text and "## " not in text
+    return (text, width) if shown and width else False
 
 
 @pytest.mark.browser
@@ -297,6 +310,8 @@ def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, 
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    from tasks.reporting import artifact_key
 
     completed = failed_then_retried[3]
     options = webdriver.ChromeOptions()
@@ -313,7 +328,8 @@ def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, 
         wait = WebDriverWait(driver, 90)
         driver.get(f"{ui}/runs/flow-run/{completed.id}")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "li.p-tab#artifacts")).click()
-        wait.until(lambda d: d.find_element(By.XPATH, "//*[contains(text(), '-run-report')]")).click()
+        report_key = artifact_key(str(failed_then_retried[0]), "report")
+        wait.until(lambda d: _open_card(d, report_key))
         # The page may re-render while it loads: read what it shows in the same step as the check.
         text, curve_width = wait.until(_rendered_report)
         url = driver.current_url
