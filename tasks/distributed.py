@@ -44,14 +44,15 @@ from tasks.train import (
     HISTORY,
     BatchCallback,
     EpochCallback,
+    SavePolicy,
     TrainRecord,
     _fresh_state,
-    _maybe_inject_failure,
     _maybe_inject_io_error,
     _record_in_manifest,
     _tensorboard_writer,
     _write_history,
-    _write_tensorboard,
+    add_batch,
+    after_epoch,
     epoch_order,
 )
 
@@ -197,18 +198,16 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord, strategy, store
     x, y = arrays["x_train"], arrays["y_train"]
     steps = math.ceil(len(y) / config.batch_size)
     summaries = _tensorboard_writer(run_dir) if chief and state["epoch"] < config.epochs else None
+    # Every worker must join each save at the same batch, so no time budget (it reads own clocks).
+    every_n_batches = SavePolicy(config.save_every_batches, budget=0.0)
     while state["epoch"] < config.epochs:
         order = epoch_order(config.seed, state["epoch"], len(y))
         for batch in range(state["batch"], steps):
             idx = order[batch * config.batch_size:(batch + 1) * config.batch_size]
             loss_sum, correct = train_step(_split(strategy, x[idx], y[idx]), np.float32(len(idx)))
-            partial = state["partial"]
-            state["partial"] = {"loss_sum": partial["loss_sum"] + float(loss_sum),
-                                "correct": partial["correct"] + float(correct),
-                                "seen": partial["seen"] + len(idx)}
+            add_batch(state, float(loss_sum), float(correct), len(idx))
             state["batch"], state["step"] = batch + 1, _iterations(model)
-            if (config.save_every_batches and state["batch"] % config.save_every_batches == 0
-                    and state["batch"] < steps):
+            if every_n_batches.due(state["batch"], steps):
                 latest = store.save(model, state, epoch_end=False)
             if chief:
                 if on_batch_end is not None:
@@ -217,14 +216,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord, strategy, store
         row = _close_epoch(state, *_validate(val_logits, arrays))
         latest = store.save(model, state, epoch_end=True)
         if chief:
-            _write_history(run_dir, state["history"])
-            _write_tensorboard(summaries, row)
-            log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
-                     "(checkpoint %s)", row["epoch"], config.epochs, row["loss"], row["accuracy"],
-                     row["val_loss"], row["val_accuracy"], latest.name)
-            if on_epoch_end is not None:
-                on_epoch_end(row, state)
-            _maybe_inject_failure(run_dir, config, state["epoch"])
+            after_epoch(run_dir, config, state, row, latest.name, summaries, on_epoch_end)
     if summaries is not None:
         summaries.close()
     if chief:

@@ -160,12 +160,8 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         for batch in range(state["batch"], steps):
             idx = order[batch * config.batch_size:(batch + 1) * config.batch_size]
             logs = model.train_on_batch(x[idx], y[idx], return_dict=True)  # this batch's means
-            partial = state["partial"]
-            state["partial"] = {
-                "loss_sum": partial["loss_sum"] + float(logs["loss"]) * len(idx),
-                "correct": partial["correct"] + float(logs["accuracy"]) * len(idx),
-                "seen": partial["seen"] + len(idx),
-            }
+            add_batch(state, float(logs["loss"]) * len(idx), float(logs["accuracy"]) * len(idx),
+                      len(idx))
             state["batch"], state["step"] = batch + 1, int(model.optimizer.iterations)
             if policy.due(state["batch"], steps):
                 latest = _save(store, model, state, policy, epoch_end=False)
@@ -174,14 +170,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
             _maybe_inject_io_error(run_dir, config, state["step"])
         row = _finish_epoch(model, state, arrays, config.batch_size)
         latest = _save(store, model, state, policy, epoch_end=True)
-        _write_history(run_dir, state["history"])
-        _write_tensorboard(summaries, row)
-        log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
-                 "(checkpoint %s)", row["epoch"], config.epochs, row["loss"], row["accuracy"],
-                 row["val_loss"], row["val_accuracy"], latest.name)
-        if on_epoch_end is not None:
-            on_epoch_end(row, state)
-        _maybe_inject_failure(run_dir, config, state["epoch"])
+        after_epoch(run_dir, config, state, row, latest.name, summaries, on_epoch_end)
 
     if summaries is not None:
         summaries.close()
@@ -216,6 +205,26 @@ def _fresh_state(config: TrainConfig, data: DataRecord) -> dict[str, Any]:
         "data_sha256": data.data_sha256,
         "config": config.model_dump(),
     }
+
+
+def add_batch(state: dict[str, Any], loss_sum: float, correct: float, seen: int) -> None:
+    """Add one batch's summed loss and correct predictions to the epoch's running sums."""
+    partial = state["partial"]
+    state["partial"] = {"loss_sum": partial["loss_sum"] + loss_sum,
+                        "correct": partial["correct"] + correct, "seen": partial["seen"] + seen}
+
+
+def after_epoch(run_dir: Path, config: TrainConfig, state: dict[str, Any], row: dict[str, Any],
+                checkpoint: str, summaries, on_epoch_end: EpochCallback | None) -> None:
+    """Once an epoch's checkpoint is committed: history CSV, TensorBoard, log line, callback, drill."""
+    _write_history(run_dir, state["history"])
+    _write_tensorboard(summaries, row)
+    log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
+             "(checkpoint %s)", row["epoch"], config.epochs, row["loss"], row["accuracy"],
+             row["val_loss"], row["val_accuracy"], checkpoint)
+    if on_epoch_end is not None:
+        on_epoch_end(row, state)
+    _maybe_inject_failure(run_dir, config, state["epoch"])
 
 
 def _finish_epoch(model, state: dict[str, Any], arrays: dict, batch_size: int) -> dict[str, Any]:
