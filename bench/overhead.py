@@ -48,7 +48,9 @@ PLAIN = REPO / "bench" / "plain.py"
 BIN = Path(sys.executable).parent
 EXPERIMENTS = ("train", "e2e", "resume", "lost", "sweep")  # the order they run in
 PAGE = os.sysconf("SC_PAGE_SIZE")
-BEFORE = "faa5590"  # the last commit before the changes this benchmark led to
+# Earlier code to compare with: before any change this benchmark led to, and before the second
+# round (overlapped start-up, fit-based training loop, parallel verify).
+BEFORE = {"ckptflow_before": "faa5590", "ckptflow_round1": "f24166d"}
 
 # bench/plain.py's variants: the whole tutorial, a cold start, fit with and without checkpoints.
 PLAIN_FLAGS = {"plain": [], "plain_cold": ["--no-checkpoints", "--no-export"],
@@ -61,12 +63,12 @@ TRAIN_FLAGS = {"train_epoch_saves": ["--save-every-batches", "0"],
                "train_every16_saves": ["--checkpoint-budget", "0"]}
 
 FULL = {
-    "e2e": [dict(case="60k", train=60000, test=10000, units=512, epochs=3, rounds=1,
+    "e2e": [dict(case="60k", train=60000, test=10000, units=512, epochs=10, rounds=1,
                  variants=["plain", "ckptflow"]),
-            dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=2,
+            dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=3,
                  variants=["plain", "ckptflow", "trivial_flow", "ckptflow_server"]),
             dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=1,
-                 variants=["stages", "ckptflow_before"])],
+                 variants=["stages", "ckptflow_before", "ckptflow_round1"])],
     "train": dict(train=60000, test=10000, units=512, epochs=1, rounds=1),
     "sweep": dict(sizes=[1000, 10000, 60000], units=[512, 2048], epochs=1, rounds=1),
     "resume": dict(train=60000, test=10000, units=512, rounds=2),
@@ -296,12 +298,12 @@ class Bench:
             np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
         return path
 
-    def before(self) -> Path:
-        """A copy of the code at BEFORE, which PYTHONPATH puts ahead of the installed checkout."""
-        path = self.work / "before"
+    def before(self, variant: str) -> Path:
+        """A copy of the code at BEFORE[variant], which PYTHONPATH puts ahead of the checkout."""
+        path = self.work / variant
         if not path.exists():
             path.mkdir()
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE],
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE[variant]],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(path)], input=archive, check=True)
         return path
@@ -321,7 +323,7 @@ class Bench:
                     *PLAIN_FLAGS[variant], *extra.get("plain_args", [])]
         if variant in ("ckptflow", "ckptflow_server"):
             return [str(BIN / "ckptflow"), "run", "--run-dir", str(run_dir), "--data", data, *sizes]
-        if variant == "ckptflow_before":  # the CLI of the commit before this benchmark's fixes
+        if variant in BEFORE:  # the CLI of an earlier commit
             return [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(run_dir),
                     "--data", data, *sizes]
         kind = variant if variant in ("stages", "trivial_flow") else "train"
@@ -333,8 +335,8 @@ class Bench:
             run_dir: Path | None = None, **extra) -> dict:
         run_dir = run_dir or self.scratch(variant)
         env = self.server_env if variant == "ckptflow_server" else self.env
-        if variant == "ckptflow_before":
-            env = {**env, "PYTHONPATH": str(self.before())}
+        if variant in BEFORE:
+            env = {**env, "PYTHONPATH": str(self.before(variant))}
         cmd = self.command(variant, run_dir, p, **extra)
         row = {"experiment": experiment, "case": case, "variant": variant, "round": round_,
                "train_samples": p["train"], "units": p["units"], "epochs": p.get("epochs", 1),
@@ -510,8 +512,9 @@ def comparisons(rows: list[dict]) -> list[dict]:
                     "wall_s", 1.10 if case == "60k" else None)
             compare("ckptflow run, server running, vs plain", experiment, case,
                     "ckptflow_server", "plain", "wall_s", 1.5)
-            compare("before (commit faa5590) vs plain", experiment, case, "ckptflow_before",
-                    "plain", "wall_s")
+            for variant, commit in BEFORE.items():
+                compare(f"before (commit {commit}) vs plain", experiment, case, variant,
+                        "plain", "wall_s")
             compare("ckptflow run vs stage functions without Prefect", experiment, case,
                     "ckptflow", "stages", "wall_s")
             compare("stage functions without Prefect vs plain", experiment, case, "stages",

@@ -164,19 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.command == "worker":
         return run_worker(config, args.wait_for_chief)
-    # Prefect stops its temporary server at exit and logs it; an error registered before that
-    # handler is printed after it (atexit runs last-in, first-out), so it stays the last line.
+    import flows.prefect_defaults  # noqa: F401 (before Prefect loads: it reads them at import)
+    from flows.local_server import temporary_server
+
+    # If Prefect starts its own temporary server (the fallback) it stops it at exit and logs it;
+    # an error registered before that handler is printed after it (atexit runs last-in,
+    # first-out), so it stays the last line.
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
     try:
-        if args.command == "sweep":
-            from flows.sweep import sweep_flow
+        with temporary_server() as wait_until_ready:  # starts while the flow's imports load
+            if args.command == "sweep":
+                from flows.sweep import sweep_flow
 
-            rows = sweep_flow(config)
-        else:
-            from flows.train_pipeline import train_pipeline
+                wait_until_ready()
+                rows = sweep_flow(config)
+            else:
+                from flows.train_pipeline import train_pipeline
 
-            summary = train_pipeline(config)
+                wait_until_ready()
+                summary = train_pipeline(config)
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT

@@ -21,7 +21,7 @@ from tasks.model import build_model_task
 from tasks.report import report_task
 from tasks.resume import resume_from_latest_task
 from tasks.train import train_task
-from tasks.verify import verify_task
+from tasks.verify import start_loader, verify_task
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
@@ -39,6 +39,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         build_model_task(config)
         resume_from_latest_task(config, data.data_sha256)
         trained = train_task(config, data)
+        start_loader()  # verify's loader process imports TensorFlow during evaluate and export
         evaluation = evaluate_task(config, data, trained.checkpoint_ref())
         exports = export_task(config, data, trained.checkpoint_ref())
         report = report_task(config)

@@ -51,7 +51,6 @@ from tasks.train import (
     _record_in_manifest,
     _tensorboard_writer,
     _write_history,
-    add_batch,
     after_epoch,
     epoch_order,
 )
@@ -205,7 +204,10 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord, strategy, store
         for batch in range(state["batch"], steps):
             idx = order[batch * config.batch_size:(batch + 1) * config.batch_size]
             loss_sum, correct = train_step(_split(strategy, x[idx], y[idx]), np.float32(len(idx)))
-            add_batch(state, float(loss_sum), float(correct), len(idx))
+            partial = state["partial"]
+            state["partial"] = {"loss_sum": partial["loss_sum"] + float(loss_sum),
+                                "correct": partial["correct"] + float(correct),
+                                "seen": partial["seen"] + len(idx)}
             state["batch"], state["step"] = batch + 1, _iterations(model)
             if every_n_batches.due(state["batch"], steps):
                 latest = store.save(model, state, epoch_end=False)

@@ -24,6 +24,7 @@ from tasks.data import DataRecord, load_snapshot
 from tasks.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
 from tasks.formats import select_formats
 from tasks.manifest import artifact_entry, set_artifacts
+from tasks.model import predict_logits
 from tasks.policy import cache_while_present, retry_options
 from tasks.resume import CheckpointRef, restore_model
 
@@ -67,7 +68,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     x, y = arrays["x_test"], arrays["y_test"]
     model = restore_model(run_dir, checkpoint.path)
     identity = model_identity(run_dir, checkpoint)
-    reference = model.predict(x, batch_size=256, verbose=0)
+    reference = predict_logits(model, x)
     # Every file is written and checked in one staging directory first; only when all of them
     # pass do they (and the reference they were checked against) replace the previous set.
     staging = run_dir / EXPORTS / f".tmp-{uuid.uuid4().hex[:8]}"

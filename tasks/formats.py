@@ -55,6 +55,12 @@ def _fresh(identity: dict):
     return build_from_identity(identity)
 
 
+def _logits(model, x: np.ndarray) -> np.ndarray:
+    from tasks.model import predict_logits
+
+    return predict_logits(model, x)
+
+
 def _save_tf_checkpoint(model, path: Path) -> None:
     import tensorflow as tf
 
@@ -68,19 +74,19 @@ def _predict_tf_checkpoint(path: Path, x: np.ndarray, identity: dict) -> np.ndar
     model = _fresh(identity)
     tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
         str(path / "ckpt")).assert_existing_objects_matched()
-    return model.predict(x, batch_size=256, verbose=0)
+    return _logits(model, x)
 
 
 def _predict_weights_h5(path: Path, x: np.ndarray, identity: dict) -> np.ndarray:
     model = _fresh(identity)
     model.load_weights(path)
-    return model.predict(x, batch_size=256, verbose=0)
+    return _logits(model, x)
 
 
 def _predict_keras_file(path: Path, x: np.ndarray, identity: dict) -> np.ndarray:
     from tasks.model import load_keras_model
 
-    return load_keras_model(path).predict(x, batch_size=256, verbose=0)
+    return _logits(load_keras_model(path), x)
 
 
 def _predict_saved_model(path: Path, x: np.ndarray, identity: dict) -> np.ndarray:

@@ -114,6 +114,18 @@ def build_from_identity(identity: dict) -> keras.Model:
                        identity["seed"])
 
 
+def predict_logits(model: keras.Model, x, chunk: int = 4096):
+    """The model's logits for `x`, by direct calls in chunks of `chunk` rows.
+
+    For a few thousand rows this is ~10x faster than `model.predict`, which traces a new
+    function for every freshly loaded model; exports are compared on these logits.
+    """
+    import numpy as np
+
+    return np.concatenate([np.asarray(model(x[i:i + chunk], training=False))
+                           for i in range(0, len(x), chunk)])
+
+
 def load_keras_model(path: str | Path) -> keras.Model:
     """Load a `.keras`/`.h5` model with safe mode on and ckptflow's custom layer known.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -134,33 +135,19 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
     reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
     y = load_snapshot(run_dir / SNAPSHOT, keys=("y_test",))["y_test"]
     identity = manifest["model"]["identity"]
-    context = multiprocessing.get_context("forkserver")
-    # Each export loads in a process forked from a server that has imported TensorFlow but run
-    # nothing, so no state of this process (or of another format) leaks into a load.
-    context.set_forkserver_preload(["tensorflow", "tasks.formats", "tasks.model"])
+    loads = []
     for row, entry, path in exports:
         fmt = FORMATS.get(entry["format"])
         if fmt is None:
             row.ok, row.problem = False, f"unknown format {entry['format']!r}"
-            continue
-        if fmt.missing():
+        elif fmt.missing():
             row.ok, row.problem = False, f"needs {', '.join(fmt.missing())} (pip install -e '.[formats]')"
-            continue
-        if fmt.hdf5:
-            problem = inspect_hdf5(path, identity)
-            if problem:
-                row.ok, row.problem = False, problem
-                continue
-        receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=_load_and_predict,
-                                args=(sender, fmt.name, str(path), str(run_dir), identity))
-        child.start()
-        sender.close()
-        try:
-            outcome = receiver.recv()
-        except EOFError:
-            outcome = {"error": f"the loading process died (exit code {child.exitcode})"}
-        child.join()
+        elif fmt.hdf5 and (problem := inspect_hdf5(path, identity)):
+            row.ok, row.problem = False, problem
+        else:
+            loads.append((row, entry, fmt, path))
+    for (row, entry, fmt, _), outcome in zip(loads, _load_in_fresh_processes(
+            run_dir, identity, [(fmt.name, path) for _, _, fmt, path in loads]), strict=True):
         if "error" in outcome:
             row.ok, row.problem = False, outcome["error"]
             continue
@@ -174,6 +161,51 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
         elif row.accuracy != entry.get("test_accuracy"):
             row.ok, row.problem = False, (f"accuracy {row.accuracy} differs from the recorded "
                                           f"{entry.get('test_accuracy')}")
+
+
+def _load_in_fresh_processes(run_dir: Path, identity: dict,
+                             loads: list[tuple[str, Path]]) -> list[dict]:
+    """Each (format, path) loaded and run in its own fresh process, one per core (at most 4)
+    at a time; one outcome per load, in order: predictions or an error."""
+    context = _loader_context()
+    at_once = max(1, min(4, os.cpu_count() or 1))
+    outcomes = []
+    for first in range(0, len(loads), at_once):
+        started = []
+        for name, path in loads[first:first + at_once]:
+            receiver, sender = context.Pipe(duplex=False)
+            child = context.Process(target=_load_and_predict,
+                                    args=(sender, name, str(path), str(run_dir), identity))
+            child.start()
+            sender.close()
+            started.append((receiver, child))
+        for receiver, child in started:
+            try:
+                outcomes.append(receiver.recv())
+            except EOFError:
+                child.join()
+                outcomes.append({"error": f"the loading process died (exit code "
+                                          f"{child.exitcode})"})
+            child.join()
+    return outcomes
+
+
+def _loader_context() -> multiprocessing.context.BaseContext:
+    """Each export loads in a process forked from a server that has imported TensorFlow but run
+    nothing, so no state of this process (or of another format) leaks into a load."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tensorflow", "tasks.formats", "tasks.model"])
+    return context
+
+
+def start_loader() -> None:
+    """Start the loading process now, so its TensorFlow import (~10 s here) overlaps the
+    stages before verify instead of delaying verify. Started after training, not before, so
+    that it does not take a core from training."""
+    from multiprocessing import forkserver
+
+    _loader_context()
+    forkserver.ensure_running()
 
 
 def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict) -> None:

@@ -64,7 +64,9 @@ def test_run_rerun_and_refusals_from_the_command_line(tmp_path, prefect_api_url)
     assert "trained from scratch to epoch 2 (16 batches)" in first.stdout
     assert "saved_model" in first.stdout and "onnx" not in first.stdout  # --formats honoured
     assert (run_dir / "manifest.json").exists()
-    assert "Starting temporary server" in first.stderr
+    # Prefect's temporary server, started by the CLI while TensorFlow loads, and only that one
+    assert "Starting temporary server" in first.stderr and "(while TensorFlow loads)" in first.stderr
+    assert first.stderr.count("Starting temporary server") == 1
 
     # The same command again, this time against a running server (PREFECT_API_URL set).
     again = run_cli("run", "--run-dir", str(run_dir), *SMALL, api_url=prefect_api_url)

@@ -1,0 +1,132 @@
+"""Prefect's temporary API server for an ad-hoc run, started before TensorFlow is imported.
+
+With no API URL configured, Prefect starts a temporary server the first time a flow needs one:
+after the flow module (and TensorFlow, ~10 s here) has loaded, and only then does it spend ~10 s
+importing and starting the server. Both are single-threaded start-up work, so on two cores they
+can overlap. `temporary_server()` starts the same server (the command Prefect's
+`SubprocessASGIServer` runs) as the first thing a run does, points this process's Prefect
+settings at it, and stops it when the run ends. If it does not come up, the run falls back to
+Prefect's own temporary server. A configured API URL (a real server) is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(port: int) -> subprocess.Popen:
+    """Prefect's temporary server, launched as Prefect launches it (no UI, ephemeral mode)."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _drain_to_server() -> None:
+    """Send the run logs and events Prefect still queues to the server before it stops.
+
+    Prefect's own temporary server stops at interpreter exit, after these queues drain; this
+    one stops when the run returns, so it drains them first (else each late batch retries
+    against a closed port for a minute and prints "Error logging to API").
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=10)
+
+
+def _use_api(url: str | None) -> None:
+    """Point this process's Prefect settings (and its children's) at `url`, or back to none."""
+    from prefect.context import refresh_global_settings_context
+
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+    else:
+        os.environ.pop("PREFECT_API_URL", None)
+    refresh_global_settings_context()
+
+
+@contextlib.contextmanager
+def temporary_server() -> Iterator[Callable[[], None]]:
+    """Start Prefect's temporary server now; yield `wait_until_ready`, call it before the flow.
+
+    Example:
+        with temporary_server() as wait_until_ready:
+            from flows.train_pipeline import train_pipeline  # loads while the server starts
+            wait_until_ready()
+            train_pipeline(config)
+    """
+    from prefect.logging import get_logger
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        yield lambda: None
+        return
+    ensure_logging_setup()
+    log = get_logger()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    process = _launch(port)
+    _use_api(url)
+    log.info("Starting temporary server on http://127.0.0.1:%d (while TensorFlow loads)", port)
+
+    def wait_until_ready() -> None:
+        deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
+        while process.poll() is None and time.monotonic() < deadline:
+            if _healthy(url):
+                return
+            time.sleep(0.1)
+        log.warning("The temporary server on port %d did not come up (%s); Prefect starts "
+                    "its own instead.", port, f"exit code {process.returncode}"
+                    if process.returncode is not None else "timed out")
+        _stop(process)
+        _use_api(None)
+
+    try:
+        yield wait_until_ready
+    finally:
+        if process.returncode is None:
+            _drain_to_server()
+            log.info("Stopping temporary server on http://127.0.0.1:%d", port)
+            _stop(process)
+        _use_api(None)
