@@ -323,8 +323,8 @@ class Bench:
                     *PLAIN_FLAGS[variant], *extra.get("plain_args", [])]
         if variant in ("ckptflow", "ckptflow_server"):
             return [str(BIN / "ckptflow"), "run", "--run-dir", str(run_dir), "--data", data, *sizes]
-        if variant in BEFORE:  # the CLI of an earlier commit
-            return [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(run_dir),
+        if variant in BEFORE:  # the CLI of an earlier commit; -P: PYTHONPATH's copy, not cwd's
+            return [sys.executable, "-P", "-m", "flows.cli", "run", "--run-dir", str(run_dir),
                     "--data", data, *sizes]
         kind = variant if variant in ("stages", "trivial_flow") else "train"
         return [sys.executable, str(Path(__file__)), "--child", kind, "--run-dir", str(run_dir),

@@ -13,6 +13,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from prefect import task
 from pydantic import BaseModel
 
@@ -152,7 +153,8 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         log.info("run already has %d epochs (asked for %d): nothing to train", state["epoch"],
                  config.epochs)
 
-    x, y = arrays["x_train"], arrays["y_train"]
+    # As tensors, and the arrays let go: one copy of the images, as `fit` makes of a user's.
+    x, y = tf.constant(arrays.pop("x_train")), tf.constant(arrays.pop("y_train"))
     steps = math.ceil(len(y) / config.batch_size)
     summaries = _tensorboard_writer(run_dir) if state["epoch"] < config.epochs else None
     policy = SavePolicy(config.save_every_batches, config.checkpoint_budget)
@@ -162,8 +164,8 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         rest = epoch_order(config.seed, state["epoch"], len(y))[state["batch"] * config.batch_size:]
         saver = _MidEpochSaves(run_dir, config, store, policy, state, len(y), steps, on_batch_end)
         if len(rest):
-            model.fit(x[rest], y[rest], batch_size=config.batch_size, epochs=1, shuffle=False,
-                      verbose=0, callbacks=[saver])
+            model.fit(_batches(x, y, rest, config.batch_size), epochs=1, verbose=0,
+                      callbacks=[saver])
         if int(model.optimizer.iterations) != state["step"]:
             raise RuntimeError(f"optimizer at step {int(model.optimizer.iterations)} after epoch "
                                f"{state['epoch'] + 1}, the checkpoint state says {state['step']}")
@@ -184,6 +186,12 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         best_val_accuracy=state["best"]["val_accuracy"], history_path=HISTORY.as_posix())
     _record_in_manifest(run_dir, store, record, config)
     return record
+
+
+def _batches(x, y, order: np.ndarray, batch_size: int):
+    """(x, y) batches in `order`, gathered batch by batch (no reordered copy of the images)."""
+    indices = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+    return indices.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
 
 
 class _MidEpochSaves(keras.callbacks.Callback):
