@@ -697,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-after-first-step", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--report-steps", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # a SIGTERM'd benchmark still stops its Prefect server and removes its scratch directory
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.child:
         args.run_dir = Path(args.run_dir) if args.run_dir else None
         result = CHILDREN[args.child](args)
