@@ -164,7 +164,7 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         rest = epoch_order(config.seed, state["epoch"], len(y))[state["batch"] * config.batch_size:]
         saver = _MidEpochSaves(run_dir, config, store, policy, state, len(y), steps, on_batch_end)
         if len(rest):
-            model.fit(_batches(x, y, rest, config.batch_size), epochs=1, verbose=0,
+            model.fit(_batches(x, y, rest, config.batch_size), epochs=1, shuffle=False, verbose=0,
                       callbacks=[saver])
         if int(model.optimizer.iterations) != state["step"]:
             raise RuntimeError(f"optimizer at step {int(model.optimizer.iterations)} after epoch "
