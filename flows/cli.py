@@ -175,15 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with temporary_server() as wait_until_ready:  # starts while the flow's imports load
             if args.command == "sweep":
-                from flows.sweep import sweep_flow
-
-                wait_until_ready()
-                rows = sweep_flow(config)
+                from flows.sweep import sweep_flow as run_flow
             else:
-                from flows.train_pipeline import train_pipeline
-
-                wait_until_ready()
-                summary = train_pipeline(config)
+                from flows.train_pipeline import train_pipeline as run_flow
+            wait_until_ready()
+            result = run_flow(config)
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT
@@ -194,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from tasks.sweep import SUMMARY
 
-        print(f"{len(rows)} points: " + ", ".join(f"{r['point']} {r['status']}" for r in rows))
+        print(f"{len(result)} points: " + ", ".join(f"{r['point']} {r['status']}" for r in result))
         print(f"ranked summary: {os.path.join(config.sweep_dir, SUMMARY)}")
         return 0
-    print(format_summary(summary))
+    print(format_summary(result))
     return 0
 
 

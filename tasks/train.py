@@ -162,14 +162,14 @@ def _train(run_dir: Path, config: TrainConfig, data: DataRecord,
         # The rest of this epoch in its order, through Keras' own compiled loop (`fit` costs
         # ~15% less per batch than a `train_on_batch` loop); saves happen between batches.
         rest = epoch_order(config.seed, state["epoch"], len(y))[state["batch"] * config.batch_size:]
-        saver = _MidEpochSaves(run_dir, config, store, policy, state, len(y), steps, on_batch_end)
         if len(rest):
+            saver = _MidEpochSaves(run_dir, config, store, policy, state, len(rest), steps,
+                                   on_batch_end)
             model.fit(_batches(x, y, rest, config.batch_size), epochs=1, shuffle=False, verbose=0,
                       callbacks=[saver])
         if int(model.optimizer.iterations) != state["step"]:
             raise RuntimeError(f"optimizer at step {int(model.optimizer.iterations)} after epoch "
                                f"{state['epoch'] + 1}, the checkpoint state says {state['step']}")
-        latest = saver.latest or latest
         row = _finish_epoch(model, state, arrays, config.batch_size)
         latest = _save(store, model, state, policy, epoch_end=True)
         after_epoch(run_dir, config, state, row, latest.name, summaries, on_epoch_end)
@@ -204,14 +204,13 @@ class _MidEpochSaves(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir: Path, config: TrainConfig, store: CheckpointStore,
-                 policy: SavePolicy, state: dict[str, Any], samples: int, steps: int,
+                 policy: SavePolicy, state: dict[str, Any], samples_left: int, steps: int,
                  on_batch_end: BatchCallback | None):
         super().__init__()
         self.run_dir, self.config, self.store, self.policy = run_dir, config, store, policy
         self.state, self.steps, self.on_batch_end = state, steps, on_batch_end
         self.start = {k: state[k] for k in ("batch", "step", "partial")}
-        self.samples_left = samples - state["batch"] * config.batch_size
-        self.latest: Checkpoint | None = None
+        self.samples_left = samples_left
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         state, start = self.state, self.start
@@ -221,7 +220,7 @@ class _MidEpochSaves(keras.callbacks.Callback):
                             "correct": start["partial"]["correct"] + logs["accuracy"] * seen,
                             "seen": start["partial"]["seen"] + seen}
         if self.policy.due(state["batch"], self.steps):
-            self.latest = _save(self.store, self.model, state, self.policy, epoch_end=False)
+            _save(self.store, self.model, state, self.policy, epoch_end=False)
         if self.on_batch_end is not None:
             self.on_batch_end(state)
         _maybe_inject_io_error(self.run_dir, self.config, state["step"])
@@ -293,16 +292,12 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _tensorboard_writer(run_dir: Path):
-    import tensorflow as tf
-
     return tf.summary.create_file_writer(str(run_dir / TENSORBOARD))
 
 
 def _write_tensorboard(writer, row: dict[str, Any]) -> None:
     """Per-epoch scalars for `tensorboard --logdir RUN_DIR/tensorboard`, named as Keras' callback
     names them (train/epoch_loss, validation/epoch_accuracy, ...)."""
-    import tensorflow as tf
-
     with writer.as_default():
         for name in HISTORY_COLUMNS[1:]:
             split = "validation" if name.startswith("val_") else "train"

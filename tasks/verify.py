@@ -181,12 +181,12 @@ def _load_in_fresh_processes(run_dir: Path, identity: dict,
             started.append((receiver, child))
         for receiver, child in started:
             try:
-                outcomes.append(receiver.recv())
+                outcome = receiver.recv()
             except EOFError:
-                child.join()
-                outcomes.append({"error": f"the loading process died (exit code "
-                                          f"{child.exitcode})"})
+                outcome = None
             child.join()
+            outcomes.append(outcome or {"error": f"the loading process died (exit code "
+                                                 f"{child.exitcode})"})
     return outcomes
 
 
