@@ -28,16 +28,14 @@ RESULTS = REPO / "bench" / "results"
 def child(deterministic: bool, run_dir: Path, train_samples: int, epochs: int) -> None:
     """Train once (no mid-epoch saves) and print the seconds spent in training alone."""
     sys.path.insert(0, str(REPO))
-    from tasks.config import TrainConfig
-    from tasks.data import fetch_data
-    from tasks.model import build_model_stage
-    from tasks.train import train_with_checkpoints
+    from ckptflow.config import TrainConfig
+    from ckptflow.stages.prepare import prepare_run
+    from ckptflow.training.stage import train_with_checkpoints
 
     config = TrainConfig(run_dir=str(run_dir), data="bundled", train_samples=train_samples,
                          test_samples=1000, epochs=epochs, save_every_batches=0,
                          deterministic=deterministic)
-    data = fetch_data(run_dir, config.data, config.train_samples, config.test_samples, config.seed)
-    build_model_stage(run_dir, config.identity())
+    data = prepare_run(config)
     started = time.perf_counter()
     train_with_checkpoints(run_dir, config, data)
     print(f"seconds {time.perf_counter() - started:.4f}")

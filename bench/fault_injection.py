@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ckptflow.core.run_dir import RunDir
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -63,7 +65,7 @@ class DrillReport:
 
 
 def _config(run_dir: Path):
-    from tasks.config import TrainConfig
+    from ckptflow.config import TrainConfig
 
     return TrainConfig(run_dir=str(run_dir), **DRILL_CONFIG)
 
@@ -95,18 +97,16 @@ def _child_train(fd: int, run_dir: Path) -> None:
     import logging
 
     logging.getLogger("ckptflow").setLevel(logging.ERROR)
-    from tasks.data import fetch_data
-    from tasks.model import build_model_stage
-    from tasks.resume import find_resume_point
-    from tasks.train import train_with_checkpoints
+    from ckptflow.core.resume_point import find_resume_point
+    from ckptflow.stages.prepare import prepare_run
+    from ckptflow.training.stage import train_with_checkpoints
 
     config = _config(run_dir)
-    data = fetch_data(run_dir, config.data, config.train_samples, config.test_samples, config.seed)
-    build_model_stage(run_dir, config.identity())
+    data = prepare_run(config)
     point = find_resume_point(run_dir, config.identity(), data.data_sha256)
     _say(fd, f"start {point.step if point else 0} {point.path if point else '-'}")
     train_with_checkpoints(run_dir, config, data,
-                           on_batch_end=lambda s: _say(fd, f"step {s['step']} {time.monotonic()}"))
+                           on_batch_end=lambda s: _say(fd, f"step {s.step} {time.monotonic()}"))
     _say(fd, "done")
 
 
@@ -114,10 +114,10 @@ def _child_digest(fd: int, run_dir: Path) -> None:
     """Report the SHA-256 of every variable of the run's final checkpoint."""
     import hashlib
 
-    from tasks.checkpoints import CheckpointStore
-    from tasks.resume import restore_model
+    from ckptflow.core.checkpoints import CheckpointStore
+    from ckptflow.stages.resume import restore_model
 
-    latest = CheckpointStore(run_dir / "checkpoints").latest()
+    latest = CheckpointStore(RunDir(run_dir).checkpoints).latest()
     model = restore_model(run_dir, latest.path.relative_to(run_dir).as_posix())
     digest = hashlib.sha256()
     for v in model.variables:
@@ -198,7 +198,7 @@ def _digest(run_dir: Path) -> str:
 def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Random,
                 report: DrillReport, step_seconds: float, total_steps: int) -> None:
     """Train `run_dir` to the end, SIGKILLing it `kills` times on the way."""
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = RunDir(run_dir).checkpoints
     last_step_before_kill: int | None = None
     done_kills = 0
     while True:
@@ -261,11 +261,10 @@ def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int
               kills_per_round: int = 8) -> DrillReport:
     """Kill training `kills` times over rounds of fresh run directories; compare each round's
     final weights with one uninterrupted reference run."""
+    import ckptflow.stages.fetch_data  # noqa: F401
+    import ckptflow.training.stage  # noqa: F401
+    import ckptflow.tutorial.model  # noqa: F401
     import tensorflow  # noqa: F401  (imported once here; every child is forked from this process)
-
-    import tasks.data  # noqa: F401
-    import tasks.model  # noqa: F401
-    import tasks.train  # noqa: F401
 
     work_dir = Path(work_dir)
     rng = random.Random(seed)

@@ -92,7 +92,7 @@ QUICK = {
 
 def _child_config(args, run_dir: Path, **overrides):
     sys.path.insert(0, str(REPO))
-    from tasks.config import TrainConfig
+    from ckptflow.config import TrainConfig
 
     values = dict(run_dir=str(run_dir), data=args.data, train_samples=args.train_samples,
                   test_samples=args.test_samples, units=args.units, epochs=args.epochs)
@@ -106,18 +106,15 @@ def _child_config(args, run_dir: Path, **overrides):
 def child_stages(args) -> dict:
     """The pipeline's stage functions in the flow's order, called directly: no Prefect."""
     config = _child_config(args, args.run_dir)
-    from tasks.data import fetch_data
-    from tasks.evaluate import evaluate
-    from tasks.export import export_each_format
-    from tasks.model import build_model_stage
-    from tasks.report import write_report
-    from tasks.resume import find_resume_point
-    from tasks.train import train_with_checkpoints
-    from tasks.verify import verify_run_dir
+    from ckptflow.core.resume_point import find_resume_point
+    from ckptflow.stages.evaluate import evaluate
+    from ckptflow.stages.export import export_each_format
+    from ckptflow.stages.prepare import prepare_run
+    from ckptflow.stages.report import write_report
+    from ckptflow.stages.verify import verify_run_dir
+    from ckptflow.training.stage import train_with_checkpoints
 
-    data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
-                      config.seed)
-    build_model_stage(config.run_dir, config.identity())
+    data = prepare_run(config)
     find_resume_point(config.run_dir, config.identity(), data.data_sha256)
     trained = train_with_checkpoints(config.run_dir, config, data)
     evaluate(config.run_dir, data, trained.checkpoint_ref())
@@ -136,11 +133,10 @@ def child_train(args) -> dict:
     --report-steps it prints `start STEP` and `step N TIME` lines (work lost after a kill).
     """
     config = _child_config(args, args.run_dir)
-    from tasks.checkpoints import CheckpointStore
-    from tasks.data import fetch_data
-    from tasks.model import build_model_stage
-    from tasks.resume import find_resume_point
-    from tasks.train import train_with_checkpoints
+    from ckptflow.core.checkpoints import CheckpointStore
+    from ckptflow.core.resume_point import find_resume_point
+    from ckptflow.stages.prepare import prepare_run
+    from ckptflow.training.stage import train_with_checkpoints
 
     saves: list[float] = []
     original_save = CheckpointStore.save
@@ -153,9 +149,7 @@ def child_train(args) -> dict:
             saves.append(time.perf_counter() - started)
 
     CheckpointStore.save = timed_save  # timing only; the real save runs unchanged
-    data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
-                      config.seed)
-    build_model_stage(config.run_dir, config.identity())
+    data = prepare_run(config)
     if args.report_steps:
         point = find_resume_point(config.run_dir, config.identity(), data.data_sha256)
         print(f"start {point.step if point else 0}", flush=True)
@@ -165,7 +159,7 @@ def child_train(args) -> dict:
             print(f"result {json.dumps({'first_step_wall': time.time()})}", flush=True)
             os._exit(0)
         if args.report_steps:
-            print(f"step {state['step']} {time.time()}", flush=True)
+            print(f"step {state.step} {time.time()}", flush=True)
 
     started = time.perf_counter()
     train_with_checkpoints(config.run_dir, config, data, on_batch_end=on_batch_end)

@@ -1,1 +1,1 @@
-"""ckptflow flows: they wire the stages in `tasks/` together and hold no ML logic."""
+"""ckptflow's flows and its command line: they wire the stages together and hold no ML logic."""

@@ -12,7 +12,8 @@ import sys
 import types
 import typing
 
-from tasks.config import NOT_SHARED, SweepConfig, TrainConfig
+from ckptflow.config import NOT_SHARED, SweepConfig, TrainConfig
+from ckptflow.flows.process_defaults import apply_process_defaults
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -107,8 +108,8 @@ def run_verify(run_dir: str, as_json: bool) -> int:
     """`ckptflow verify`: print the table, exit 1 if any row fails, 2 for an unusable manifest."""
     import json
 
-    from tasks.errors import BadInputError
-    from tasks.verify import format_table, verify_run_dir
+    from ckptflow.core.errors import BadInputError
+    from ckptflow.stages.verify import format_table, verify_run_dir
 
     try:
         rows = verify_run_dir(run_dir)
@@ -126,8 +127,8 @@ def run_verify(run_dir: str, as_json: bool) -> int:
 
 def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
-    from tasks.distributed import run_worker as train_along
-    from tasks.errors import BadInputError
+    from ckptflow.core.errors import BadInputError
+    from ckptflow.training.stage import run_worker as train_along
 
     try:
         done = train_along(config, wait_for_chief)
@@ -144,12 +145,12 @@ def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
     if args.command == "verify":
         return run_verify(args.run_dir, args.json)
+    from ckptflow.config import describe_validation_error
+    from ckptflow.core.errors import BadInputError
     from pydantic import ValidationError
-
-    from tasks.config import describe_validation_error
-    from tasks.errors import BadInputError
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")}
     try:
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.command == "worker":
         return run_worker(config, args.wait_for_chief)
-    import flows.prefect_defaults  # noqa: F401 (before Prefect loads: it reads them at import)
-    from flows.local_server import temporary_server
+    from ckptflow.flows.local_server import temporary_server
 
     # If Prefect starts its own temporary server (the fallback) it stops it at exit and logs it;
     # an error registered before that handler is printed after it (atexit runs last-in,
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with temporary_server() as wait_until_ready:  # starts while the flow's imports load
             if args.command == "sweep":
-                from flows.sweep import sweep_flow as run_flow
+                from ckptflow.flows.sweep import sweep_flow as run_flow
             else:
-                from flows.train_pipeline import train_pipeline as run_flow
+                from ckptflow.flows.train_pipeline import train_pipeline as run_flow
             wait_until_ready()
             result = run_flow(config)
     except BadInputError as exc:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                           "command again to resume from the latest checkpoint.")
         return EXIT_FAILED
     if args.command == "sweep":
-        from tasks.sweep import SUMMARY
+        from ckptflow.stages.sweep import SUMMARY
 
         print(f"{len(result)} points: " + ", ".join(f"{r['point']} {r['status']}" for r in result))
         print(f"ranked summary: {os.path.join(config.sweep_dir, SUMMARY)}")

@@ -90,7 +90,7 @@ def temporary_server() -> Iterator[Callable[[], None]]:
 
     Example:
         with temporary_server() as wait_until_ready:
-            from flows.train_pipeline import train_pipeline  # loads while the server starts
+            from ckptflow.flows.train_pipeline import train_pipeline  # loads while the server starts
             wait_until_ready()
             train_pipeline(config)
     """

@@ -8,12 +8,19 @@ unfinished ones from their checkpoints.
 from __future__ import annotations
 
 # isort: off
-import flows.prefect_defaults  # noqa: F401 (before Prefect loads: it reads them at import)
-# isort: on
-from prefect import flow
+from ckptflow.flows.process_defaults import apply_process_defaults
 
-from tasks.config import SweepConfig, TrainConfig, grid_points
-from tasks.sweep import dask_task_runner, failed_row, sweep_point_task, sweep_summary_task
+apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
+# isort: on
+from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
+from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.stages.sweep import (  # noqa: E402
+    dask_task_runner,
+    failed_row,
+    sweep_point_task,
+    sweep_summary_task,
+)
+from prefect import flow  # noqa: E402
 
 
 @flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}")
@@ -32,6 +39,7 @@ def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
       validate_parameters=True)
 def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 (frozen)
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
+    route_logs_to_prefect()
     points = grid_points(sweep)
     rows = train_points.with_options(task_runner=dask_task_runner(sweep))(sweep, points)
     sweep_summary_task(sweep, rows)

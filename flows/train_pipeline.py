@@ -7,21 +7,22 @@ in prefect.yaml. Running it again on the same run directory resumes the run.
 from __future__ import annotations
 
 # isort: off
-import flows.prefect_defaults  # noqa: F401 (before Prefect loads: it reads them at import)
-# isort: on
-from prefect import flow
+from ckptflow.flows.process_defaults import apply_process_defaults
 
-from tasks.config import TrainConfig
-from tasks.data import fetch_data_task
-from tasks.distributed import join_cluster_task
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task
-from tasks.lock import run_dir_lock
-from tasks.model import build_model_task
-from tasks.report import report_task
-from tasks.resume import resume_from_latest_task
-from tasks.train import train_task
-from tasks.verify import start_loader, verify_task
+apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
+# isort: on
+from ckptflow.config import TrainConfig  # noqa: E402
+from ckptflow.core.lock import run_dir_lock  # noqa: E402
+from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.stages.build_model import build_model_task  # noqa: E402
+from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
+from ckptflow.stages.export import export_task  # noqa: E402
+from ckptflow.stages.fetch_data import fetch_data_task  # noqa: E402
+from ckptflow.stages.report import report_task  # noqa: E402
+from ckptflow.stages.resume import resume_from_latest_task  # noqa: E402
+from ckptflow.stages.verify import start_loader, verify_task  # noqa: E402
+from ckptflow.training.stage import join_cluster_task, train_task  # noqa: E402
+from prefect import flow  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
@@ -33,6 +34,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     from the latest committed checkpoint; finished stages are skipped. One run at a time holds
     the run directory.
     """
+    route_logs_to_prefect()
     with run_dir_lock(config.run_dir, config.wait_for_lock):
         join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
         data = fetch_data_task(config)

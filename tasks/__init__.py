@@ -1,7 +1,8 @@
-"""ckptflow stages: each module holds a plain, testable stage function and its thin Prefect task."""
+"""ckptflow: train a Keras model under Prefect without ever losing work.
 
-import os
-
-# TensorFlow's C++ log lines (CUDA probing on a CPU machine, graph attribute notices) drown the
-# run's own logs; errors that matter still surface as Python exceptions. Override to see them.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+Layers, each importing only those below it: `ckptflow.core` (files, lock, manifest, checkpoints,
+formats, the run directory; no Prefect, no stage), `ckptflow.tutorial` (the tutorial's own model
+and data), `ckptflow.orchestration` (Prefect's retries, cache keys and artifacts),
+`ckptflow.stages` and `ckptflow.training` (a plain function and a thin task each), and on top
+`ckptflow.flows` (the flows and the `ckptflow` command). Importing a module does no work.
+"""

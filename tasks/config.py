@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATA_SOURCES = ("auto", "keras", "bundled")
-# Kept equal to tasks.formats.FORMATS (checked by a test); here so --help imports no NumPy.
+# Kept equal to ckptflow.core.formats.FORMATS (checked by a test); here so --help imports no NumPy.
 FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
 Strategy = Literal["default", "mirrored", "multi-worker"]

@@ -34,7 +34,7 @@ def prefect_server():
 def small_config(run_dir: Path, **overrides):
     """A config that trains in about a second: 256 images, 8 batches an epoch, a checkpoint
     every 3 batches without a time budget (so tests can count them)."""
-    from tasks.config import TrainConfig
+    from ckptflow.config import TrainConfig
 
     values = dict(run_dir=str(run_dir), data="bundled", train_samples=256, test_samples=128,
                   batch_size=32, save_every_batches=3, checkpoint_budget=0.0, epochs=2, units=64,

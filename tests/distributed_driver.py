@@ -24,11 +24,10 @@ def main(run_dir: str, config_json: str, steps_json: str, logical_cpus: int = 0)
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
+    from ckptflow.stages.prepare import prepare_run
+    from ckptflow.training.cluster import strategy_for
+    from ckptflow.training.stage import train_with_checkpoints
     from conftest import small_config
-    from test_train import prepare
-
-    from tasks.distributed import strategy_for
-    from tasks.train import train_with_checkpoints
 
     overrides = json.loads(config_json)
     strategy_for(overrides["strategy"])  # before the first TensorFlow op
@@ -37,7 +36,7 @@ def main(run_dir: str, config_json: str, steps_json: str, logical_cpus: int = 0)
             shutil.rmtree(Path(run_dir) / "checkpoints" / step["drop"])
             continue
         config = small_config(run_dir, **{**overrides, "epochs": step["epochs"]})
-        record = train_with_checkpoints(run_dir, config, prepare(config))
+        record = train_with_checkpoints(run_dir, config, prepare_run(config))
         print(json.dumps(record.model_dump()), flush=True)
 
 

@@ -7,14 +7,13 @@ import logging
 
 import numpy as np
 import pytest
+from ckptflow.core.checkpoints import COMMIT, CheckpointStore, rng_variables
+from ckptflow.tutorial.model import create_model
 from conftest import weights_digest
-
-from tasks.checkpoints import COMMIT, CheckpointStore, rng_variables
-from tasks.model import build_model
 
 
 def _trained_model(batches: int, seed: int = 1):
-    model = build_model(units=16, seed=seed)
+    model = create_model(units=16, seed=seed)
     rng = np.random.default_rng(0)
     for _ in range(batches):
         model.train_on_batch(rng.random((8, 784), dtype=np.float32), rng.integers(0, 10, 8))
@@ -29,7 +28,7 @@ def test_restore_brings_back_weights_optimizer_and_dropout_rng(tmp_path):
     model = _trained_model(batches=5)
     store = CheckpointStore(tmp_path, keep=2)
     saved = store.save(model, _state(5, batch=5), epoch_end=False)
-    fresh = build_model(units=16, seed=99)
+    fresh = create_model(units=16, seed=99)
     assert weights_digest(fresh) != weights_digest(model)
     state = store.restore(store.latest(), fresh)
     assert state["marker"] == 5 and saved.name == "cp-0000-b000005"

@@ -30,7 +30,7 @@ def last_line(text: str) -> str:
 
 
 def test_help_imports_neither_tensorflow_nor_prefect():
-    code = ("import sys, contextlib, io\nimport flows.cli as cli\n"
+    code = ("import sys, contextlib, io\nimport ckptflow.flows.cli as cli\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
             "    try: cli.main(['run', '--help'])\n    except SystemExit: pass\n"
             "assert '--save-every-batches' in out.getvalue()\n"
@@ -91,7 +91,7 @@ def test_the_flow_file_runs_directly_as_prefect_users_expect(finished_run):
 
 
 def test_boolean_options_parse_as_flags():
-    from flows.cli import build_parser
+    from ckptflow.flows.cli import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["run"]).deterministic is True

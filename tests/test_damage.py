@@ -8,19 +8,18 @@ import signal
 
 import numpy as np
 import pytest
+from ckptflow.core.checkpoints import CheckpointStore, CheckpointWriteError
+from ckptflow.core.errors import is_transient
+from ckptflow.core.manifest import read_manifest
+from ckptflow.stages.prepare import prepare_run
+from ckptflow.training.stage import train_with_checkpoints
+from ckptflow.tutorial.model import create_model
 from conftest import small_config
-from test_train import prepare
-
-from tasks.checkpoints import CheckpointStore, CheckpointWriteError
-from tasks.errors import is_transient
-from tasks.manifest import read_manifest
-from tasks.model import build_model
-from tasks.train import train_with_checkpoints
 
 
 def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = small_config(tmp_path, epochs=1)
-    data = prepare(config)
+    data = prepare_run(config)
     train_with_checkpoints(tmp_path, config, data)
     newest = tmp_path / "checkpoints" / "cp-0001"
     weights = newest / "train_state.data-00000-of-00001"
@@ -35,7 +34,7 @@ def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_is_retryable(tmp_path):
-    model = build_model(units=64, seed=3)
+    model = create_model(units=64, seed=3)
     store = CheckpointStore(tmp_path)
     rng = np.random.default_rng(0)
     model.train_on_batch(rng.random((8, 784), dtype=np.float32), rng.integers(0, 10, 8))
@@ -58,7 +57,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_is_retryable(tmp_path):
 
 @pytest.mark.usefixtures("prefect_server")
 def test_an_error_mid_epoch_is_retried_by_the_task_and_resumes_mid_epoch(tmp_path):
-    from flows.train_pipeline import train_pipeline
+    from ckptflow.flows.train_pipeline import train_pipeline
 
     # 8 batches an epoch, saves after batches 3 and 6: step 13 is batch 5 of epoch 2, so the
     # newest checkpoint then is step 11 (epoch 1 + 3 batches).

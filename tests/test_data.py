@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.manifest import read_manifest
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import data_digest, load_snapshot
+from ckptflow.stages.fetch_data import fetch_data
 from conftest import tree_digest
-
-from tasks.data import SNAPSHOT, data_digest, fetch_data, load_snapshot
-from tasks.errors import BadInputError
-from tasks.manifest import read_manifest
 
 
 def test_bundled_is_stratified_scaled_and_snapshotted(tmp_path):
     record = fetch_data(tmp_path, "bundled", train_samples=1000, test_samples=500, seed=3)
-    arrays = load_snapshot(tmp_path / SNAPSHOT)
+    arrays = load_snapshot(RunDir(tmp_path).snapshot)
     assert arrays["x_train"].shape == (1000, 784) and arrays["x_test"].shape == (500, 784)
     assert arrays["x_train"].dtype == np.float32
     assert 0.0 <= arrays["x_train"].min() and arrays["x_train"].max() <= 1.0
@@ -56,7 +57,7 @@ def test_npz_in_keras_layout(tmp_path):
               "y_test": np.arange(30) % 10}
     np.savez(tmp_path / "m.npz", **arrays)
     record = fetch_data(tmp_path / "run", str(tmp_path / "m.npz"), 40, 30)
-    got = load_snapshot(tmp_path / "run" / SNAPSHOT)
+    got = load_snapshot(RunDir(tmp_path / "run").snapshot)
     np.testing.assert_allclose(got["x_train"], arrays["x_train"].reshape(40, 784) / 255.0,
                                rtol=1e-6)
     np.testing.assert_array_equal(got["y_test"], arrays["y_test"])
@@ -69,7 +70,7 @@ def test_csv_with_header_is_split_stratified(tmp_path):
     pd.DataFrame(table, columns=[f"p{i}" for i in range(784)] + ["label"]).to_csv(
         tmp_path / "d.csv", index=False)
     fetch_data(tmp_path / "run", str(tmp_path / "d.csv"), 100, 50)
-    got = load_snapshot(tmp_path / "run" / SNAPSHOT)
+    got = load_snapshot(RunDir(tmp_path / "run").snapshot)
     assert np.bincount(got["y_test"], minlength=10).tolist() == [5] * 10
 
 
@@ -88,7 +89,7 @@ def test_bad_npz_is_refused_with_one_line(tmp_path, make, message):
     with pytest.raises(BadInputError, match=message) as info:
         fetch_data(tmp_path / "run", str(path), 5, 5)
     assert "\n" not in str(info.value)
-    assert not (tmp_path / "run" / SNAPSHOT).exists()
+    assert not (RunDir(tmp_path / "run").snapshot).exists()
 
 
 def test_too_many_samples_is_refused(tmp_path):
@@ -120,9 +121,9 @@ def test_second_fetch_reuses_the_snapshot(tmp_path):
 
 def test_a_missing_snapshot_does_not_let_other_data_in(tmp_path):
     fetch_data(tmp_path, "bundled", 100, 50, seed=1)
-    (tmp_path / SNAPSHOT).unlink()
+    (RunDir(tmp_path).snapshot).unlink()
     with pytest.raises(BadInputError, match="already holds different data"):
         fetch_data(tmp_path, "bundled", 100, 50, seed=2)
-    assert not (tmp_path / SNAPSHOT).exists()
+    assert not (RunDir(tmp_path).snapshot).exists()
     fetch_data(tmp_path, "bundled", 100, 50, seed=1)  # the run's own data is restored
-    assert (tmp_path / SNAPSHOT).exists()
+    assert (RunDir(tmp_path).snapshot).exists()

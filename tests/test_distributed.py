@@ -2,7 +2,7 @@
 
 Each strategy run is compared with one-device training on the same global batch. Dropout is off
 in these comparisons: with it, each replica draws its own slice's mask from the same RNG state,
-so the trajectories differ by design (see tasks/distributed.py). What remains is float32
+so the trajectories differ by design (see ckptflow.training.strategy_loop). What remains is float32
 summation order, hence a tolerance instead of bit-identity.
 """
 
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ckptflow.core.checkpoints import CheckpointStore
+from ckptflow.core.manifest import read_manifest
+from ckptflow.stages.prepare import prepare_run
+from ckptflow.stages.resume import restore_model
+from ckptflow.training.stage import train_with_checkpoints
 from conftest import REPO, small_config
-from test_train import prepare
-
-from tasks.checkpoints import CheckpointStore
-from tasks.manifest import read_manifest
-from tasks.resume import restore_model
-from tasks.train import train_with_checkpoints
 
 DRIVER = str(REPO / "tests" / "distributed_driver.py")
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
@@ -35,7 +34,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_SERVER_ANALYTICS_ENAB
 
 def one_device_weights(run_dir: Path, epochs: int) -> list[np.ndarray]:
     config = small_config(run_dir, epochs=epochs, dropout=0.0)
-    record = train_with_checkpoints(run_dir, config, prepare(config))
+    record = train_with_checkpoints(run_dir, config, prepare_run(config))
     return [v.numpy() for v in restore_model(run_dir, record.checkpoint).weights]
 
 
@@ -143,8 +142,8 @@ def test_two_workers_killed_and_restarted_resume_and_match_one_device(tmp_path):
 
 @pytest.mark.parametrize("tf_config", [None, '{"cluster": {}}', '{"cluster": {"worker": ["h:1"]}}'])
 def test_multi_worker_without_a_valid_tf_config_is_one_line_naming_the_fix(monkeypatch, tf_config):
-    from tasks.distributed import strategy_for
-    from tasks.errors import BadInputError
+    from ckptflow.core.errors import BadInputError
+    from ckptflow.training.cluster import strategy_for
 
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)

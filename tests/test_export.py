@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-
-from tasks.data import load_snapshot
-from tasks.files import sha256_path
-from tasks.formats import FORMATS
-from tasks.manifest import read_manifest
+from ckptflow.core.files import sha256_path
+from ckptflow.core.formats import FORMATS
+from ckptflow.core.manifest import read_manifest
+from ckptflow.core.snapshot import load_snapshot
 
 # Tests of the one finished default run stay on one pytest worker, so it runs once.
 pytestmark = pytest.mark.xdist_group("finished_run")
@@ -20,8 +19,7 @@ def _load_and_predict(fmt: str, path, x, identity: dict):
     """Load an export as a user of that format would, independently of ckptflow's registry."""
     import keras
     import tensorflow as tf
-
-    from tasks.model import Standardize, build_model
+    from ckptflow.tutorial.model import Standardize, create_model
 
     if fmt == "litert":
         from ai_edge_litert.interpreter import Interpreter
@@ -44,7 +42,7 @@ def _load_and_predict(fmt: str, path, x, identity: dict):
     if fmt in ("keras", "h5"):
         return keras.models.load_model(path, custom_objects={"Standardize": Standardize}) \
             .predict(x, verbose=0)
-    model = build_model(identity["units"], identity["dropout"], identity["learning_rate"],
+    model = create_model(identity["units"], identity["dropout"], identity["learning_rate"],
                         identity["seed"])
     if fmt == "weights_h5":
         model.load_weights(path)

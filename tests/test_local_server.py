@@ -29,11 +29,11 @@ def port_is_closed(port: int) -> bool:
 
 def test_a_flow_runs_on_the_early_server_which_stops_afterwards():
     result = run_script("""
-        import flows.prefect_defaults
+        from ckptflow.flows.process_defaults import apply_process_defaults; apply_process_defaults()
         import asyncio, os
         from prefect import flow, task
         from prefect.client.orchestration import get_client
-        from flows.local_server import temporary_server
+        from ckptflow.flows.local_server import temporary_server
 
         @task
         def double(x):
@@ -70,9 +70,9 @@ def test_a_flow_runs_on_the_early_server_which_stops_afterwards():
 
 def test_a_server_that_does_not_come_up_hands_over_to_prefects_own():
     result = run_script("""
-        import flows.prefect_defaults
+        from ckptflow.flows.process_defaults import apply_process_defaults; apply_process_defaults()
         import subprocess, sys
-        import flows.local_server as local_server
+        import ckptflow.flows.local_server as local_server
         from prefect.settings import get_current_settings
 
         # a real process that exits at once, as uvicorn does when it cannot start
@@ -88,9 +88,9 @@ def test_a_server_that_does_not_come_up_hands_over_to_prefects_own():
 
 def test_a_configured_api_url_is_left_alone():
     result = run_script("""
-        import flows.prefect_defaults
+        from ckptflow.flows.process_defaults import apply_process_defaults; apply_process_defaults()
         import os
-        from flows.local_server import temporary_server
+        from ckptflow.flows.local_server import temporary_server
 
         with temporary_server() as wait_until_ready:
             wait_until_ready()

@@ -9,11 +9,10 @@ import sys
 import time
 
 import pytest
+from ckptflow.core.lock import RunDirBusy, run_dir_lock
 from conftest import REPO, small_config
 
-from tasks.lock import RunDirBusy, run_dir_lock
-
-HOLD = ("import sys, time\nfrom tasks.lock import run_dir_lock\n"
+HOLD = ("import sys, time\nfrom ckptflow.core.lock import run_dir_lock\n"
         "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n"
         "    time.sleep(float(sys.argv[2]))\n")
 
@@ -67,7 +66,7 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
 
 @pytest.mark.usefixtures("prefect_server")
 def test_a_flow_on_a_busy_run_dir_fails_with_the_lock_error_and_writes_nothing(tmp_path):
-    from flows.train_pipeline import train_pipeline
+    from ckptflow.flows.train_pipeline import train_pipeline
 
     holder = hold_lock(tmp_path, 60)
     try:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import yaml
+from ckptflow.config import SweepConfig, TrainConfig
 from conftest import REPO
-
-from tasks.config import SweepConfig, TrainConfig
 
 # flow name -> its one parameter and that parameter's typed model
 PARAMETERS = {"train-pipeline": ("config", TrainConfig), "sweep": ("sweep", SweepConfig)}

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from ckptflow.config import SweepConfig, describe_validation_error, grid_points
+from ckptflow.core.checkpoints import CheckpointStore
+from ckptflow.core.manifest import read_manifest
+from ckptflow.stages.sweep import SUMMARY, is_finished
 from conftest import tree_digest
 from pydantic import ValidationError
-
-from tasks.checkpoints import CheckpointStore
-from tasks.config import SweepConfig, describe_validation_error, grid_points
-from tasks.manifest import read_manifest
-from tasks.sweep import SUMMARY, is_finished
 
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
 GRID = ["--units", "16,24,32", "--dropout", "0", "--learning-rate", "0.001"]

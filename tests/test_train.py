@@ -6,21 +6,16 @@ import shutil
 
 import pandas as pd
 import pytest
+from ckptflow.core.checkpoints import CheckpointStore
+from ckptflow.core.errors import BadInputError, InjectedFailure
+from ckptflow.core.resume_point import find_resume_point
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.save_policy import SavePolicy
+from ckptflow.stages.build_model import build_model_stage
+from ckptflow.stages.prepare import prepare_run
+from ckptflow.stages.resume import restore_model
+from ckptflow.training.stage import train_with_checkpoints
 from conftest import small_config, tree_digest, weights_digest
-
-from tasks.checkpoints import CheckpointStore
-from tasks.data import fetch_data
-from tasks.errors import BadInputError, InjectedFailure
-from tasks.model import build_model_stage
-from tasks.resume import find_resume_point, restore_model
-from tasks.train import HISTORY, SavePolicy, train_with_checkpoints
-
-
-def prepare(config):
-    data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
-                      config.seed)
-    build_model_stage(config.run_dir, config.identity())
-    return data
 
 
 def final_digest(run_dir, record) -> str:
@@ -29,10 +24,10 @@ def final_digest(run_dir, record) -> str:
 
 def test_fresh_training_counts_epochs_batches_and_optimizer_steps(tmp_path):
     config = small_config(tmp_path, epochs=2)
-    record = train_with_checkpoints(tmp_path, config, prepare(config))
+    record = train_with_checkpoints(tmp_path, config, prepare_run(config))
     assert (record.epoch, record.step, record.start_epoch, record.resumed_from) == (2, 16, 0, None)
     assert int(restore_model(tmp_path, record.checkpoint).optimizer.iterations) == 16
-    history = pd.read_csv(tmp_path / HISTORY)
+    history = pd.read_csv(RunDir(tmp_path).history)
     assert history["epoch"].tolist() == [1, 2]
     assert list(history.columns) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
     assert history["loss"].iloc[1] < history["loss"].iloc[0]
@@ -59,7 +54,7 @@ def test_the_save_policy_keeps_mid_epoch_saves_within_the_time_budget():
 
 def test_the_default_budget_skips_mid_epoch_saves_that_would_cost_too_much(tmp_path):
     config = small_config(tmp_path, epochs=1, checkpoint_budget=0.02)
-    train_with_checkpoints(tmp_path, config, prepare(config))
+    train_with_checkpoints(tmp_path, config, prepare_run(config))
     # a save takes tens of milliseconds and an epoch here well under a second: after the first
     # mid-epoch save (batch 3) the budget defers the rest; the epoch end is always saved
     names = [c.name for c in CheckpointStore(tmp_path / "checkpoints").all()]
@@ -68,18 +63,18 @@ def test_the_default_budget_skips_mid_epoch_saves_that_would_cost_too_much(tmp_p
 
 def test_more_epochs_continue_from_the_latest_checkpoint(tmp_path):
     config = small_config(tmp_path, epochs=2)
-    data = prepare(config)
+    data = prepare_run(config)
     train_with_checkpoints(tmp_path, config, data)
     record = train_with_checkpoints(tmp_path, small_config(tmp_path, epochs=3), data)
     assert (record.start_epoch, record.start_batch, record.epoch) == (2, 0, 3)
     assert record.batches_trained == 8 and record.step == 24
     assert record.resumed_from == "checkpoints/cp-0002"
-    assert pd.read_csv(tmp_path / HISTORY)["epoch"].tolist() == [1, 2, 3]
+    assert pd.read_csv(RunDir(tmp_path).history)["epoch"].tolist() == [1, 2, 3]
 
 
 def test_a_complete_run_trains_nothing(tmp_path):
     config = small_config(tmp_path, epochs=1)
-    data = prepare(config)
+    data = prepare_run(config)
     first = train_with_checkpoints(tmp_path, config, data)
     before = tree_digest(tmp_path / "checkpoints")
     again = train_with_checkpoints(tmp_path, config, data)
@@ -89,10 +84,10 @@ def test_a_complete_run_trains_nothing(tmp_path):
 
 def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     straight = small_config(tmp_path / "straight", epochs=3)
-    reference = train_with_checkpoints(straight.run_dir, straight, prepare(straight))
+    reference = train_with_checkpoints(straight.run_dir, straight, prepare_run(straight))
 
     resumed = small_config(tmp_path / "resumed", epochs=2)
-    data = prepare(resumed)
+    data = prepare_run(resumed)
     train_with_checkpoints(resumed.run_dir, resumed, data)
     # as if killed 6 batches into epoch 2: its end-of-epoch checkpoint never got written
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "cp-0002")
@@ -103,13 +98,13 @@ def test_resume_mid_epoch_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert (record.start_epoch, record.start_batch, record.batches_trained) == (1, 6, 10)
     assert record.step == reference.step == 24
     assert final_digest(resumed.run_dir, record) == final_digest(straight.run_dir, reference)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed" / HISTORY),
-                                  pd.read_csv(tmp_path / "straight" / HISTORY), rtol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_csv(RunDir(tmp_path / "resumed").history),
+                                  pd.read_csv(RunDir(tmp_path / "straight").history), rtol=1e-5)
 
 
 def test_fault_drill_fails_once_after_the_committed_epoch(tmp_path):
     config = small_config(tmp_path, epochs=3, fail_after_epoch=1)
-    data = prepare(config)
+    data = prepare_run(config)
     with pytest.raises(InjectedFailure):
         train_with_checkpoints(tmp_path, config, data)
     assert CheckpointStore(tmp_path / "checkpoints").latest().name == "cp-0001"
@@ -121,7 +116,7 @@ def test_fault_drill_fails_once_after_the_committed_epoch(tmp_path):
                                     {"batch_size": 16}])
 def test_resuming_with_other_settings_is_refused_and_nothing_changes(tmp_path, change):
     config = small_config(tmp_path, epochs=1)
-    data = prepare(config)
+    data = prepare_run(config)
     train_with_checkpoints(tmp_path, config, data)
     before = tree_digest(tmp_path)
     with pytest.raises(BadInputError, match="trained with other settings") as info:
@@ -132,7 +127,7 @@ def test_resuming_with_other_settings_is_refused_and_nothing_changes(tmp_path, c
 
 def test_checkpoints_without_commit_records_are_refused_not_silently_restarted(tmp_path):
     config = small_config(tmp_path, epochs=1)
-    data = prepare(config)
+    data = prepare_run(config)
     train_with_checkpoints(tmp_path, config, data)
     for commit in (tmp_path / "checkpoints").glob("cp-*/COMMIT.json"):
         commit.unlink()
@@ -144,7 +139,7 @@ def test_checkpoints_without_commit_records_are_refused_not_silently_restarted(t
 
 def test_a_missing_untrained_model_does_not_let_other_settings_in(tmp_path):
     config = small_config(tmp_path, epochs=1)
-    data = prepare(config)
+    data = prepare_run(config)
     train_with_checkpoints(tmp_path, config, data)
     (tmp_path / "model" / "initial.keras").unlink()
     before = tree_digest(tmp_path)
@@ -163,12 +158,12 @@ def test_no_deterministic_really_leaves_op_determinism_off(tmp_path):
         "import sys\nfrom pathlib import Path\n"
         "sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/tests')\n"
         "from conftest import small_config\n"
-        "from test_train import prepare\n"
-        "from tasks.train import train_with_checkpoints\n"
+        "from ckptflow.stages.prepare import prepare_run\n"
+        "from ckptflow.training.stage import train_with_checkpoints\n"
         "from tensorflow.python.framework import config as tf_config\n"
         "for flag in (False, True):\n"
         "    c = small_config(Path(sys.argv[2]) / str(flag), epochs=1, deterministic=flag)\n"
-        "    train_with_checkpoints(c.run_dir, c, prepare(c))\n"
+        "    train_with_checkpoints(c.run_dir, c, prepare_run(c))\n"
         "    print(flag, tf_config.is_op_determinism_enabled())\n")
     result = subprocess.run([sys.executable, "-c", code, str(REPO), str(tmp_path)],
                             capture_output=True, text=True, timeout=300)

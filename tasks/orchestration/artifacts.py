@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ckptflow.config import TrainConfig
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-
-from tasks.config import TrainConfig
 
 
 def artifact_key(run_dir: str, what: str) -> str:
@@ -30,8 +29,9 @@ class EpochProgress:
             progress=0.0, key=artifact_key(config.run_dir, "progress"),
             description=f"Epochs done of {config.epochs} in {config.run_dir}")
 
-    def update(self, row: dict[str, Any], state: dict[str, Any]) -> None:
-        self.set(state["epoch"])
+    def update(self, row: dict[str, Any], state: Any) -> None:
+        """An epoch callback: `row` is the history row of the epoch just committed."""
+        self.set(row["epoch"])
 
     def set(self, epochs_done: int) -> None:
         update_progress_artifact(self.artifact_id,

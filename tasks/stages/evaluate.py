@@ -6,20 +6,20 @@ import io
 import logging
 from pathlib import Path
 
+from ckptflow.config import TrainConfig
+from ckptflow.core.files import atomic_write_bytes, sha256_file
+from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from ckptflow.core.resume_point import CheckpointRef
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import DataRecord, load_snapshot
+from ckptflow.orchestration.caching import cache_while_present
+from ckptflow.orchestration.retries import retry_options
+from ckptflow.stages.build_model import load_initial_model
+from ckptflow.stages.resume import restore_model
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.config import TrainConfig
-from tasks.data import DataRecord, load_snapshot
-from tasks.files import atomic_write_bytes, sha256_file
-from tasks.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
-from tasks.model import INITIAL_MODEL, load_keras_model
-from tasks.policy import cache_while_present, retry_options
-from tasks.resume import CheckpointRef, restore_model
-
 log = logging.getLogger("ckptflow.evaluate")
-
-EVALUATION = Path("metrics") / "evaluation.csv"
 
 
 class EvaluationRecord(BaseModel):
@@ -38,18 +38,18 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     """Restore `checkpoint.path` into a fresh model and evaluate both it and the untrained one."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    recorded = read_manifest(run_dir).get("evaluation")
+    run = RunDir(run_dir)
+    recorded = read_manifest(run).get("evaluation")
     if (recorded and recorded["checkpoint"] == checkpoint.path
             and recorded.get("commit_sha256") == checkpoint.commit_sha256
-            and recorded.get("csv_sha256") == _sha_or_none(run_dir / EVALUATION)):
+            and recorded.get("csv_sha256") == _sha_or_none(run.evaluation)):
         log.info("evaluation of %s already on disk: reusing it", checkpoint.path)
         return EvaluationRecord(**recorded)
-    arrays = load_snapshot(run_dir / data.path, keys=("x_test", "y_test"))
+    arrays = load_snapshot(run.root / data.path, keys=("x_test", "y_test"))
     x, y = arrays["x_test"], arrays["y_test"]
     results = {}
-    for name, model in (("untrained", load_keras_model(run_dir / INITIAL_MODEL)),
-                        ("trained", restore_model(run_dir, checkpoint.path))):
+    for name, model in (("untrained", load_initial_model(run)),
+                        ("trained", restore_model(run, checkpoint.path))):
         results[name] = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
     record = EvaluationRecord(
         checkpoint=checkpoint.path, epoch=checkpoint.epoch,
@@ -57,16 +57,15 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
         test_accuracy=float(results["trained"]["accuracy"]),
         untrained_loss=float(results["untrained"]["loss"]),
         untrained_accuracy=float(results["untrained"]["accuracy"]),
-        path=EVALUATION.as_posix())
+        path=run.relative(run.evaluation))
     rows = evaluation_rows(record)
     buffer = io.StringIO()
     pd.DataFrame(rows).to_csv(buffer, index=False)
-    atomic_write_bytes(run_dir / EVALUATION, buffer.getvalue().encode())
-    update_manifest(run_dir, evaluation={**record.model_dump(),
-                                         "commit_sha256": checkpoint.commit_sha256,
-                                         "csv_sha256": sha256_file(run_dir / EVALUATION)})
-    set_artifacts(run_dir, "evaluation", [artifact_entry(run_dir, run_dir / EVALUATION,
-                                                         "evaluation", "csv")])
+    atomic_write_bytes(run.evaluation, buffer.getvalue().encode())
+    update_manifest(run, evaluation={**record.model_dump(),
+                                     "commit_sha256": checkpoint.commit_sha256,
+                                     "csv_sha256": sha256_file(run.evaluation)})
+    set_artifacts(run, "evaluation", [artifact_entry(run, run.evaluation, "evaluation", "csv")])
     log.info("untrained model: accuracy %.1f%%; trained (%s, epoch %d): accuracy %.1f%%",
              100 * record.untrained_accuracy, checkpoint.path, checkpoint.epoch,
              100 * record.test_accuracy)
@@ -89,10 +88,10 @@ def evaluation_rows(record: EvaluationRecord) -> list[dict]:
 
 
 @task(name="evaluate", **retry_options(),
-      cache_key_fn=cache_while_present(lambda p: [Path(p["config"].run_dir) / EVALUATION]))
+      cache_key_fn=cache_while_present(lambda p: [RunDir(p["config"].run_dir).evaluation]))
 def evaluate_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointRef) -> EvaluationRecord:
     """Evaluate the latest checkpoint; skipped while its evaluation is on disk for this checkpoint."""
-    from tasks.reporting import publish_evaluation
+    from ckptflow.orchestration.artifacts import publish_evaluation
 
     record = evaluate(config.run_dir, data, checkpoint)
     summary = (f"## {config.run_dir}: evaluation\n\n"

@@ -1,12 +1,13 @@
 """export-each-format: write the trained model in every format, load each back, and compare.
 
-The formats come from the registry in `tasks/formats.py`. Each export is written under a
+The formats come from the registry in `ckptflow.core.formats`. Each export is written under a
 temporary name, loaded back the way a user would and checked against the trained model's
 predictions before it replaces an earlier export.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -15,24 +16,22 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from ckptflow.config import TrainConfig
+from ckptflow.core.checkpoints import STATE
+from ckptflow.core.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
+from ckptflow.core.formats import predict_logits, select_formats
+from ckptflow.core.manifest import artifact_entry, set_artifacts
+from ckptflow.core.resume_point import CheckpointRef
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import DataRecord, load_snapshot
+from ckptflow.orchestration.caching import cache_while_present
+from ckptflow.orchestration.retries import retry_options
+from ckptflow.stages.resume import restore_model
+from ckptflow.tutorial.model import build_from_identity
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.checkpoints import STATE
-from tasks.config import TrainConfig
-from tasks.data import DataRecord, load_snapshot
-from tasks.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
-from tasks.formats import select_formats
-from tasks.manifest import artifact_entry, set_artifacts
-from tasks.model import predict_logits
-from tasks.policy import cache_while_present, retry_options
-from tasks.resume import CheckpointRef, restore_model
-
 log = logging.getLogger("ckptflow.export")
-
-EXPORTS = Path("exports")
-INDEX = EXPORTS / "exports.json"
-REFERENCE = EXPORTS / "reference_predictions.npy"
 
 
 class ExportRecord(BaseModel):
@@ -53,94 +52,95 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
 
     `formats=None` exports every format whose packages are installed, and logs the others.
     """
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     chosen, skipped = select_formats(formats)
     for note in skipped:
         log.warning("export %s", note)
     names = [f.name for f in chosen]
-    reusable = intact_exports(run_dir, checkpoint)
+    reusable = intact_exports(run, checkpoint)
     if reusable is not None and [r.format for r in reusable] == names:
         log.info("exports of %s already on disk and unchanged: reusing them", checkpoint.path)
         return reusable
-    for abandoned in (run_dir / EXPORTS).glob(".tmp-*"):  # left by a killed export
+    for abandoned in run.exports.glob(".tmp-*"):  # left by a killed export
         shutil.rmtree(abandoned, ignore_errors=True)
-    arrays = load_snapshot(run_dir / data.path, keys=("x_test", "y_test"))
+    arrays = load_snapshot(run.root / data.path, keys=("x_test", "y_test"))
     x, y = arrays["x_test"], arrays["y_test"]
-    model = restore_model(run_dir, checkpoint.path)
-    identity = model_identity(run_dir, checkpoint)
+    model = restore_model(run, checkpoint.path)
+    fresh_model = functools.partial(build_from_identity, model_identity(run, checkpoint))
     reference = predict_logits(model, x)
     # Every file is written and checked in one staging directory first; only when all of them
     # pass do they (and the reference they were checked against) replace the previous set.
-    staging = run_dir / EXPORTS / f".tmp-{uuid.uuid4().hex[:8]}"
+    staging = run.exports / f".tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
         checked = []
         for fmt in chosen:
             fmt.save(model, staging / fmt.filename)
-            predictions = fmt.predict(staging / fmt.filename, x, identity)
+            predictions = fmt.predict(staging / fmt.filename, x, fresh_model)
             diff = float(np.max(np.abs(predictions - reference)))
             if not diff <= fmt.tolerance:
                 raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
                                    f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
             checked.append((fmt, float(np.mean(np.argmax(predictions, axis=1) == y)), diff))
-        atomic_write_bytes(staging / REFERENCE.name, _npy_bytes(reference))
+        atomic_write_bytes(staging / run.reference.name, _npy_bytes(reference))
         for fmt, _, _ in checked:
-            publish(staging / fmt.filename, run_dir / EXPORTS / fmt.filename)
-        publish(staging / REFERENCE.name, run_dir / REFERENCE)
+            publish(staging / fmt.filename, run.exports / fmt.filename)
+        publish(staging / run.reference.name, run.reference)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     records = []
     for fmt, accuracy, diff in checked:
-        entry = artifact_entry(run_dir, run_dir / EXPORTS / fmt.filename, "export", fmt.name)
+        entry = artifact_entry(run, run.exports / fmt.filename, "export", fmt.name)
         records.append(ExportRecord(format=fmt.name, path=entry["path"], sha256=entry["sha256"],
                                     bytes=entry["bytes"], test_accuracy=accuracy,
                                     max_abs_diff=diff, loader=fmt.loader))
         log.info("export %-13s %9d bytes  accuracy %.4f  max |diff| %.1e", fmt.name,
                  entry["bytes"], accuracy, diff)
-    reference_entry = artifact_entry(run_dir, run_dir / REFERENCE, "reference", "npy",
+    reference_entry = artifact_entry(run, run.reference, "reference", "npy",
                                      checkpoint=checkpoint.path)
-    set_artifacts(run_dir, "export", [
+    set_artifacts(run, "export", [
         {"kind": "export", **r.model_dump(), "checkpoint": checkpoint.path} for r in records])
-    set_artifacts(run_dir, "reference", [reference_entry])
-    atomic_write_json(run_dir / INDEX, {"checkpoint": checkpoint.path,
+    set_artifacts(run, "reference", [reference_entry])
+    atomic_write_json(run.export_index, {"checkpoint": checkpoint.path,
                                         "commit_sha256": checkpoint.commit_sha256,
                                         "reference_sha256": reference_entry["sha256"],
                                         "exports": [r.model_dump() for r in records]})
     return records
 
 
-def intact_exports(run_dir: Path, checkpoint: CheckpointRef) -> list[ExportRecord] | None:
+def intact_exports(run_dir: str | Path, checkpoint: CheckpointRef) -> list[ExportRecord] | None:
     """The exports recorded for `checkpoint`, if every file still matches its SHA-256."""
+    run = RunDir(run_dir)
     try:
-        index = json.loads((Path(run_dir) / INDEX).read_text())
+        index = json.loads(run.export_index.read_text())
     except (OSError, ValueError):
         return None
     if index.get("commit_sha256") != checkpoint.commit_sha256:
         return None
-    reference = Path(run_dir) / REFERENCE
-    if not reference.exists() or sha256_path(reference) != index.get("reference_sha256"):
+    if not run.reference.exists() or sha256_path(run.reference) != index.get("reference_sha256"):
         return None
     records = [ExportRecord(**r) for r in index["exports"]]
     for r in records:
-        path = Path(run_dir) / r.path
+        path = run.root / r.path
         if not path.exists() or sha256_path(path) != r.sha256:
             return None
     return records
 
 
-def export_outputs(run_dir: Path) -> list[Path]:
+def export_outputs(run_dir: str | Path) -> list[Path]:
     """The export index, the reference predictions and every export: intact for a cache hit."""
+    run = RunDir(run_dir)
     try:
-        index = json.loads((Path(run_dir) / INDEX).read_text())
-        return [Path(run_dir) / INDEX, Path(run_dir) / REFERENCE] + [
-            Path(run_dir) / r["path"] for r in index["exports"]]
+        index = json.loads(run.export_index.read_text())
+        return [run.export_index, run.reference] + [run.root / r["path"] for r in index["exports"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
 
-def model_identity(run_dir: Path, checkpoint: CheckpointRef) -> dict:
+def model_identity(run_dir: str | Path, checkpoint: CheckpointRef) -> dict:
     """The settings the checkpoint was trained with, to rebuild its architecture."""
-    return json.loads((run_dir / checkpoint.path / STATE).read_text())["identity"]
+    return json.loads((RunDir(run_dir).root / checkpoint.path / STATE).read_text())["identity"]
+
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -150,12 +150,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 @task(name="export-each-format", **retry_options(),
-      cache_key_fn=cache_while_present(lambda p: export_outputs(Path(p["config"].run_dir))))
+      cache_key_fn=cache_while_present(lambda p: export_outputs(p["config"].run_dir)))
 def export_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointRef) -> list[ExportRecord]:
     """Export and verify every format; skipped while the exports of this checkpoint are on disk."""
+    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_table_artifact
-
-    from tasks.reporting import artifact_key
 
     records = export_each_format(config.run_dir, data, checkpoint, config.formats)
     create_table_artifact(

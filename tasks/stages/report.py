@@ -12,32 +12,28 @@ import io
 import logging
 from pathlib import Path
 
+from ckptflow.config import TrainConfig
+from ckptflow.core.files import atomic_write_bytes
+from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts
+from ckptflow.core.run_dir import RunDir
 from prefect import task
 
-from tasks.config import TrainConfig
-from tasks.files import atomic_write_bytes
-from tasks.manifest import artifact_entry, read_manifest, set_artifacts
-from tasks.train import HISTORY
-
 log = logging.getLogger("ckptflow.report")
-
-REPORT = Path("report.md")
-CURVE = Path("metrics") / "training_curve.png"
 
 
 def write_report(run_dir: str | Path) -> str:
     """Write `report.md` and `metrics/training_curve.png`; return the markdown."""
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    history = pd.read_csv(run_dir / HISTORY)
-    atomic_write_bytes(run_dir / CURVE, training_curve_png(history))
-    markdown = _markdown(run_dir, manifest, history)
-    atomic_write_bytes(run_dir / REPORT, markdown.encode())
-    set_artifacts(run_dir, "report", [
-        artifact_entry(run_dir, run_dir / REPORT, "report", "markdown"),
-        artifact_entry(run_dir, run_dir / CURVE, "report", "png")])
+    run = RunDir(run_dir)
+    manifest = read_manifest(run)
+    history = pd.read_csv(run.history)
+    atomic_write_bytes(run.curve, training_curve_png(history))
+    markdown = _markdown(run, manifest, history)
+    atomic_write_bytes(run.report, markdown.encode())
+    set_artifacts(run, "report", [
+        artifact_entry(run, run.report, "report", "markdown"),
+        artifact_entry(run, run.curve, "report", "png")])
     return markdown
 
 
@@ -63,14 +59,14 @@ def training_curve_png(history) -> bytes:
     return buffer.getvalue()
 
 
-def _markdown(run_dir: Path, manifest: dict, history) -> str:
+def _markdown(run: RunDir, manifest: dict, history) -> str:
     data, training = manifest.get("data", {}), manifest.get("training", {})
     evaluation, model = manifest.get("evaluation", {}), manifest.get("model", {})
     config = manifest.get("parameters") or {}
     attempts = training.get("attempts", [])
     resumed = attempts[-1]["resumed_from"] if attempts else None
     lines = [
-        f"# ckptflow run `{run_dir.name}`",
+        f"# ckptflow run `{run.root.name}`",
         "",
         f"- **Data**: {data.get('source')} ({data.get('reason')}), "
         f"{data.get('train_samples')} train / {data.get('test_samples')} test images, "
@@ -88,9 +84,9 @@ def _markdown(run_dir: Path, manifest: dict, history) -> str:
         "## Training curve",
         "",
         f"![training curve](data:image/png;base64,"
-        f"{base64.b64encode((run_dir / CURVE).read_bytes()).decode()})",
+        f"{base64.b64encode(run.curve.read_bytes()).decode()})",
         "",
-        f"(also `{CURVE.as_posix()}` in the run directory)",
+        f"(also `{run.relative(run.curve)}` in the run directory)",
         "",
         "## Per-epoch metrics",
         "",
@@ -115,15 +111,15 @@ def _markdown(run_dir: Path, manifest: dict, history) -> str:
 def report_task(config: TrainConfig) -> str:
     """Write the run report and show it (and the metrics table) as keyed Prefect artifacts."""
     import pandas as pd
+    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.reporting import artifact_key
-
-    markdown = write_report(config.run_dir)
+    run = RunDir(config.run_dir)
+    markdown = write_report(run)
     create_markdown_artifact(markdown=markdown, key=artifact_key(config.run_dir, "report"),
                              description=f"ckptflow report of {config.run_dir}")
-    history = pd.read_csv(Path(config.run_dir) / HISTORY).round(4).to_dict(orient="records")
+    history = pd.read_csv(run.history).round(4).to_dict(orient="records")
     create_table_artifact(table=history, key=artifact_key(config.run_dir, "history"),
                           description=f"Per-epoch metrics of {config.run_dir}")
-    log.info("report: %s", Path(config.run_dir) / REPORT)
-    return str(Path(config.run_dir) / REPORT)
+    log.info("report: %s", run.report)
+    return str(run.report)

@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ckptflow.config import GRID_FIELDS, SweepConfig, TrainConfig
+from ckptflow.core.files import atomic_write_bytes
+from ckptflow.core.lock import run_dir_lock
+from ckptflow.core.manifest import read_manifest
+from ckptflow.orchestration.logs import route_logs_to_prefect
+from ckptflow.orchestration.retries import retry_options
 from prefect import task
-
-from tasks.config import GRID_FIELDS, SweepConfig, TrainConfig
-from tasks.files import atomic_write_bytes
-from tasks.lock import run_dir_lock
-from tasks.manifest import read_manifest
-from tasks.policy import retry_options
 
 log = logging.getLogger("ckptflow.sweep")
 
@@ -41,15 +41,12 @@ def run_point(config: TrainConfig) -> dict[str, Any]:
     if is_finished(config):
         log.info("%s: finished earlier, skipped", config.run_dir)
         return point_row(config, "skipped")
-    from tasks.data import fetch_data
-    from tasks.evaluate import evaluate
-    from tasks.model import build_model_stage
-    from tasks.train import train_with_checkpoints
+    from ckptflow.stages.evaluate import evaluate
+    from ckptflow.stages.prepare import prepare_run
+    from ckptflow.training.stage import train_with_checkpoints
 
     with run_dir_lock(config.run_dir, config.wait_for_lock):
-        data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
-                          config.seed)
-        build_model_stage(config.run_dir, config.identity())
+        data = prepare_run(config)
         trained = train_with_checkpoints(config.run_dir, config, data)
         evaluate(config.run_dir, data, trained.checkpoint_ref())
     return point_row(config, "resumed" if trained.resumed_from else "trained")
@@ -99,15 +96,15 @@ def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
 @task(name="sweep-point", task_run_name="point {config.run_dir}", **retry_options())
 def sweep_point_task(config: TrainConfig) -> dict[str, Any]:
     """One grid point; a retry (or the next sweep run) resumes it from its latest checkpoint."""
+    route_logs_to_prefect()  # it runs in a Dask worker process, which imported no flow module
     return run_point(config)
 
 
 @task(name="sweep-summary")
 def sweep_summary_task(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     """Rank the points into SWEEP_DIR/summary.md and a keyed markdown artifact."""
+    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_markdown_artifact
-
-    from tasks.reporting import artifact_key
 
     markdown = summary_markdown(sweep, rank(rows))
     atomic_write_bytes(Path(sweep.sweep_dir) / SUMMARY, markdown.encode())

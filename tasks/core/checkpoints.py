@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import BadInputError
-from tasks.files import fsync_dir, publish, sha256_file
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.files import fsync_dir, publish, sha256_file
 
 log = logging.getLogger("ckptflow.checkpoints")
 

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import BadInputError
+from ckptflow.core.errors import BadInputError
 
 _CHUNK = 1 << 20
 

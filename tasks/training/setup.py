@@ -1,0 +1,192 @@
+"""What both training loops share: start a run (fresh or resumed), close epochs, finish with a record.
+
+`start_training` checks the data snapshot, finds the resume point, builds the model and either
+loads the untrained weights or restores the latest checkpoint. `EpochOutputs` writes what an
+epoch leaves beside its checkpoint (history CSV, TensorBoard, log line). `finish_training`
+writes the history and the manifest and returns the stage's `TrainRecord`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from ckptflow.config import TrainConfig
+from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
+from ckptflow.core.files import atomic_write_bytes
+from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from ckptflow.core.resume_point import CheckpointRef, find_resume_point
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import Arrays, DataRecord, load_verified
+from ckptflow.training.faults import maybe_fail_after_epoch
+from ckptflow.training.state import TrainState
+from pydantic import BaseModel
+
+log = logging.getLogger("ckptflow.train")
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+
+EpochCallback = Callable[[dict[str, Any], TrainState], None]
+BatchCallback = Callable[[TrainState], None]
+
+
+class TrainRecord(BaseModel):
+    """What train-with-checkpoints left: the final checkpoint and how this attempt got there."""
+
+    checkpoint: str
+    commit_sha256: str
+    epoch: int
+    batch: int
+    step: int
+    resumed_from: str | None
+    start_epoch: int
+    start_batch: int
+    batches_trained: int
+    best_val_accuracy: float | None
+    history_path: str
+
+    def checkpoint_ref(self) -> CheckpointRef:
+        """The final checkpoint alone: what evaluation and export depend on."""
+        return CheckpointRef(path=self.checkpoint, commit_sha256=self.commit_sha256,
+                             epoch=self.epoch, batch=self.batch, step=self.step)
+
+
+@dataclass
+class TrainingStart:
+    """A training attempt as it begins: its arrays, state, and the checkpoint it resumed from."""
+
+    arrays: Arrays
+    state: TrainState
+    resumed: Checkpoint | None
+    resumed_from: str | None
+    start_epoch: int
+    start_batch: int
+    start_step: int
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The batch order of one epoch: a permutation derived from (seed, epoch) alone.
+
+    Unlike `fit(shuffle=True)` under a global seed (the same order every epoch), each epoch gets
+    a fresh order, and a resumed run recomputes exactly the order it was interrupted in.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def optimizer_step(model) -> int:
+    """The optimizer's iteration count (`.numpy()`: int() alone refuses a MirroredVariable)."""
+    return int(model.optimizer.iterations.numpy())
+
+
+def start_training(run: RunDir, config: TrainConfig, data: DataRecord, model,
+                   announce: bool = True) -> TrainingStart:
+    """Load the verified snapshot and put `model` where training continues: the untrained
+    weights for a new run, or everything the latest valid checkpoint holds."""
+    arrays = load_verified(run.root / data.path, data)
+    point = find_resume_point(run, config.identity(), data.data_sha256)
+    if point is None:
+        model.load_weights(run.initial_model)
+        state = TrainState.fresh(config.identity(), data.data_sha256, config.model_dump())
+        resumed = None
+    else:  # every worker of a strategy restores from the chief's committed checkpoint
+        resumed = Checkpoint(run.root / point.path, point.epoch, point.batch, point.step)
+        state = TrainState.from_json(CheckpointStore(run.checkpoints).restore(resumed, model))
+        state.config = config.model_dump()
+    if optimizer_step(model) != state.step:
+        raise RuntimeError(f"{resumed.path if resumed else run.initial_model}: optimizer restored "
+                           f"at step {optimizer_step(model)}, state says {state.step}")
+    if announce and resumed is not None:
+        log.info("resuming from %s: epoch %d, batch %d, optimizer step %d", resumed.name,
+                 state.epoch, state.batch, state.step)
+    if announce and state.epoch >= config.epochs:
+        log.info("run already has %d epochs (asked for %d): nothing to train", state.epoch,
+                 config.epochs)
+    return TrainingStart(arrays=arrays, state=state, resumed=resumed,
+                         resumed_from=point.path if point else None, start_epoch=state.epoch,
+                         start_batch=state.batch, start_step=state.step)
+
+
+class EpochOutputs:
+    """What each committed epoch leaves beside its checkpoint: history CSV, TensorBoard scalars,
+    a log line, the caller's callback and the fault drill. Written by the chief only."""
+
+    def __init__(self, run: RunDir, config: TrainConfig, state: TrainState,
+                 on_epoch_end: EpochCallback | None):
+        import tensorflow as tf
+
+        self.run, self.config, self.on_epoch_end = run, config, on_epoch_end
+        self.summaries = (tf.summary.create_file_writer(str(run.tensorboard))
+                          if state.epoch < config.epochs else None)
+
+    def epoch_committed(self, state: TrainState, row: dict[str, Any], checkpoint: str) -> None:
+        """Once the epoch's checkpoint is committed: history, TensorBoard, log, callback, drill."""
+        write_history(self.run, state.history)
+        self._write_tensorboard(row)
+        log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
+                 "(checkpoint %s)", row["epoch"], self.config.epochs, row["loss"], row["accuracy"],
+                 row["val_loss"], row["val_accuracy"], checkpoint)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(row, state)
+        maybe_fail_after_epoch(self.run, self.config, state.epoch)
+
+    def close(self) -> None:
+        if self.summaries is not None:
+            self.summaries.close()
+
+    def _write_tensorboard(self, row: dict[str, Any]) -> None:
+        """Per-epoch scalars for `tensorboard --logdir RUN_DIR/tensorboard`, named as Keras'
+        callback names them (train/epoch_loss, validation/epoch_accuracy, ...)."""
+        import tensorflow as tf
+
+        with self.summaries.as_default():
+            for name in HISTORY_COLUMNS[1:]:
+                split = "validation" if name.startswith("val_") else "train"
+                tf.summary.scalar(f"{split}/epoch_{name.removeprefix('val_')}", row[name],
+                                  step=row["epoch"])
+        self.summaries.flush()
+
+
+def write_history(run: RunDir, history: list[dict[str, Any]]) -> None:
+    """The per-epoch history as `metrics/history.csv`, atomically."""
+    import pandas as pd
+
+    buffer = io.StringIO()
+    pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(buffer, index=False)
+    atomic_write_bytes(run.history, buffer.getvalue().encode())
+
+
+def finish_training(run: RunDir, config: TrainConfig, store: CheckpointStore, start: TrainingStart,
+                    state: TrainState, latest: Checkpoint, **attempt: Any) -> TrainRecord:
+    """Write the history and the manifest's training section; return the stage's record.
+
+    `attempt` adds fields to this attempt's manifest entry (how a strategy spread it).
+    """
+    write_history(run, state.history)  # also after a kill between checkpoint and CSV
+    record = TrainRecord(
+        checkpoint=run.relative(latest.path), commit_sha256=latest.commit_sha256(),
+        epoch=state.epoch, batch=latest.batch, step=state.step, resumed_from=start.resumed_from,
+        start_epoch=start.start_epoch, start_batch=start.start_batch,
+        batches_trained=state.step - start.start_step,
+        best_val_accuracy=state.best["val_accuracy"], history_path=run.relative(run.history))
+    attempts = read_manifest(run).get("training", {}).get("attempts", [])
+    attempts.append({
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "resumed_from": record.resumed_from, "start_epoch": record.start_epoch,
+        "start_batch": record.start_batch, "end_epoch": record.epoch,
+        "batches_trained": record.batches_trained, **attempt,
+    })
+    update_manifest(run, parameters=config.model_dump(),
+                    training={**record.model_dump(), "attempts": attempts})
+    set_artifacts(run, "checkpoint", [  # only checkpoints that match their commit records
+        artifact_entry(run, c.path, "checkpoint", "ckptflow-checkpoint", epoch=c.epoch,
+                       batch=c.batch, step=c.step) for c in store.all() if store.verify(c) is None])
+    set_artifacts(run, "history", [artifact_entry(run, run.history, "history", "csv")])
+    set_artifacts(run, "tensorboard", [
+        artifact_entry(run, run.tensorboard, "tensorboard", "tfevents")]
+        if run.tensorboard.is_dir() else [])
+    return record

@@ -1,0 +1,77 @@
+"""train-with-checkpoints: train to `epochs`, resuming from the latest checkpoint, saving as it goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptflow.config import TrainConfig
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.lock import run_dir_lock
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import DataRecord
+from ckptflow.orchestration.retries import retry_options
+from ckptflow.training.cluster import describe_worker, is_chief, strategy_for, wait_for_chief
+from ckptflow.training.fit_loop import train_on_one_device
+from ckptflow.training.setup import BatchCallback, EpochCallback, TrainRecord
+from prefect import task
+
+
+def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataRecord,
+                           on_epoch_end: EpochCallback | None = None,
+                           on_batch_end: BatchCallback | None = None) -> TrainRecord:
+    """Train until `config.epochs` epochs are done, continuing from the latest valid checkpoint.
+
+    Checkpoints are committed at every epoch end and every `config.save_every_batches` batches,
+    as `config.checkpoint_budget` allows (see SavePolicy). With the same seed, a run stopped and
+    resumed any number of times ends with the same weights as a run that was never stopped.
+    Holds the run directory's lock while it trains.
+
+    Example:
+        data = prepare_run(config)
+        record = train_with_checkpoints(config.run_dir, config, data)
+
+    Args:
+        on_epoch_end: called with the epoch's history row and the state, after its checkpoint.
+        on_batch_end: called with the state after every batch (progress, fault drills).
+    """
+    if config.strategy != "default":  # tf.distribute only when asked for
+        from ckptflow.training.strategy_loop import train_with_strategy
+
+        return train_with_strategy(run_dir, config, data, on_epoch_end, on_batch_end)
+    with run_dir_lock(run_dir, config.wait_for_lock):
+        return train_on_one_device(RunDir(run_dir), config, data, on_epoch_end, on_batch_end)
+
+
+def run_worker(config: TrainConfig, wait_seconds: float) -> dict:
+    """A non-chief worker of a multi-worker run: join, wait for the chief's data, train along."""
+    if config.strategy != "multi-worker":
+        raise BadInputError(f"ckptflow worker joins a multi-worker run. Received: "
+                            f"strategy={config.strategy!r}. Expected: --strategy multi-worker.")
+    strategy = strategy_for(config.strategy)  # first, before any TensorFlow op
+    if is_chief(strategy):
+        raise BadInputError("this process is the chief (TF_CONFIG task index 0); start it with "
+                            "`ckptflow run --strategy multi-worker`, and the others with "
+                            "`ckptflow worker`.")
+    from ckptflow.training.strategy_loop import train_with_strategy
+
+    return train_with_strategy(config.run_dir, config, wait_for_chief(config, wait_seconds))
+
+
+@task(name="train-with-checkpoints", **retry_options())
+def train_task(config: TrainConfig, data: DataRecord) -> TrainRecord:
+    """Train with checkpoints; a retry resumes from the newest checkpoint, not from zero."""
+    from ckptflow.orchestration.artifacts import EpochProgress
+
+    progress = EpochProgress(config)
+    record = train_with_checkpoints(config.run_dir, config, data, on_epoch_end=progress.update)
+    progress.set(record.epoch)  # also for a resumed or already complete run
+    return record
+
+
+@task(name="join-cluster")
+def join_cluster_task(config: TrainConfig) -> str:
+    """Create the tf.distribute strategy now, before any stage runs a TensorFlow op."""
+    if config.strategy == "default":
+        return "one device"
+    strategy = strategy_for(config.strategy)
+    return f"{config.strategy}: {strategy.num_replicas_in_sync} replicas, {describe_worker(strategy)}"
