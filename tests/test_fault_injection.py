@@ -28,3 +28,6 @@ def test_twenty_random_sigkills_end_bit_identical_with_no_corrupt_load(tmp_path)
     assert report["corrupt_checkpoints_loaded"] == 0 and report["corrupt_committed_seen"] == 0
     assert report["resumed_from_checkpoint"] >= 10
     assert report["max_batches_lost"] <= report["save_every_batches"]
+    # the uninterrupted reference run ends with the weights the recorded 200-kill drill had
+    recorded = json.loads((REPO / "bench" / "results" / "fault_injection.json").read_text())
+    assert report["reference_sha256"] == recorded["reference_sha256"]
