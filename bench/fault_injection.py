@@ -261,10 +261,11 @@ def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int
               kills_per_round: int = 8) -> DrillReport:
     """Kill training `kills` times over rounds of fresh run directories; compare each round's
     final weights with one uninterrupted reference run."""
+    import tensorflow  # noqa: F401  (imported once here; every child is forked from this process)
+
     import ckptflow.stages.fetch_data  # noqa: F401
     import ckptflow.training.stage  # noqa: F401
     import ckptflow.tutorial.model  # noqa: F401
-    import tensorflow  # noqa: F401  (imported once here; every child is forked from this process)
 
     work_dir = Path(work_dir)
     rng = random.Random(seed)

@@ -12,7 +12,7 @@ import sys
 import types
 import typing
 
-from ckptflow.config import NOT_SHARED, SweepConfig, TrainConfig
+from ckptflow.config import NOT_SHARED, SweepConfig, TrainConfig, grid_points
 from ckptflow.flows.process_defaults import apply_process_defaults
 
 EXIT_BAD_INPUT = 2
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "without losing work: checkpoints every N batches and every epoch, resume from the "
         "latest valid checkpoint, evaluation, and an export in every format.",
         epilog="Run the same command again to resume an unfinished run, or to be told it is "
-        "complete. See README.md.")
+        "complete. Exit status: 0 done; 1 failed, and running the same command again resumes "
+        "it; 2 bad input or a condition to fix first (the one-line message says what), nothing "
+        "changed. See README.md.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
         "run", help="run the whole pipeline locally (Prefect's temporary local API; no server)",
@@ -148,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
     if args.command == "verify":
         return run_verify(args.run_dir, args.json)
+    from pydantic import ValidationError
+
     from ckptflow.config import describe_validation_error
     from ckptflow.core.errors import BadInputError
-    from pydantic import ValidationError
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")}
     try:
@@ -165,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if args.command == "worker":
         return run_worker(config, args.wait_for_chief)
+    from ckptflow.stages.preflight import check_request
+
+    try:  # before Prefect's server starts and TensorFlow loads: bad input costs seconds
+        for point in grid_points(config) if args.command == "sweep" else [config]:
+            check_request(point)
+    except BadInputError as exc:
+        print(f"ckptflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from ckptflow.flows.local_server import temporary_server
 
     # If Prefect starts its own temporary server (the fallback) it stops it at exit and logs it;

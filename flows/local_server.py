@@ -17,9 +17,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from ckptflow.core.errors import BadInputError
 
 
 def _free_port() -> int:
@@ -48,6 +51,17 @@ def _healthy(api_url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def unreachable(api_url: str) -> str | None:
+    """Why nothing answers at `api_url`, or None when a server answers (with any status)."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=5):
+            return None
+    except urllib.error.HTTPError:  # a server answered, if only to refuse
+        return None
+    except (OSError, ValueError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -100,6 +114,11 @@ def temporary_server() -> Iterator[Callable[[], None]]:
 
     settings = get_current_settings()
     if settings.api.url:
+        problem = unreachable(settings.api.url)
+        if problem:
+            raise BadInputError(f"the Prefect API at {settings.api.url} is unreachable ({problem}). "
+                                "Start that server, correct PREFECT_API_URL, or unset it to run "
+                                "on a temporary local server.")
         yield lambda: None
         return
     ensure_logging_setup()

@@ -12,6 +12,8 @@ from ckptflow.flows.process_defaults import apply_process_defaults
 
 apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
 # isort: on
+from prefect import flow  # noqa: E402
+
 from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
 from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
 from ckptflow.stages.sweep import (  # noqa: E402
@@ -20,7 +22,6 @@ from ckptflow.stages.sweep import (  # noqa: E402
     sweep_point_task,
     sweep_summary_task,
 )
-from prefect import flow  # noqa: E402
 
 
 @flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}")

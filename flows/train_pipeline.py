@@ -11,9 +11,13 @@ from ckptflow.flows.process_defaults import apply_process_defaults
 
 apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
 # isort: on
+from prefect import flow  # noqa: E402
+
 from ckptflow.config import TrainConfig  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
+from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
 from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
 from ckptflow.stages.build_model import build_model_task  # noqa: E402
 from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
 from ckptflow.stages.export import export_task  # noqa: E402
@@ -22,7 +26,6 @@ from ckptflow.stages.report import report_task  # noqa: E402
 from ckptflow.stages.resume import resume_from_latest_task  # noqa: E402
 from ckptflow.stages.verify import start_loader, verify_task  # noqa: E402
 from ckptflow.training.stage import join_cluster_task, train_task  # noqa: E402
-from prefect import flow  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
@@ -35,7 +38,9 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     the run directory.
     """
     route_logs_to_prefect()
-    with run_dir_lock(config.run_dir, config.wait_for_lock):
+    with no_flow_retry_on_bad_input(), \
+            run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
+        mark_crashed(abandoned, config.run_dir)
         join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
         data = fetch_data_task(config)
         build_model_task(config)

@@ -99,6 +99,9 @@ class TrainConfig(BaseModel):
         unknown = [f for f in value or [] if f not in FORMAT_NAMES]
         if unknown:
             raise ValueError(f"unknown export format {unknown}. Expected some of {list(FORMAT_NAMES)}")
+        repeated = sorted({f for f in value or [] if value.count(f) > 1})
+        if repeated:
+            raise ValueError(f"export format {repeated} is named twice. Expected each format once")
         return value or None
 
     def identity(self) -> dict:

@@ -24,10 +24,11 @@ def main(run_dir: str, config_json: str, steps_json: str, logical_cpus: int = 0)
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus)
+    from conftest import small_config
+
     from ckptflow.stages.prepare import prepare_run
     from ckptflow.training.cluster import strategy_for
     from ckptflow.training.stage import train_with_checkpoints
-    from conftest import small_config
 
     overrides = json.loads(config_json)
     strategy_for(overrides["strategy"])  # before the first TensorFlow op

@@ -7,9 +7,10 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import weights_digest
+
 from ckptflow.core.checkpoints import COMMIT, CheckpointStore, rng_variables
 from ckptflow.tutorial.model import create_model
-from conftest import weights_digest
 
 
 def _trained_model(batches: int, seed: int = 1):

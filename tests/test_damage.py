@@ -8,13 +8,14 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import small_config
+
 from ckptflow.core.checkpoints import CheckpointStore, CheckpointWriteError
 from ckptflow.core.errors import is_transient
 from ckptflow.core.manifest import read_manifest
 from ckptflow.stages.prepare import prepare_run
 from ckptflow.training.stage import train_with_checkpoints
 from ckptflow.tutorial.model import create_model
-from conftest import small_config
 
 
 def test_a_flipped_byte_in_the_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tree_digest
+
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import data_digest, load_snapshot
 from ckptflow.stages.fetch_data import fetch_data
-from conftest import tree_digest
 
 
 def test_bundled_is_stratified_scaled_and_snapshotted(tmp_path):

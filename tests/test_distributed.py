@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, small_config
+
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.manifest import read_manifest
 from ckptflow.stages.prepare import prepare_run
 from ckptflow.stages.resume import restore_model
 from ckptflow.training.stage import train_with_checkpoints
-from conftest import REPO, small_config
 
 DRIVER = str(REPO / "tests" / "distributed_driver.py")
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")

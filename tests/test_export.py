@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from ckptflow.core.files import sha256_path
 from ckptflow.core.formats import FORMATS
 from ckptflow.core.manifest import read_manifest
@@ -19,6 +20,7 @@ def _load_and_predict(fmt: str, path, x, identity: dict):
     """Load an export as a user of that format would, independently of ckptflow's registry."""
     import keras
     import tensorflow as tf
+
     from ckptflow.tutorial.model import Standardize, create_model
 
     if fmt == "litert":

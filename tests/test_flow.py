@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import small_config, tree_digest
+
 from ckptflow.core.errors import InjectedFailure
 from ckptflow.core.files import sha256_path
 from ckptflow.core.manifest import read_manifest
 from ckptflow.flows.train_pipeline import train_pipeline
-from conftest import small_config, tree_digest
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -68,8 +69,9 @@ def test_a_new_flow_run_skips_finished_stages(tmp_path):
 
 
 def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path):
-    from ckptflow.stages.fetch_data import fetch_data_task
     from prefect import flow
+
+    from ckptflow.stages.fetch_data import fetch_data_task
 
     @flow(retries=0)
     def fetch_only(config) -> tuple:

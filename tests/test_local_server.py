@@ -86,7 +86,7 @@ def test_a_server_that_does_not_come_up_hands_over_to_prefects_own():
     assert "did not come up (exit code 3); Prefect starts its own instead" in result.stderr
 
 
-def test_a_configured_api_url_is_left_alone():
+def test_a_configured_api_url_is_left_alone(prefect_api_url):
     result = run_script("""
         from ckptflow.flows.process_defaults import apply_process_defaults; apply_process_defaults()
         import os
@@ -95,7 +95,7 @@ def test_a_configured_api_url_is_left_alone():
         with temporary_server() as wait_until_ready:
             wait_until_ready()
             print("URL", os.environ["PREFECT_API_URL"])
-    """, PREFECT_API_URL="http://127.0.0.1:9/api")
+    """, PREFECT_API_URL=prefect_api_url)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "URL http://127.0.0.1:9/api" in result.stdout
+    assert f"URL {prefect_api_url}" in result.stdout
     assert "Starting temporary server" not in result.stderr

@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
-from ckptflow.core.lock import RunDirBusy, run_dir_lock
 from conftest import REPO, small_config
+
+from ckptflow.core.lock import RunDirBusy, run_dir_lock
 
 HOLD = ("import sys, time\nfrom ckptflow.core.lock import run_dir_lock\n"
         "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n"
@@ -52,7 +53,17 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ckptflow"):
         with run_dir_lock(tmp_path):
             pass
-    assert f"from pid {holder.pid}, which is no longer running" in caplog.text
+    assert f"from pid {holder.pid} on " in caplog.text and "ended without releasing it" in caplog.text
+
+
+def test_a_lock_released_normally_leaves_no_record_of_a_holder(tmp_path, caplog):
+    holder = hold_lock(tmp_path, 0)
+    holder.wait()
+    assert (tmp_path / ".lock").read_text() == ""
+    with caplog.at_level(logging.WARNING, logger="ckptflow"):
+        with run_dir_lock(tmp_path) as abandoned:
+            assert abandoned is None
+    assert "taking over" not in caplog.text
 
 
 def test_the_lock_is_reentrant_within_a_process(tmp_path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 import threading
 
-from ckptflow.tutorial.model import create_model
 from conftest import weights_digest
+
+from ckptflow.tutorial.model import create_model
 
 
 def test_initial_weights_do_not_depend_on_other_threads_drawing_random_numbers():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 
 import yaml
-from ckptflow.config import SweepConfig, TrainConfig
 from conftest import REPO
+
+from ckptflow.config import SweepConfig, TrainConfig
 
 # flow name -> its one parameter and that parameter's typed model
 PARAMETERS = {"train-pipeline": ("config", TrainConfig), "sweep": ("sweep", SweepConfig)}

@@ -256,8 +256,9 @@ def test_a_failed_deployment_run_retried_resumes_from_its_checkpoint(failed_then
 
 def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
     run_dir, _, _, completed, _ = failed_then_retried
-    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from ckptflow.orchestration.artifacts import artifact_key
 
     with _client(stack) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -305,11 +306,12 @@ def _rendered_report(driver):
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="no chromium/chromedriver installed (apt-get install chromium chromium-driver)")
 def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, tmp_path):
-    from ckptflow.orchestration.artifacts import artifact_key
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    from ckptflow.orchestration.artifacts import artifact_key
 
     completed = failed_then_retried[3]
     options = webdriver.ChromeOptions()

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tree_digest
+from pydantic import ValidationError
+
 from ckptflow.config import SweepConfig, describe_validation_error, grid_points
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.manifest import read_manifest
 from ckptflow.stages.sweep import SUMMARY, is_finished
-from conftest import tree_digest
-from pydantic import ValidationError
 
 CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
 GRID = ["--units", "16,24,32", "--dropout", "0", "--learning-rate", "0.001"]

@@ -6,6 +6,8 @@ import shutil
 
 import pandas as pd
 import pytest
+from conftest import small_config, tree_digest, weights_digest
+
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError, InjectedFailure
 from ckptflow.core.resume_point import find_resume_point
@@ -15,7 +17,6 @@ from ckptflow.stages.build_model import build_model_stage
 from ckptflow.stages.prepare import prepare_run
 from ckptflow.stages.resume import restore_model
 from ckptflow.training.stage import train_with_checkpoints
-from conftest import small_config, tree_digest, weights_digest
 
 
 def final_digest(run_dir, record) -> str:

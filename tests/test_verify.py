@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ckptflow.config import FORMAT_NAMES
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import sha256_path

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptflow.core.errors import BadInputError
-from ckptflow.core.files import fsync_dir, publish, sha256_file
+from ckptflow.core.files import atomic_write_bytes, fsync_dir, publish, sha256_file
 
 log = logging.getLogger("ckptflow.checkpoints")
 
@@ -209,13 +209,22 @@ class CheckpointStore:
         fsync_dir(self.directory)
 
     def _update_tf_index(self) -> None:
-        import tensorflow as tf
-
         kept = self._committed()
         if kept:
-            tf.compat.v1.train.update_checkpoint_state(
-                str(self.directory), model_checkpoint_path=f"{kept[-1].name}/{TF_PREFIX}",
-                all_model_checkpoint_paths=[f"{c.name}/{TF_PREFIX}" for c in kept])
+            write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in kept])
+
+
+def write_tf_index(directory: Path, prefixes: list[str]) -> None:
+    """The `checkpoint` file by which `tf.train.latest_checkpoint(directory)` finds the last of
+    `prefixes`, each relative to `directory`.
+
+    Written here rather than by `tf.compat.v1.train.update_checkpoint_state`, which turns a path
+    under a relative directory into one relative to the current directory (`../../../cp-0010`),
+    so that a run directory named relatively, or moved, kept an index that pointed nowhere.
+    """
+    lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
+    lines += [f'all_model_checkpoint_paths: "{p}"' for p in prefixes]
+    atomic_write_bytes(Path(directory) / "checkpoint", ("\n".join(lines) + "\n").encode())
 
 
 def _tf_write_errors() -> tuple[type[BaseException], ...]:

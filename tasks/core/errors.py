@@ -1,5 +1,7 @@
 """Error types that decide what Prefect retries and what the CLI prints as one line."""
 
+from __future__ import annotations
+
 
 class BadInputError(ValueError):
     """A problem with what the user asked for: never retried, printed as one line.
@@ -29,3 +31,9 @@ def is_transient(exc: BaseException | None) -> bool:
     if exc is None or isinstance(exc, BadInputError):
         return False
     return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def describe_difference(old: dict, new: dict, before: str = "run has") -> str:
+    """`units: run has 512, requested 64; ...` for every key whose value differs."""
+    return ", ".join(f"{k}: {before} {old.get(k)!r}, requested {new.get(k)!r}"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ckptflow.core.checkpoints import write_tf_index
 from ckptflow.core.errors import BadInputError
 
 ModelFactory = Callable[[], object]  # a fresh, compiled keras.Model of the run's architecture
@@ -95,6 +97,7 @@ def _save_tf_checkpoint(model, path: Path) -> None:
 
     path.mkdir()
     tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(path / "ckpt"))
+    write_tf_index(path, ["ckpt"])  # so `tf.train.latest_checkpoint(path)` finds it
 
 
 def _predict_tf_checkpoint(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:

@@ -1,7 +1,8 @@
 """One run at a time per run directory: an exclusive `flock` on RUN_DIR/.lock.
 
 The kernel drops the lock when the holding process exits or is killed, so a lock left behind by a
-killed run is free for the next one; the file only says who held it last. Re-entrant within a
+killed run is free for the next one. The file names its holder while it is held and is emptied
+on release, so a record that the next holder finds was left by a holder that died. Re-entrant within a
 thread, so the flow and the stage it calls can both hold it; another thread of the same process
 opens its own descriptor and is refused like another process.
 """
@@ -35,11 +36,15 @@ class RunDirBusy(BadInputError):
 
 
 @contextmanager
-def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0) -> Iterator[None]:
+def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0,
+                 note: dict | None = None) -> Iterator[dict | None]:
     """Hold the run directory exclusively; wait up to `wait_seconds` for another holder.
 
+    Yields the record of a previous holder that died holding it (killed, crashed: it never
+    released it), or None. `note` is kept in this holder's record, for whoever finds it dead.
+
     Example:
-        with run_dir_lock("runs/demo"):
+        with run_dir_lock("runs/demo") as abandoned:
             train_with_checkpoints(...)
 
     Raises:
@@ -56,7 +61,7 @@ def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0) -> Iterator[Non
             reentered = False
     if reentered:
         try:
-            yield
+            yield None
         finally:
             with _guard:
                 _held[key][1] -= 1
@@ -64,20 +69,23 @@ def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0) -> Iterator[Non
 
     lock_file = open(RunDir(run_dir).lock, "a+")  # held open while the lock is held
     try:
-        _acquire(lock_file, run_dir, wait_seconds)
+        abandoned = _acquire(lock_file, run_dir, wait_seconds, note or {})
         with _guard:
             _held[key] = [lock_file, 1]
         try:
-            yield
+            yield abandoned
         finally:
             with _guard:
                 del _held[key]
+            lock_file.seek(0)
+            lock_file.truncate()  # released: an empty record means nobody died holding it
+            lock_file.flush()
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     finally:
         lock_file.close()
 
 
-def _acquire(lock_file, run_dir: Path, wait_seconds: float) -> None:
+def _acquire(lock_file, run_dir: Path, wait_seconds: float, note: dict) -> dict | None:
     deadline = time.monotonic() + wait_seconds
     announced = False
     while True:
@@ -96,15 +104,16 @@ def _acquire(lock_file, run_dir: Path, wait_seconds: float) -> None:
                 announced = True
             time.sleep(_POLL_S)
     previous = _read_holder_record(lock_file)
-    if previous and previous.get("pid") != os.getpid() and previous.get("host") == socket.gethostname() \
-            and not _alive(previous.get("pid")):
-        log.warning("taking over run directory %s from pid %s, which is no longer running",
-                    run_dir, previous.get("pid"))
+    abandoned = previous if isinstance(previous, dict) and previous.get("pid") else None
+    if abandoned:  # the kernel freed the lock of a holder that never released it: it died
+        log.warning("taking over run directory %s from pid %s on %s, which ended without "
+                    "releasing it", run_dir, abandoned.get("pid"), abandoned.get("host"))
     lock_file.seek(0)
     lock_file.truncate()
     lock_file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                "since": datetime.now(UTC).isoformat(timespec="seconds")}))
+                                "since": datetime.now(UTC).isoformat(timespec="seconds"), **note}))
     lock_file.flush()
+    return abandoned
 
 
 def _read_holder_record(lock_file) -> dict | None:
@@ -119,13 +128,3 @@ def _read_holder(lock_file) -> str:
     record = _read_holder_record(lock_file) or {}
     return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} since "
             f"{record.get('since', '?')}")
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, TypeError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True

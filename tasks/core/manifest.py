@@ -29,6 +29,9 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text())
+    except PermissionError as exc:
+        raise BadInputError(f"cannot read {path} ({exc.strerror}). Ask its owner to make it "
+                            "readable, or use a copy you can read.") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(
             f"{path} is not valid JSON ({exc}). Restore it from a backup or move the run "

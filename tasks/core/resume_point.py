@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
-from ckptflow.core.errors import BadInputError
-from ckptflow.core.run_dir import RunDir
 from pydantic import BaseModel
+
+from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
+from ckptflow.core.errors import BadInputError, describe_difference
+from ckptflow.core.run_dir import RunDir
 
 
 class CheckpointRef(BaseModel):
@@ -40,9 +41,7 @@ def find_resume_point(run_dir: str | Path, identity: dict, data_sha256: str) -> 
         return None
     state = latest.read_state()
     if state.get("identity") != identity:
-        changed = ", ".join(f"{k}: checkpoint has {state.get('identity', {}).get(k)!r}, "
-                            f"requested {identity.get(k)!r}"
-                            for k in identity if state.get("identity", {}).get(k) != identity[k])
+        changed = describe_difference(state.get("identity") or {}, identity, before="checkpoint has")
         raise BadInputError(
             f"run directory {run} was trained with other settings ({changed}). Use another "
             "--run-dir, or the settings the run was started with.")

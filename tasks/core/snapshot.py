@@ -9,9 +9,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
+
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_bytes
-from pydantic import BaseModel
 
 Arrays = dict[str, np.ndarray]
 SPLITS = ("x_train", "y_train", "x_test", "y_test")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from typing import Any
 
-from ckptflow.config import TrainConfig
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -13,11 +14,18 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from ckptflow.config import TrainConfig
+
 
 def artifact_key(run_dir: str, what: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) naming the run directory."""
-    slug = re.sub(r"[^a-z0-9]+", "-", run_dir.lower()).strip("-")[-40:].strip("-") or "run"
-    return f"ckptflow-{slug}-{what}"
+    """A Prefect artifact key (lowercase letters, digits, dashes) naming the run directory.
+
+    Keys allow no other characters, so `runs/a/r1`, `runs/a_r1` and `RUNS/A/R1` read alike; a
+    digest of the path as given tells them apart.
+    """
+    path = os.path.normpath(run_dir)
+    slug = re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-")[-32:].strip("-") or "run"
+    return f"ckptflow-{slug}-{hashlib.sha256(path.encode()).hexdigest()[:8]}-{what}"
 
 
 class EpochProgress:

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckptflow.core.files import sha256_path
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
+
+from ckptflow.core.files import sha256_path
 
 
 def cache_while_present(outputs: Callable[[dict[str, Any]], list[Path]]) -> Callable:

@@ -1,11 +1,14 @@
-"""How stage tasks retry: I/O and network errors with backoff, never bad input or bugs."""
+"""How stages and flows retry: I/O and network errors with backoff, never bad input or bugs."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from ckptflow.core.errors import is_transient
 from prefect.tasks import exponential_backoff
+
+from ckptflow.core.errors import BadInputError, is_transient
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -25,3 +28,25 @@ def retry_options(retries: int = 3) -> dict[str, Any]:
         "retry_jitter_factor": 0.5,
         "retry_condition_fn": retry_if_transient,
     }
+
+
+@contextlib.contextmanager
+def no_flow_retry_on_bad_input() -> Iterator[None]:
+    """Inside a flow: bad input ends the flow run Failed at once instead of retrying it.
+
+    Prefect retries a failed flow run whatever failed it (the server's RetryFailedFlows rule
+    reads only the run's policy), and flows take no retry condition. Bad input fails the same
+    way every time, so before the error leaves the flow the run's policy is set to no retries.
+    """
+    try:
+        yield
+    except BadInputError:
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None:
+            policy = context.flow_run.empirical_policy.model_copy(update={"retries": 0})
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(context.flow_run.id, empirical_policy=policy)
+        raise

@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from prefect import task
+from pydantic import BaseModel
+
 from ckptflow.config import TrainConfig
-from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import publish, sha256_file
 from ckptflow.core.formats import load_keras_model
+from ckptflow.core.identity import check_same_model
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.tutorial.model import build_from_identity
-from prefect import task
-from pydantic import BaseModel
 
 log = logging.getLogger("ckptflow.model")
 
@@ -37,11 +38,7 @@ def build_model_stage(run_dir: str | Path, identity: dict) -> ModelRecord:
     run = RunDir(run_dir)
     path = run.initial_model
     recorded = read_manifest(run).get("model")
-    if recorded and recorded["identity"] != identity:  # whether or not the file is still there
-        raise BadInputError(
-            f"run directory {run} was started with a different model "
-            f"({describe_difference(recorded['identity'], identity)}). Use another --run-dir, or "
-            "the original settings.")
+    check_same_model(run, recorded, identity)  # whether or not the file is still there
     if recorded and path.exists() and sha256_file(path) == recorded["sha256"]:
         return ModelRecord(**recorded)
     model = build_from_identity(identity)
@@ -60,12 +57,6 @@ def build_model_stage(run_dir: str | Path, identity: dict) -> ModelRecord:
 def load_initial_model(run_dir: str | Path):
     """The run's untrained model, loaded from its file (this module registers its layers)."""
     return load_keras_model(RunDir(run_dir).initial_model)
-
-
-def describe_difference(old: dict, new: dict) -> str:
-    """`units: run has 512, requested 64, ...` for every key whose value differs."""
-    return ", ".join(f"{k}: run has {old.get(k)!r}, requested {new.get(k)!r}"
-                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
 @task(name="build-model", **retry_options())

@@ -6,6 +6,9 @@ import io
 import logging
 from pathlib import Path
 
+from prefect import task
+from pydantic import BaseModel
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.files import atomic_write_bytes, sha256_file
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
@@ -16,8 +19,6 @@ from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.stages.build_model import load_initial_model
 from ckptflow.stages.resume import restore_model
-from prefect import task
-from pydantic import BaseModel
 
 log = logging.getLogger("ckptflow.evaluate")
 

@@ -16,6 +16,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from prefect import task
+from pydantic import BaseModel
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import STATE
 from ckptflow.core.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
@@ -28,8 +31,6 @@ from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.stages.resume import restore_model
 from ckptflow.tutorial.model import build_from_identity
-from prefect import task
-from pydantic import BaseModel
 
 log = logging.getLogger("ckptflow.export")
 
@@ -153,8 +154,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
       cache_key_fn=cache_while_present(lambda p: export_outputs(p["config"].run_dir)))
 def export_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointRef) -> list[ExportRecord]:
     """Export and verify every format; skipped while the exports of this checkpoint are on disk."""
-    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_table_artifact
+
+    from ckptflow.orchestration.artifacts import artifact_key
 
     records = export_each_format(config.run_dir, data, checkpoint, config.formats)
     create_table_artifact(

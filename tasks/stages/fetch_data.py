@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from prefect import task
+
 from ckptflow.config import TrainConfig
-from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import ensure_writable, sha256_file
+from ckptflow.core.identity import check_same_data
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord, data_digest, load_snapshot, write_snapshot
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.tutorial.data import load_mnist
-from prefect import task
 
 log = logging.getLogger("ckptflow.data")
 
@@ -45,11 +46,7 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
     # The run's data is what the manifest recorded, even if the snapshot file has gone missing.
     existing = data_digest(load_snapshot(snapshot)) if snapshot.exists() else (
         recorded or {}).get("data_sha256")
-    if existing is not None and existing != digest:
-        raise BadInputError(
-            f"run directory {run} already holds different data (sha256 {existing[:12]}, "
-            f"requested {digest[:12]} from data={source!r}). Use another --run-dir, or the "
-            "data, sample counts and seed the run was started with.")
+    check_same_data(run, recorded, existing, request, digest)
     if not snapshot.exists():
         write_snapshot(snapshot, arrays)
     record = DataRecord(source=used, reason=reason, path=run.relative(snapshot),

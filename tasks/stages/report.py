@@ -12,11 +12,12 @@ import io
 import logging
 from pathlib import Path
 
+from prefect import task
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts
 from ckptflow.core.run_dir import RunDir
-from prefect import task
 
 log = logging.getLogger("ckptflow.report")
 
@@ -31,9 +32,10 @@ def write_report(run_dir: str | Path) -> str:
     atomic_write_bytes(run.curve, training_curve_png(history))
     markdown = _markdown(run, manifest, history)
     atomic_write_bytes(run.report, markdown.encode())
+    checkpoint = manifest.get("training", {}).get("checkpoint")  # what the report describes
     set_artifacts(run, "report", [
-        artifact_entry(run, run.report, "report", "markdown"),
-        artifact_entry(run, run.curve, "report", "png")])
+        artifact_entry(run, run.report, "report", "markdown", checkpoint=checkpoint),
+        artifact_entry(run, run.curve, "report", "png", checkpoint=checkpoint)])
     return markdown
 
 
@@ -111,8 +113,9 @@ def _markdown(run: RunDir, manifest: dict, history) -> str:
 def report_task(config: TrainConfig) -> str:
     """Write the run report and show it (and the metrics table) as keyed Prefect artifacts."""
     import pandas as pd
-    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from ckptflow.orchestration.artifacts import artifact_key
 
     run = RunDir(config.run_dir)
     markdown = write_report(run)

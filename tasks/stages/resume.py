@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from prefect import task
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.resume_point import CheckpointRef, find_resume_point
 from ckptflow.core.run_dir import RunDir
 from ckptflow.orchestration.retries import retry_options
-from prefect import task
 
 log = logging.getLogger("ckptflow.resume")
 

@@ -12,13 +12,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+
 from ckptflow.config import GRID_FIELDS, SweepConfig, TrainConfig
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.manifest import read_manifest
 from ckptflow.orchestration.logs import route_logs_to_prefect
 from ckptflow.orchestration.retries import retry_options
-from prefect import task
 
 log = logging.getLogger("ckptflow.sweep")
 
@@ -103,8 +104,9 @@ def sweep_point_task(config: TrainConfig) -> dict[str, Any]:
 @task(name="sweep-summary")
 def sweep_summary_task(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     """Rank the points into SWEEP_DIR/summary.md and a keyed markdown artifact."""
-    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_markdown_artifact
+
+    from ckptflow.orchestration.artifacts import artifact_key
 
     markdown = summary_markdown(sweep, rank(rows))
     atomic_write_bytes(Path(sweep.sweep_dir) / SUMMARY, markdown.encode())

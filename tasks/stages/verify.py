@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from prefect import task
+from pydantic import BaseModel
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.errors import BadInputError, VerificationFailed
 from ckptflow.core.files import sha256_path
@@ -24,8 +27,6 @@ from ckptflow.core.formats import FORMATS
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.orchestration.caching import cache_while_present
-from prefect import task
-from pydantic import BaseModel
 
 log = logging.getLogger("ckptflow.verify")
 
@@ -69,12 +70,62 @@ def verify_run_dir(run_dir: str | Path) -> list[VerifyRow]:
                                     "exports cannot be checked. Re-run the flow on this run "
                                     "directory.")
         _check_exports(run_dir, manifest, exports)
+    return rows + completeness_rows(manifest)
+
+
+def completeness_rows(manifest: dict) -> list[VerifyRow]:
+    """A failed row for each part of a finished run that is missing or stale.
+
+    A finished run has trained (the manifest's training section names its final checkpoint) and
+    has, of that very checkpoint, an evaluation, a report and an export in every requested format
+    (every format that needs no extra package, when none were named). Hashes alone cannot tell:
+    a run killed before its first export, or during the export of a newer checkpoint, lists
+    only files that are intact.
+    """
+    training = manifest.get("training")
+    if not training or "checkpoint" not in training:
+        return [VerifyRow(kind="training", format="-", path="-", ok=False,
+                          problem="not finished: the manifest records no completed training. "
+                          "Run `ckptflow run` on this run directory to finish it.")]
+    final, rows = training["checkpoint"], []
+
+    def failed(kind: str, fmt: str, problem: str) -> None:
+        rows.append(VerifyRow(kind=kind, format=fmt, path="-", ok=False,
+                              problem=f"{problem}; training reached {final}. Run `ckptflow run` "
+                              "on this run directory to bring it up to date."))
+
+    evaluation = manifest.get("evaluation") or {}
+    if evaluation.get("checkpoint") != final or \
+            evaluation.get("commit_sha256", training.get("commit_sha256")) != training.get("commit_sha256"):
+        failed("evaluation", "csv", f"evaluation is of {evaluation.get('checkpoint') or 'nothing'}")
+    artifacts = manifest.get("artifacts", [])
+    reports = [a for a in artifacts if a.get("kind") == "report"]
+    if not reports or any(a.get("checkpoint", final) != final for a in reports):
+        failed("report", "markdown", "report is missing" if not reports else
+               f"report is of {next(a['checkpoint'] for a in reports if a.get('checkpoint') != final)}")
+    exported = {a.get("format"): a for a in artifacts if a.get("kind") == "export"}
+    requested = (manifest.get("parameters") or {}).get("formats") or [
+        f.name for f in FORMATS.values() if not f.requires]
+    for name in requested:
+        entry = exported.get(name)
+        if entry is None:
+            failed("export", name, "requested but not exported")
+        elif entry.get("checkpoint") != final:
+            failed("export", name, f"exported from {entry.get('checkpoint')}")
     return rows
 
 
 def checked_manifest(run_dir: Path) -> dict:
     """The manifest, with a one-line error if it is missing, not JSON, or lacks fields."""
     path = RunDir(run_dir).manifest
+    try:
+        path.stat()
+    except PermissionError as exc:
+        raise BadInputError(f"cannot read run directory {run_dir} ({exc.strerror}). Ask its owner "
+                            f"to make it readable (chmod -R a+rX {run_dir}), or verify a copy "
+                            "you can read.") from exc
+    except OSError:
+        pass
     if not path.is_file():
         raise BadInputError(f"{run_dir} has no {path.name}. Expected a ckptflow run "
                             "directory (made by `ckptflow run`).")
@@ -123,7 +174,12 @@ def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
         row.problem = "missing"
         return row, None
     row.bytes = entry["bytes"]
-    if sha256_path(path) != entry["sha256"]:
+    try:
+        digest = sha256_path(path)
+    except OSError as exc:
+        row.problem = f"unreadable ({exc.strerror})"
+        return row, None
+    if digest != entry["sha256"]:
         row.problem = "SHA-256 does not match the manifest: refused, not opened"
         return row, None
     row.ok = True
@@ -273,8 +329,9 @@ def verify_task(config: TrainConfig) -> list[VerifyRow]:
 
     Skipped (Prefect cache) while every file the manifest lists is unchanged since it passed.
     """
-    from ckptflow.orchestration.artifacts import artifact_key
     from prefect.artifacts import create_table_artifact
+
+    from ckptflow.orchestration.artifacts import artifact_key
 
     rows = verify_run_dir(config.run_dir)
     create_table_artifact(table=[r.model_dump() for r in rows],

@@ -10,6 +10,7 @@ import math
 
 import keras
 import tensorflow as tf
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.run_dir import RunDir

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.files import atomic_write_bytes
@@ -25,7 +27,6 @@ from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import Arrays, DataRecord, load_verified
 from ckptflow.training.faults import maybe_fail_after_epoch
 from ckptflow.training.state import TrainState
-from pydantic import BaseModel
 
 log = logging.getLogger("ckptflow.train")
 

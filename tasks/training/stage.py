@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import task
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.lock import run_dir_lock
@@ -13,7 +15,6 @@ from ckptflow.orchestration.retries import retry_options
 from ckptflow.training.cluster import describe_worker, is_chief, strategy_for, wait_for_chief
 from ckptflow.training.fit_loop import train_on_one_device
 from ckptflow.training.setup import BatchCallback, EpochCallback, TrainRecord
-from prefect import task
 
 
 def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataRecord,

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError

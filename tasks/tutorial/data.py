@@ -2,7 +2,8 @@
 
 `load_mnist` returns the arrays fetch-data snapshots: x flattened to 784 and scaled to [0, 1],
 integer labels 0-9, `train_samples`/`test_samples` of them (a single table is split, stratified,
-by `seed`).
+by `seed`). Raw pixels (integers, or floats up to 255) are divided by 255; floats that are all in
+[0, 1] already, such as a run directory's own snapshot, are taken as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.snapshot import SPLITS, Arrays
 
@@ -101,6 +103,10 @@ def _keras_loader() -> Arrays:
 
 def _read_npz(path: Path) -> Arrays:
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # else numpy takes it for a pickle and says so
+                raise BadInputError(f"{path} is not an .npz file (no zip header). Expected the "
+                                    "arrays x_train, y_train, x_test, y_test saved by numpy.savez.")
         with np.load(path, allow_pickle=False) as npz:
             missing = set(SPLITS) - set(npz.files)
             if missing:
@@ -127,10 +133,11 @@ def _read_csv(path: Path) -> np.ndarray:
     if frame.shape[1] != PIXELS + 1:
         raise BadInputError(f"{path} has {frame.shape[1]} columns. Expected {PIXELS + 1}: "
                             f"{PIXELS} pixels then the label.")
-    try:
-        return frame.to_numpy(dtype=np.float64)
-    except ValueError as exc:
-        raise BadInputError(f"{path} holds non-numeric values ({exc}).") from exc
+    if not all(pd.api.types.is_numeric_dtype(d) for d in frame.dtypes):
+        raise BadInputError(f"{path} holds non-numeric values. Expected numbers only: {PIXELS} "
+                            "pixels then the label per row.")
+    # Integers stay integers: raw 0-255 pixels, told apart from floats already in [0, 1].
+    return frame.to_numpy()
 
 
 # --- validation and split --------------------------------------------------------------------
@@ -171,6 +178,9 @@ def _check_images(x: np.ndarray, source: str) -> np.ndarray:
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
         raise BadInputError(f"{source}: pixel values outside [0, 255]. Expected raw MNIST "
                             "pixel intensities.")
+    if x.dtype.kind == "f" and x.max() <= 1.0:  # e.g. a ckptflow snapshot: never divided twice
+        log.info("data: %s holds floats in [0, 1]: taken as already scaled", source)
+        return x.astype(np.float32)
     # Scaled in float64 then rounded to float32, as always (the data hash depends on it), but
     # a block at a time: 60,000 images as float64 would be two extra 376 MB copies at once.
     scaled = np.empty(x.shape, np.float32)

@@ -1,0 +1,65 @@
+"""Check a run request before anything is touched: seconds, not a training attempt.
+
+`check_request` needs neither TensorFlow nor Prefect, so `ckptflow run` calls it before Prefect's
+server starts: a wrong option, an unusable run directory, a bad data file or a request that
+conflicts with what the run directory already holds is one line and exit 2, with the run
+directory byte for byte as it was. The stages repeat each check where they act on it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from ckptflow.config import TrainConfig
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.formats import select_formats
+from ckptflow.core.identity import check_same_data, check_same_model
+from ckptflow.core.manifest import read_manifest
+from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import data_digest
+from ckptflow.tutorial.data import load_mnist
+
+# Read by the Keras loader, which needs TensorFlow (and maybe the network): left to fetch-data.
+KERAS_SOURCES = ("auto", "keras")
+
+
+def check_request(config: TrainConfig) -> None:
+    """Refuse, with one BadInputError, a request that cannot succeed or would damage the run."""
+    run = RunDir(config.run_dir)
+    check_run_dir(run)
+    select_formats(config.formats)  # a named format whose packages are missing
+    manifest = read_manifest(run) if run.root.is_dir() else {}
+    check_same_model(run, manifest.get("model"), config.identity())
+    check_data(run, config, manifest.get("data"))
+
+
+def check_run_dir(run: RunDir) -> None:
+    """The run directory (or, for a new one, its nearest existing parent) must take files."""
+    if run.root.exists() and not run.root.is_dir():
+        raise BadInputError(f"run directory {run} is a file. Received: --run-dir {run}. Give a "
+                            "directory (it is created if missing), or move the file aside.")
+    existing = next(p for p in [run.root, *run.root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise BadInputError(f"run directory {run} cannot be created: {existing} is a file. "
+                            "Choose another --run-dir.")
+    try:  # a real write, not os.access: root passes access checks on read-only file systems
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ckptflow-write-test-"):
+            pass
+    except OSError as exc:
+        what = "run directory" if existing == run.root else "parent directory"
+        raise BadInputError(f"{what} {existing} is not writable ({exc.strerror}). Fix its "
+                            "permissions, or choose another --run-dir.") from exc
+
+
+def check_data(run: RunDir, config: TrainConfig, recorded: dict | None) -> None:
+    """A data file (or the bundled images) is read and validated; on an existing run, it must be
+    the data the run holds. The same request as recorded is left to fetch-data's reuse."""
+    request = {"source": config.data, "train_samples": config.train_samples,
+               "test_samples": config.test_samples, "seed": config.seed}
+    if recorded and recorded.get("request") == request:
+        return
+    if config.data in KERAS_SOURCES:
+        return
+    arrays, _, _ = load_mnist(config.data, config.train_samples, config.test_samples, config.seed)
+    check_same_data(run, recorded, (recorded or {}).get("data_sha256"), request,
+                    data_digest(arrays))
