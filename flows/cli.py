@@ -15,8 +15,9 @@ import typing
 from ckptflow.config import NOT_SHARED, SweepConfig, TrainConfig, grid_points
 from ckptflow.flows.process_defaults import apply_process_defaults
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
+EXIT_FAILED = 1  # a rerun resumes from the latest checkpoint
+EXIT_BAD_INPUT = 2  # bad input or a condition to fix first; nothing changed
+EXIT_STOPPED = 3  # stopped by SIGTERM/SIGINT after committing a checkpoint; a rerun continues
 
 
 def _option_type(annotation):
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run the same command again to resume an unfinished run, or to be told it is "
         "complete. Exit status: 0 done; 1 failed, and running the same command again resumes "
         "it; 2 bad input or a condition to fix first (the one-line message says what), nothing "
-        "changed. See README.md.")
+        "changed; 3 stopped by SIGTERM or SIGINT after committing a checkpoint, and running it "
+        "again continues from there. See README.md.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
         "run", help="run the whole pipeline locally (Prefect's temporary local API; no server)",
@@ -190,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from ckptflow.flows.train_pipeline import train_pipeline as run_flow
             wait_until_ready()
-            result = run_flow(config)
+            state = run_flow(config, return_state=True)
+            if state.is_cancelled():  # stopped by a signal, its checkpoint committed
+                last_words.append(f"ckptflow: {state.message}")
+                return EXIT_STOPPED
+            result = state.result()  # the flow's own exception, if it failed
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT

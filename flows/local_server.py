@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,7 +62,10 @@ def unreachable(api_url: str) -> str | None:
     except urllib.error.HTTPError:  # a server answered, if only to refuse
         return None
     except (OSError, ValueError) as exc:
-        return str(getattr(exc, "reason", exc))
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):  # a server answered; Prefect's own TLS settings apply
+            return None
+        return str(reason)
 
 
 def _stop(process: subprocess.Popen) -> None:

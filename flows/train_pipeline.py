@@ -12,8 +12,10 @@ from ckptflow.flows.process_defaults import apply_process_defaults
 apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
 # isort: on
 from prefect import flow  # noqa: E402
+from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import TrainConfig  # noqa: E402
+from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
 from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
@@ -35,7 +37,8 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
 
     A failed run retried (by Prefect or by running it again on the same run directory) continues
     from the latest committed checkpoint; finished stages are skipped. One run at a time holds
-    the run directory.
+    the run directory. A SIGTERM or SIGINT during training commits a checkpoint and ends the
+    run Cancelled.
     """
     route_logs_to_prefect()
     with no_flow_retry_on_bad_input(), \
@@ -45,7 +48,10 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         data = fetch_data_task(config)
         build_model_task(config)
         resume_from_latest_task(config, data.data_sha256)
-        trained = train_task(config, data)
+        try:
+            trained = train_task(config, data)
+        except StopRequested as exc:  # SIGTERM/SIGINT (or Cancel): checkpoint committed
+            return Cancelled(message=str(exc))
         start_loader()  # verify's loader process imports TensorFlow during evaluate and export
         evaluation = evaluate_task(config, data, trained.checkpoint_ref())
         exports = export_task(config, data, trained.checkpoint_ref())

@@ -49,6 +49,12 @@ class TrainConfig(BaseModel):
         "save that took t seconds, the next mid-epoch save waits t / budget seconds (0: no "
         "limit, save exactly every N batches). One device only: under a strategy every worker must "
         "save at the same batch, so saves come exactly every N batches.")] = 0.02
+    stop_grace_seconds: Annotated[float, Field(
+        gt=0, le=3600,
+        description="On SIGTERM or SIGINT, training finishes the current batch, commits a "
+        "checkpoint and stops; if that takes longer than this, the process exits anyway (one "
+        "device; a second signal exits at once). Under Kubernetes' default 30 s grace, keep it "
+        "below 30.")] = 20.0
     keep_checkpoints: Annotated[int, Field(
         ge=1, description="Newest checkpoints to keep; older ones are removed after a newer "
         "one is committed.")] = 5

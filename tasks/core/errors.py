@@ -14,6 +14,10 @@ class VerificationFailed(RuntimeError):
     """An artifact of a run directory failed `ckptflow verify` (hash, load or predictions)."""
 
 
+class StopRequested(RuntimeError):
+    """Training stopped on SIGTERM or SIGINT after committing a checkpoint; a rerun resumes it."""
+
+
 class InjectedFailure(RuntimeError):
     """A failure raised on purpose by a fault drill (`fail_after_epoch`), standing in for a crash."""
 

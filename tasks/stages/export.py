@@ -23,7 +23,7 @@ from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import STATE
 from ckptflow.core.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
 from ckptflow.core.formats import predict_logits, select_formats
-from ckptflow.core.manifest import artifact_entry, set_artifacts
+from ckptflow.core.manifest import artifact_entry, set_artifacts, update_manifest
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord, load_snapshot
@@ -58,6 +58,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     for note in skipped:
         log.warning("export %s", note)
     names = [f.name for f in chosen]
+    update_manifest(run, completes_with="exports")  # from now on verify expects them
     reusable = intact_exports(run, checkpoint)
     if reusable is not None and [r.format for r in reusable] == names:
         log.info("exports of %s already on disk and unchanged: reusing them", checkpoint.path)
@@ -100,7 +101,8 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     reference_entry = artifact_entry(run, run.reference, "reference", "npy",
                                      checkpoint=checkpoint.path)
     set_artifacts(run, "export", [
-        {"kind": "export", **r.model_dump(), "checkpoint": checkpoint.path} for r in records])
+        {"kind": "export", **r.model_dump(), "checkpoint": checkpoint.path,
+         "commit_sha256": checkpoint.commit_sha256} for r in records])
     set_artifacts(run, "reference", [reference_entry])
     atomic_write_json(run.export_index, {"checkpoint": checkpoint.path,
                                         "commit_sha256": checkpoint.commit_sha256,

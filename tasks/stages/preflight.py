@@ -35,10 +35,16 @@ def check_request(config: TrainConfig) -> None:
 
 def check_run_dir(run: RunDir) -> None:
     """The run directory (or, for a new one, its nearest existing parent) must take files."""
-    if run.root.exists() and not run.root.is_dir():
+    try:
+        is_file = run.root.exists() and not run.root.is_dir()
+        existing = next(p for p in [run.root, *run.root.absolute().parents] if p.exists())
+    except PermissionError as exc:  # a parent this user may not even look into
+        raise BadInputError(f"run directory {run} cannot be reached ({exc.strerror}: "
+                            f"{exc.filename}). Fix its permissions, or choose another "
+                            "--run-dir.") from exc
+    if is_file:
         raise BadInputError(f"run directory {run} is a file. Received: --run-dir {run}. Give a "
                             "directory (it is created if missing), or move the file aside.")
-    existing = next(p for p in [run.root, *run.root.absolute().parents] if p.exists())
     if not existing.is_dir():
         raise BadInputError(f"run directory {run} cannot be created: {existing} is a file. "
                             "Choose another --run-dir.")

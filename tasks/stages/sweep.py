@@ -17,7 +17,7 @@ from prefect import task
 from ckptflow.config import GRID_FIELDS, SweepConfig, TrainConfig
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.lock import run_dir_lock
-from ckptflow.core.manifest import read_manifest
+from ckptflow.core.manifest import read_manifest, update_manifest
 from ckptflow.orchestration.logs import route_logs_to_prefect
 from ckptflow.orchestration.retries import retry_options
 
@@ -50,6 +50,7 @@ def run_point(config: TrainConfig) -> dict[str, Any]:
         data = prepare_run(config)
         trained = train_with_checkpoints(config.run_dir, config, data)
         evaluate(config.run_dir, data, trained.checkpoint_ref())
+        update_manifest(config.run_dir, completes_with="evaluation")  # verify expects no exports
     return point_row(config, "resumed" if trained.resumed_from else "trained")
 
 

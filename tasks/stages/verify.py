@@ -77,32 +77,37 @@ def completeness_rows(manifest: dict) -> list[VerifyRow]:
     """A failed row for each part of a finished run that is missing or stale.
 
     A finished run has trained (the manifest's training section names its final checkpoint) and
-    has, of that very checkpoint, an evaluation, a report and an export in every requested format
-    (every format that needs no extra package, when none were named). Hashes alone cannot tell:
-    a run killed before its first export, or during the export of a newer checkpoint, lists
-    only files that are intact.
+    has, of that very checkpoint, an evaluation and, unless it is a sweep point (which ends at
+    its evaluation), a report and an export in every requested format (every format that needs
+    no extra package, when none were named). Hashes alone cannot tell: a run killed before its
+    first export, or during the export of a newer checkpoint, lists only files that are intact.
     """
     training = manifest.get("training")
     if not training or "checkpoint" not in training:
-        return [VerifyRow(kind="training", format="-", path="-", ok=False,
+        return [VerifyRow(kind="training", format="-", path="(training)", ok=False,
                           problem="not finished: the manifest records no completed training. "
                           "Run `ckptflow run` on this run directory to finish it.")]
-    final, rows = training["checkpoint"], []
+    final, commit, rows = training["checkpoint"], training.get("commit_sha256"), []
+
+    def of_final(entry: dict) -> bool:
+        return entry.get("checkpoint", final) == final and entry.get("commit_sha256", commit) == commit
 
     def failed(kind: str, fmt: str, problem: str) -> None:
-        rows.append(VerifyRow(kind=kind, format=fmt, path="-", ok=False,
+        rows.append(VerifyRow(kind=kind, format=fmt, path=f"({kind} {fmt})", ok=False,
                               problem=f"{problem}; training reached {final}. Run `ckptflow run` "
                               "on this run directory to bring it up to date."))
 
     evaluation = manifest.get("evaluation") or {}
-    if evaluation.get("checkpoint") != final or \
-            evaluation.get("commit_sha256", training.get("commit_sha256")) != training.get("commit_sha256"):
+    if not evaluation or not of_final(evaluation):
         failed("evaluation", "csv", f"evaluation is of {evaluation.get('checkpoint') or 'nothing'}")
+    if manifest.get("completes_with", "exports") == "evaluation":
+        return rows
     artifacts = manifest.get("artifacts", [])
     reports = [a for a in artifacts if a.get("kind") == "report"]
-    if not reports or any(a.get("checkpoint", final) != final for a in reports):
-        failed("report", "markdown", "report is missing" if not reports else
-               f"report is of {next(a['checkpoint'] for a in reports if a.get('checkpoint') != final)}")
+    stale = [a for a in reports if not of_final(a)]
+    if not reports or stale:
+        failed("report", "markdown", f"report is of {stale[0].get('checkpoint')}" if stale
+               else "report is missing")
     exported = {a.get("format"): a for a in artifacts if a.get("kind") == "export"}
     requested = (manifest.get("parameters") or {}).get("formats") or [
         f.name for f in FORMATS.values() if not f.requires]
@@ -110,7 +115,7 @@ def completeness_rows(manifest: dict) -> list[VerifyRow]:
         entry = exported.get(name)
         if entry is None:
             failed("export", name, "requested but not exported")
-        elif entry.get("checkpoint") != final:
+        elif not of_final(entry):
             failed("export", name, f"exported from {entry.get('checkpoint')}")
     return rows
 
@@ -167,18 +172,17 @@ def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
     row = VerifyRow(kind=entry["kind"], format=entry["format"], path=str(entry["path"]), ok=False)
     try:
         path = safe_path(run_dir, str(entry["path"]))
+        if not path.exists():
+            row.problem = "missing"
+            return row, None
+        digest = sha256_path(path)
     except BadInputError as exc:
         row.problem = str(exc)
         return row, None
-    if not path.exists():
-        row.problem = "missing"
-        return row, None
-    row.bytes = entry["bytes"]
-    try:
-        digest = sha256_path(path)
-    except OSError as exc:
+    except OSError as exc:  # a file or folder this user may not read
         row.problem = f"unreadable ({exc.strerror})"
         return row, None
+    row.bytes = entry["bytes"]
     if digest != entry["sha256"]:
         row.problem = "SHA-256 does not match the manifest: refused, not opened"
         return row, None
@@ -268,6 +272,7 @@ def start_loader() -> None:
 
 def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict) -> None:
     """In the fresh process: load one export with its own runtime and predict the test set."""
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
     from ckptflow.core.snapshot import load_snapshot
     from ckptflow.tutorial.model import build_from_identity
 

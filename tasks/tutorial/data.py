@@ -114,6 +114,8 @@ def _read_npz(path: Path) -> Arrays:
                     f"{path} lacks arrays {sorted(missing)}. Expected the layout of Keras' "
                     "mnist.npz: x_train, y_train, x_test, y_test.")
             return {k: npz[k] for k in SPLITS}
+    except BadInputError:
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
         raise BadInputError(f"{path} is not a readable .npz file ({exc}). Check the file or "
                             "use data=bundled.") from exc
@@ -146,7 +148,7 @@ def _select(raw: Arrays | np.ndarray, n_train: int, n_test: int, source: str,
             seed: int) -> Arrays:
     if isinstance(raw, np.ndarray):  # one table: split it, stratified
         x, y = raw[:, :PIXELS], raw[:, PIXELS]
-        x, y = _check_images(x, source), _check_labels(y, source)
+        (x,), y = _in_unit_range([_check_images(x, source)], source), _check_labels(y, source)
         if n_train + n_test > len(y):
             raise BadInputError(
                 f"{source} has {len(y)} images, fewer than train_samples + test_samples = "
@@ -164,10 +166,12 @@ def _select(raw: Arrays | np.ndarray, n_train: int, n_test: int, source: str,
                                 f"{split}_samples={n}. Lower --{split}-samples.")
         out[f"x_{split}"] = _check_images(x[:n], source)
         out[f"y_{split}"] = _check_labels(y[:n], source)
+    out["x_train"], out["x_test"] = _in_unit_range([out["x_train"], out["x_test"]], source)
     return out
 
 
 def _check_images(x: np.ndarray, source: str) -> np.ndarray:
+    """`x` as rows of 784 numbers, refused if any is not a pixel intensity in [0, 255]."""
     x = np.asarray(x)
     if x.ndim < 2 or int(np.prod(x.shape[1:])) != PIXELS:
         raise BadInputError(f"{source}: images have shape {x.shape[1:]}. Expected 28x28 or "
@@ -178,9 +182,19 @@ def _check_images(x: np.ndarray, source: str) -> np.ndarray:
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > 255:
         raise BadInputError(f"{source}: pixel values outside [0, 255]. Expected raw MNIST "
                             "pixel intensities.")
-    if x.dtype.kind == "f" and x.max() <= 1.0:  # e.g. a ckptflow snapshot: never divided twice
+    return x
+
+
+def _in_unit_range(xs: list[np.ndarray], source: str) -> list[np.ndarray]:
+    """The images of one source as float32 in [0, 1], decided once for all its splits: raw pixels
+    are divided by 255; floats all in [0, 1] already (a ckptflow snapshot) are taken as they are."""
+    if all(x.dtype.kind == "f" and x.max() <= 1.0 for x in xs):
         log.info("data: %s holds floats in [0, 1]: taken as already scaled", source)
-        return x.astype(np.float32)
+        return [x.astype(np.float32) for x in xs]
+    return [_divided_by_255(x) for x in xs]
+
+
+def _divided_by_255(x: np.ndarray) -> np.ndarray:
     # Scaled in float64 then rounded to float32, as always (the data hash depends on it), but
     # a block at a time: 60,000 images as float64 would be two extra 376 MB copies at once.
     scaled = np.empty(x.shape, np.float32)

@@ -1,0 +1,131 @@
+"""SIGTERM and SIGINT during training: finish the batch, commit a checkpoint, stop; lose nothing.
+
+Real signals to real processes: the first signal is sent by the training process to itself at
+an exact optimizer step (so the test knows where it must stop), the second from outside, to
+`ckptflow run`, as Kubernetes or a Prefect worker sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
+
+# Trains small_config (8 batches an epoch, no mid-epoch saves) and signals itself at STEP.
+SELF_SIGNAL = """
+import json, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1] + "/tests")
+from conftest import small_config, weights_digest
+from ckptflow.core.errors import StopRequested
+from ckptflow.core.manifest import read_manifest
+from ckptflow.stages.prepare import prepare_run
+from ckptflow.stages.resume import restore_model
+from ckptflow.training.stage import train_with_checkpoints
+
+run_dir, step, signals = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+config = small_config(run_dir, epochs=3, save_every_batches=0)
+data = prepare_run(config)
+
+def at_step(state):
+    if state.step == step and not (run_dir / "signalled").exists():
+        (run_dir / "signalled").write_text("yes")
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+try:
+    train_with_checkpoints(run_dir, config, data, on_batch_end=at_step)
+    raise SystemExit("training was not stopped")
+except StopRequested as exc:
+    stopped = str(exc)
+attempt = read_manifest(run_dir)["training"]["attempts"][-1]
+resumed = train_with_checkpoints(run_dir, config, data)
+straight_dir = run_dir.parent / "straight"
+straight = small_config(straight_dir, epochs=3, save_every_batches=0)
+reference = train_with_checkpoints(straight_dir, straight, prepare_run(straight))
+print("RESULT " + json.dumps({
+    "message": stopped, "attempt": attempt, "resumed_from": resumed.resumed_from,
+    "start": [resumed.start_epoch, resumed.start_batch], "batches": resumed.batches_trained,
+    "resumed_digest": weights_digest(restore_model(run_dir, resumed.checkpoint)),
+    "straight_digest": weights_digest(restore_model(straight_dir, reference.checkpoint))}))
+"""
+
+
+def self_signal(tmp_path: Path, step: int, signals: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SELF_SIGNAL, str(REPO), str(tmp_path / "run"),
+                           str(step), str(signals)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_mid_epoch_commits_that_batch_and_the_rerun_ends_bit_identical(tmp_path):
+    result = self_signal(tmp_path, step=11, signals=1)  # epoch 2, batch 3, no mid-epoch saves
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert "stopped by SIGTERM at epoch 2, batch 3 (optimizer step 11)" in report["message"]
+    assert "checkpoints/cp-0001-b000003 is committed" in report["message"]
+    assert report["attempt"]["stopped"] == {"signal": "SIGTERM",
+                                            "checkpoint": "checkpoints/cp-0001-b000003"}
+    assert report["attempt"]["end_epoch"] == 1 and report["attempt"]["batches_trained"] == 11
+    # the rerun starts at that very batch: zero batches lost, none repeated
+    assert report["resumed_from"] == "checkpoints/cp-0001-b000003"
+    assert report["start"] == [1, 3] and report["batches"] == 24 - 11
+    assert report["resumed_digest"] == report["straight_digest"]
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    result = self_signal(tmp_path, step=11, signals=2)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "SIGTERM again: stopping at once" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints" / "cp-0001-b000003").exists()
+
+
+def port_is_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_ckptflow_run_ends_cancelled_with_exit_3_and_a_rerun_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["run", "--run-dir", str(run_dir), "--data", "bundled", "--train-samples", "2048",
+            "--test-samples", "256", "--units", "256", "--batch-size", "16",
+            "--save-every-batches", "0", "--formats", "keras"]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # ad hoc: ckptflow's temporary server, which must stop too
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen([CKPTFLOW, *args, "--epochs", "50"], env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "cp-0001").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)  # some batches into epoch 2
+        sent = time.monotonic()
+        code = first.wait(timeout=120)
+    said = log.read_text()
+    assert code == 3, said[-3000:]
+    assert time.monotonic() - sent < 60
+    assert said.strip().splitlines()[-1].startswith("ckptflow: stopped by SIGTERM at epoch")
+    assert "Finished in state Cancelled" in said
+    port = int(re.search(r"Starting temporary server on http://127.0.0.1:(\d+)", said).group(1))
+    assert port_is_closed(port)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stopped = manifest["training"]["attempts"][-1]["stopped"]
+    assert stopped["signal"] == "SIGTERM" and (run_dir / stopped["checkpoint"] / "COMMIT.json").exists()
+
+    again = subprocess.run([CKPTFLOW, *args, "--epochs", "3"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {stopped['checkpoint']}" in again.stdout
+    assert json.loads((run_dir / "manifest.json").read_text())["training"]["epoch"] == 3
