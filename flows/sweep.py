@@ -23,7 +23,7 @@ from ckptflow.stages.sweep import (  # noqa: E402
 from prefect import flow  # noqa: E402
 
 
-@flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}")
+@flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}", persist_result=False)
 def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
     """Every point as a task on the Dask cluster; a failed point becomes a `failed` row."""
     futures = sweep_point_task.map(points)
@@ -36,7 +36,7 @@ def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
 
 
 @flow(name="sweep", flow_run_name="sweep {sweep.sweep_dir}", retries=1, retry_delay_seconds=2,
-      validate_parameters=True)
+      validate_parameters=True, persist_result=False)
 def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 (frozen)
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
     route_logs_to_prefect()

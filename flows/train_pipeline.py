@@ -26,7 +26,7 @@ from prefect import flow  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
-      retry_delay_seconds=2, validate_parameters=True)
+      retry_delay_seconds=2, validate_parameters=True, persist_result=False)
 def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (frozen)
     """Train the tutorial's MNIST model with checkpoints, evaluate it and export every format.
 

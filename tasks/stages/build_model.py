@@ -68,7 +68,7 @@ def describe_difference(old: dict, new: dict) -> str:
                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
-@task(name="build-model", **retry_options())
+@task(name="build-model", persist_result=False, **retry_options())
 def build_model_task(config: TrainConfig) -> ModelRecord:
     """Build and save the untrained model; a run directory keeps the model it started with."""
     return build_model_stage(config.run_dir, config.identity())

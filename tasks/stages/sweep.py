@@ -93,14 +93,15 @@ def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(name="sweep-point", task_run_name="point {config.run_dir}", **retry_options())
+@task(name="sweep-point", task_run_name="point {config.run_dir}", persist_result=False,
+      **retry_options())
 def sweep_point_task(config: TrainConfig) -> dict[str, Any]:
     """One grid point; a retry (or the next sweep run) resumes it from its latest checkpoint."""
     route_logs_to_prefect()  # it runs in a Dask worker process, which imported no flow module
     return run_point(config)
 
 
-@task(name="sweep-summary")
+@task(name="sweep-summary", persist_result=False)
 def sweep_summary_task(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     """Rank the points into SWEEP_DIR/summary.md and a keyed markdown artifact."""
     from ckptflow.orchestration.artifacts import artifact_key
