@@ -14,6 +14,7 @@ apply_process_defaults()  # before Prefect and TensorFlow load: both read them o
 from ckptflow.config import TrainConfig  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
 from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.stages.build_model import build_model_task  # noqa: E402
 from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
 from ckptflow.stages.export import export_task  # noqa: E402
@@ -26,7 +27,8 @@ from prefect import flow  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
-      retry_delay_seconds=2, validate_parameters=True, persist_result=False)
+      retry_delay_seconds=2, validate_parameters=True, persist_result=False,
+      result_serializer=RecordSerializer())
 def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (frozen)
     """Train the tutorial's MNIST model with checkpoints, evaluate it and export every format.
 

@@ -19,6 +19,7 @@ import cloudpickle
 import pytest
 from ckptflow.orchestration.results import (
     CacheRecordStorage,
+    RecordedFailure,
     RecordSerializer,
     UntrustedResult,
     check_cache_record,
@@ -57,6 +58,11 @@ def test_records_round_trip_as_json_and_anything_else_is_refused(tmp_path):
     assert serializer.loads(blob) == [row, row]
     assert serializer.loads(serializer.dumps(export)) == export
     assert serializer.loads(serializer.dumps([])) == []
+    from ckptflow.core.errors import InjectedFailure
+
+    failure = serializer.loads(serializer.dumps(InjectedFailure("after epoch 1")))
+    assert type(failure) is RecordedFailure  # a name and a message, not the class it names
+    assert str(failure) == "ckptflow.core.errors.InjectedFailure: after epoch 1"
     with pytest.raises(TypeError, match="registered result records only"):
         serializer.dumps({"a": 1})
     cloudpickle.loads(cloudpickle.dumps(CreatesMarker(tmp_path / "live")))
@@ -121,11 +127,13 @@ def test_every_task_and_flow_persists_nothing_or_json_records():
                     found[f"{obj.fn.__module__}.{obj.fn.__name__}"] = obj
     assert len(found) == 14, sorted(found)  # 11 tasks, 3 flows
     for name, obj in found.items():
-        if obj.persist_result is False:
-            continue
-        assert isinstance(obj, Task) and isinstance(obj.result_serializer, RecordSerializer), name
-        assert isinstance(obj.cache_policy.key_storage, CacheRecordStorage), name
-    cached = sorted(n for n, o in found.items() if o.persist_result is not False)
+        if isinstance(obj, Flow):  # Prefect persists a failed flow run's exception regardless
+            assert obj.persist_result is False, name
+            assert isinstance(obj.result_serializer, RecordSerializer), name
+        elif obj.persist_result is not False:
+            assert isinstance(obj.result_serializer, RecordSerializer), name
+            assert isinstance(obj.cache_policy.key_storage, CacheRecordStorage), name
+    cached = sorted(n for n, o in found.items() if isinstance(o, Task) and o.persist_result is not False)
     assert cached == ["ckptflow.stages.evaluate.evaluate_task", "ckptflow.stages.export.export_task",
                       "ckptflow.stages.verify.verify_task"]
 
@@ -171,3 +179,23 @@ def test_a_full_run_writes_json_records_and_no_pickle_anywhere(finished_run):
     assert records and all(r["serializer"] == {"type": "ckptflow-records"} for r in records)
     assert (home / "prefect.db").is_file()  # the temporary server's database is scanned too
     assert pickled_results(home) == []
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.timeout(300)
+def test_a_failed_runs_exception_is_persisted_as_json(tmp_path):
+    from ckptflow.flows.train_pipeline import train_pipeline
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    storage = tmp_path / "storage"
+    config = small_config(tmp_path / "run", epochs=2, fail_after_epoch=1, formats=["keras"])
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: storage}):
+        state = train_pipeline.with_options(retries=0)(config, return_state=True)
+    assert state.is_failed()
+    assert state.data.metadata.serializer.type == "ckptflow-records"
+    result = Path(state.data.metadata.storage_key)
+    assert result.parent == storage
+    failure = RecordSerializer().loads(result.read_bytes())
+    assert str(failure).startswith("ckptflow.core.errors.InjectedFailure: injected failure 1 of 1")
+    assert pickled_results(storage) == [] and not [p for p in storage.rglob("*") if
+                                                   p.is_file() and p.read_bytes()[:2] == b"gA"]

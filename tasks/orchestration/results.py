@@ -7,7 +7,9 @@ holds. That is so even for a task declared with `result_serializer="json"`, and 
 decoder itself imports any class or callable a file names. So here:
 
 - `RecordSerializer` writes and reads plain JSON of the pydantic record types registered with
-  `@result_record`, validated field by field; it imports and calls nothing a file names.
+  `@result_record`, validated field by field, and of exceptions (their type's name and message:
+  Prefect persists the exception of every failed flow run, whatever `persist_result` says); it
+  imports and calls nothing a file names. Tasks and flows that persist nothing use it too.
 - `CacheRecordStorage` holds the cache records (the cache policy's `key_storage`) and refuses,
   before Prefect parses one, any record that names another serializer or a storage block. A
   refused record is a cache miss: the task runs again and writes a fresh record.
@@ -49,6 +51,14 @@ class UntrustedResult(ValueError):
     """A persisted result or cache record that ckptflow did not write; never read, recomputed."""
 
 
+class RecordedFailure(Exception):
+    """The exception of a failed run read back from its persisted result: a type name and a
+    message, never the original object."""
+
+
+EXCEPTION = "exception"  # the record name of a persisted exception
+
+
 class RecordSerializer(Serializer):
     """A registered record, or a list of them, as JSON: `{"record": NAME, "many": ..., "data": ...}`.
 
@@ -63,6 +73,9 @@ class RecordSerializer(Serializer):
     type: str = Field(default=RECORD_SERIALIZER, frozen=True)
 
     def dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, BaseException):
+            return json.dumps({"record": EXCEPTION, "many": False, "data": {
+                "type": record_name(type(obj)), "message": str(obj)}}).encode()
         many = isinstance(obj, list)
         items = obj if many else [obj]
         names = {record_name(type(item)) for item in items}
@@ -83,6 +96,9 @@ class RecordSerializer(Serializer):
         many, data = payload["many"], payload["data"]
         if many is True and data == []:
             return []
+        if payload["record"] == EXCEPTION and isinstance(data, dict) and \
+                all(isinstance(data.get(k), str) for k in ("type", "message")):
+            return RecordedFailure(f"{data['type']}: {data['message']}")
         model = _records.get(payload["record"]) if isinstance(payload["record"], str) else None
         if model is None:
             raise UntrustedResult(f"a persisted result names {payload['record']!r}, which is not "
