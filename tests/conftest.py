@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A PREFECT_HOME of the test session's own, for it and every process it starts: none of the
+# user's profiles, result storage or warm server (`ckptflow server start`) leaks in, and nothing
+# is left in ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ckptflow-tests-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 REPO = Path(__file__).resolve().parent.parent
 # How Prefect names a pickle serializer in a result, a cache record or a state in its database.
