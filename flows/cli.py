@@ -175,6 +175,11 @@ def run_server(action: str, port: int) -> int:
               f"(pid {server.pid}); `ckptflow run` and `ckptflow sweep` use it until "
               "`ckptflow server stop`")
         print(f"UI login: {server.auth}")
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            print(f"note: PREFECT_API_URL is set ({get_current_settings().api.url}): runs report "
+                  "there, not to the warm server")
         return 0
     if action == "stop":
         server = warm_server.stop()

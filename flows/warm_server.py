@@ -85,12 +85,15 @@ def running() -> WarmServer | None:
 def start(port: int) -> tuple[WarmServer, bool]:
     """Start the warm server on 127.0.0.1:`port` and wait until it answers; (server, started).
 
-    A warm server already up is left as it is: (that server, False).
+    A warm server already up, or still starting, is left as it is: (that server, False).
     """
-    if (server := running()) is not None:
-        return server, False
-    if recorded() is not None:
-        stop()  # a record of a server that no longer answers
+    if (server := recorded()) is not None:
+        if _is_warm_server(server.pid):  # up, or still coming up: wait for it
+            if _wait_until_it_answers(server, lambda: _is_warm_server(server.pid)):
+                return server, False
+            raise RuntimeError(f"the warm server (pid {server.pid}) does not answer on "
+                               f"{server.url}; `ckptflow server stop` stops it")
+        stop()  # the record of a server that is gone
     with socket.socket() as sock:
         try:
             sock.bind((HOST, port))
@@ -112,16 +115,22 @@ def start(port: int) -> tuple[WarmServer, bool]:
     server = WarmServer(url=url, pid=process.pid, auth=auth, log=str(log),
                         started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     atomic_write_bytes(home / STATE_FILE, json.dumps(asdict(server)).encode())  # mode 0600
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while process.poll() is None and time.monotonic() < deadline:
-        if answers(server):
-            return server, True
-        time.sleep(0.5)
+    if _wait_until_it_answers(server, lambda: process.poll() is None):
+        return server, True
     stop()
     process.wait()
     tail = log.read_text(errors="replace").strip().splitlines()[-5:]
     raise RuntimeError(f"the warm server did not come up within {STARTUP_TIMEOUT_S} s "
                        f"(see {log}): {' / '.join(tail)}")
+
+
+def _wait_until_it_answers(server: WarmServer, alive) -> bool:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while alive() and time.monotonic() < deadline:
+        if answers(server):
+            return True
+        time.sleep(0.5)
+    return answers(server)
 
 
 def stop() -> WarmServer | None:
