@@ -6,7 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-# A local Prefect server, its work pool and a worker (see README, "Run on a Prefect server").
+# A local Prefect server, its work pool and a worker (README, "Running on a Prefect server").
+# They are shortcuts for Prefect's own commands (docs/server.md). The server only answers clients
+# that send its credentials: it checks PREFECT_SERVER_API_AUTH_STRING (by default the value of
+# PREFECT_API_AUTH_STRING), and deploy, worker and every other client send PREFECT_API_AUTH_STRING.
 PREFECT_PORT ?= 4200
 POOL         ?= ckptflow-process
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
@@ -16,9 +19,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 help:
 	@echo "make run     run the whole pipeline on built-in defaults (ARGS='--epochs 3' to override)"
 	@echo "make test    run the test suite"
-	@echo "make server  start a Prefect server on 127.0.0.1:$(PREFECT_PORT) (SQLite)"
+	@echo "make server  start a Prefect server on 127.0.0.1:$(PREFECT_PORT) (SQLite) that requires PREFECT_API_AUTH_STRING"
 	@echo "make deploy  create the work pool if missing and deploy everything in prefect.yaml"
-	@echo "make worker  start a worker on the pool, running flows from this checkout"
+	@echo "make worker  start a worker on the pool; deployments run from this checkout"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,13 +43,19 @@ clean-venv:
 	rm -rf $(VENV)
 
 server: $(STAMP)
-	PREFECT_UI_API_URL=$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} \
-		$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	@auth="$${PREFECT_SERVER_API_AUTH_STRING:-$$PREFECT_API_AUTH_STRING}"; \
+	if [ -z "$$auth" ]; then \
+		echo "make server: no credentials. Set PREFECT_API_AUTH_STRING=USER:PASSWORD here and in the clients' terminals (docs/server.md)." >&2; \
+		exit 2; \
+	fi; \
+	PREFECT_SERVER_API_AUTH_STRING="$$auth" \
+	PREFECT_UI_API_URL="$${PREFECT_UI_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}" \
+	exec $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 deploy: $(STAMP)
 	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
 		$(BIN)/prefect work-pool create $(POOL) --type process
-	CKPTFLOW_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+	$(BIN)/prefect --no-prompt deploy --all
 
 worker: $(STAMP)
-	CKPTFLOW_HOME=$(CURDIR) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/prefect worker start --pool $(POOL)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/prefect worker start --pool $(POOL)

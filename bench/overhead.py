@@ -18,11 +18,16 @@ Experiments:
     sweep    the same at 1k/10k/60k images and 512/2048 hidden units.
     resume   process start to the first training step: a cold start vs a resume.
     lost     work lost after a SIGKILL: ckptflow vs keras.callbacks.BackupAndRestore.
+    warm     tutorial-size `ckptflow run` on the warm server (`ckptflow server start`) against
+             the same run with its temporary server and against the plain script, 3 rounds;
+             wall and CPU seconds (the CPU of every process the run waited for, its temporary
+             server included).
 
 Usage:
     python bench/overhead.py --quick                # smoke run, small sizes (~5 min)
     python bench/overhead.py                        # full run (~45 min); bench/results/overhead.*
     python bench/overhead.py --only train,resume    # re-run some experiments, keep the others
+    python bench/overhead.py --only warm --name warm  # the warm server alone (~5 min)
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PLAIN = REPO / "bench" / "plain.py"
 BIN = Path(sys.executable).parent
-EXPERIMENTS = ("train", "e2e60k", "e2e", "resume", "lost", "sweep")  # the order they run in
+EXPERIMENTS = ("train", "e2e60k", "e2e", "resume", "lost", "sweep", "warm")  # the order they run in
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Earlier code to compare with: before any change this benchmark led to, and before the second
 # round (overlapped start-up, fit-based training loop, parallel verify).
@@ -75,6 +80,8 @@ FULL = {
     "sweep": dict(sizes=[1000, 10000, 60000], units=[512, 2048], epochs=1, rounds=1),
     "resume": dict(train=60000, test=10000, units=512, rounds=2),
     "lost": dict(train=10000, test=1000, units=512, epochs=3, kills=2, max_delay=8.0),
+    "warm": [dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=3,
+                  variants=["plain", "ckptflow", "ckptflow_warm"])],
 }
 QUICK = {
     "e2e60k": [dict(case="4k", train=4000, test=1000, units=512, epochs=2, rounds=1,
@@ -85,6 +92,8 @@ QUICK = {
     "sweep": dict(sizes=[1000, 4000], units=[512], epochs=1, rounds=1),
     "resume": dict(train=4000, test=1000, units=512, rounds=1),
     "lost": dict(train=4000, test=1000, units=512, epochs=2, kills=1, max_delay=3.0),
+    "warm": [dict(case="tutorial", train=1000, test=1000, units=512, epochs=2, rounds=1,
+                  variants=["plain", "ckptflow", "ckptflow_warm"])],
 }
 
 
@@ -224,7 +233,8 @@ def _tree_rss(root: int) -> int:
 
 
 def measure(cmd: list[str], env: dict, log_path: Path, timeout: float = 3600) -> dict:
-    """Run `cmd` to the end; wall seconds, peak RSS (largest process, and the whole process tree
+    """Run `cmd` to the end; wall seconds, CPU seconds (user + system, of the process and of
+    every descendant it waited for), peak RSS (largest process, and the whole process tree
     sampled from /proc every 0.25 s), the load average before it, and its `result` line."""
     load = os.getloadavg()[0]
     started_wall = time.time()
@@ -254,7 +264,8 @@ def measure(cmd: list[str], env: dict, log_path: Path, timeout: float = 3600) ->
             result.update(json.loads(line[len("result "):]))
     if "first_step_wall" in result:
         result["first_step_s"] = round(result.pop("first_step_wall") - started_wall, 4)
-    return {"wall_s": round(wall, 4), "maxrss_mb": round(usage.ru_maxrss / 1024, 1),
+    return {"wall_s": round(wall, 4), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "maxrss_mb": round(usage.ru_maxrss / 1024, 1),
             "tree_peak_mb": round(tree_peak / 2**20, 1), "load": round(load, 2), **result}
 
 
@@ -274,6 +285,10 @@ class Bench:
         self.env.pop("PREFECT_API_URL", None)
         self.server_env: dict | None = None
         self.server: subprocess.Popen | None = None
+        # `ckptflow server start` records its server in PREFECT_HOME: the warm variant has a
+        # PREFECT_HOME of its own, so that the temporary-server variant never finds it
+        self.warm_env = {**self.env, "PREFECT_HOME": str(work / "warm_home")}
+        self.warm_server_up = False
         self.warm = False
         self.rows: list[dict] = []
         self.count = 0
@@ -320,7 +335,7 @@ class Bench:
         if variant in PLAIN_FLAGS:
             return [sys.executable, str(PLAIN), "--data", data, "--out", str(run_dir), *sizes,
                     *PLAIN_FLAGS[variant], *extra.get("plain_args", [])]
-        if variant in ("ckptflow", "ckptflow_server"):
+        if variant in ("ckptflow", "ckptflow_server", "ckptflow_warm"):
             return [str(BIN / "ckptflow"), "run", "--run-dir", str(run_dir), "--data", data, *sizes]
         if variant in BEFORE:  # the CLI of an earlier commit; -P: PYTHONPATH's copy, not cwd's
             return [sys.executable, "-P", "-m", "flows.cli", "run", "--run-dir", str(run_dir),
@@ -333,7 +348,8 @@ class Bench:
     def run(self, experiment: str, case: str, variant: str, round_: int, p: dict,
             run_dir: Path | None = None, **extra) -> dict:
         run_dir = run_dir or self.scratch(variant)
-        env = self.server_env if variant == "ckptflow_server" else self.env
+        env = {"ckptflow_server": self.server_env, "ckptflow_warm": self.warm_env}.get(variant,
+                                                                                       self.env)
         if variant in BEFORE:
             env = {**env, "PYTHONPATH": str(self.before(variant))}
         cmd = self.command(variant, run_dir, p, **extra)
@@ -376,6 +392,21 @@ class Bench:
                 os.killpg(self.server.pid, signal.SIGTERM)
             self.server.wait(30)
             self.server = None
+        if self.warm_server_up:
+            subprocess.run([str(BIN / "ckptflow"), "server", "stop"], env=self.warm_env,
+                           capture_output=True, timeout=60)
+            self.warm_server_up = False
+
+    def start_warm_server(self) -> None:
+        """`ckptflow server start` on a free port, in the warm variant's PREFECT_HOME."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.warm_server_up = True  # from here on stop_server stops it, whatever happens
+        started = subprocess.run([str(BIN / "ckptflow"), "server", "start", "--port", str(port)],
+                                 env=self.warm_env, capture_output=True, text=True, timeout=300)
+        if started.returncode != 0:
+            raise RuntimeError(f"ckptflow server start failed: {started.stderr[-2000:]}")
 
 
 def exp_e2e(bench: Bench, cases: list[dict], experiment: str = "e2e") -> None:
@@ -393,6 +424,21 @@ def exp_e2e(bench: Bench, cases: list[dict], experiment: str = "e2e") -> None:
             for round_ in range(p["rounds"]):
                 for variant in p["variants"]:
                     bench.run(experiment, p["case"], variant, round_, p)
+    finally:
+        bench.stop_server()
+
+
+def exp_warm(bench: Bench, cases: list[dict]) -> None:
+    """Whole tutorial-size runs: on the warm server, with a temporary server, the plain script."""
+    if not bench.warm:  # the first run in a fresh PREFECT_HOME migrates its database
+        bench.run("warmup", "-", "trivial_flow", 0, {"train": 1000, "test": 1000, "units": 512})
+        bench.warm = True
+    bench.start_warm_server()  # migrates the warm variant's own database before any round
+    try:
+        for p in cases:
+            for round_ in range(p["rounds"]):
+                for variant in p["variants"]:
+                    bench.run("warm", p["case"], variant, round_, p)
     finally:
         bench.stop_server()
 
@@ -530,6 +576,14 @@ def comparisons(rows: list[dict]) -> list[dict]:
             for metric in ("maxrss_mb", "tree_peak_mb"):
                 compare(f"peak memory ({metric})", experiment, case, "ckptflow", "plain",
                         metric, 1.2)
+        if experiment == "warm":
+            for metric in ("wall_s", "cpu_s"):
+                compare("ckptflow run, warm server, vs plain", experiment, case, "ckptflow_warm",
+                        "plain", metric, 1.5 if metric == "wall_s" else None)
+                compare("ckptflow run, temporary server, vs plain", experiment, case, "ckptflow",
+                        "plain", metric)
+                compare("ckptflow run, warm server, vs temporary server", experiment, case,
+                        "ckptflow_warm", "ckptflow", metric)
         if experiment in ("train", "sweep"):
             compare("ckptflow training (default saves) vs fit + ModelCheckpoint", experiment,
                     case, "train_default_saves", "fit_checkpoints", "train_s")
@@ -655,7 +709,8 @@ def chart(report: dict, path: Path) -> None:
     right.set_yscale("log")
     right.set_xlabel("training images (1 epoch)")
     right.set_ylabel("training seconds")
-    right.legend(fontsize=7)
+    if sweep:
+        right.legend(fontsize=7)
     right.set_title("scaling sweep")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -685,7 +740,8 @@ def machine() -> str:
 
 def run_experiment(bench: Bench, plan: dict, name: str) -> None:
     {"e2e": exp_e2e, "e2e60k": lambda b, p: exp_e2e(b, p, "e2e60k"), "train": exp_train,
-     "sweep": exp_sweep, "resume": exp_resume, "lost": exp_lost}[name](bench, plan[name])
+     "sweep": exp_sweep, "resume": exp_resume, "lost": exp_lost, "warm": exp_warm}[name](
+        bench, plan[name])
 
 
 def main(argv: list[str] | None = None) -> int:

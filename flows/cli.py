@@ -1,6 +1,6 @@
 """`ckptflow`: run the pipeline locally (no server, no network needed).
 
-`ckptflow --help` imports neither TensorFlow nor Prefect; they load only once a run starts.
+`ckptflow --help` imports neither TensorFlow nor Prefect; they load only once a command runs.
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "again continues from there. See README.md.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
-        "run", help="run the whole pipeline locally (Prefect's temporary local API; no server)",
+        "run", help="run the whole pipeline locally (no server needed)",
         description="Run fetch-data, build-model, resume-from-latest, train-with-checkpoints, "
         "evaluate and export-each-format as one Prefect flow. A run directory that already "
-        "has checkpoints is resumed.",
+        "has checkpoints is resumed. The run reports to PREFECT_API_URL if one is configured, "
+        "else to the warm server of `ckptflow server start` if it is up, else to Prefect's "
+        "temporary local server, started for this run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_config_options(run)
     verify = sub.add_parser(
@@ -81,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(sweep, SweepConfig.model_fields, skip=("settings",))
     _add_config_options(sweep, TrainConfig.model_fields, skip=(*NOT_SHARED, "formats"),
                         shared=True)  # a sweep exports nothing
+    server = sub.add_parser(
+        "server", help="keep one local Prefect server up for ad-hoc runs: start, stop, status",
+        description="`ckptflow run` and `ckptflow sweep` without PREFECT_API_URL start Prefect's "
+        "temporary server and stop it when they end. `ckptflow server start` keeps one up "
+        "instead (`prefect server start` on 127.0.0.1, in the background, with credentials of "
+        "its own, recorded in PREFECT_HOME/ckptflow-server.json); runs use it while it is up.")
+    actions = server.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = actions.add_parser("start", help="start the warm server (no-op if it is up)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    start.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1")
+    actions.add_parser("stop", help="stop the warm server")
+    actions.add_parser("status", help="say whether the warm server is up (exit 1 if not)")
     return parser
 
 
@@ -147,11 +161,55 @@ def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     return 0
 
 
+def run_server(action: str, port: int) -> int:
+    """`ckptflow server start|stop|status`: the warm local Prefect server for ad-hoc runs."""
+    from ckptflow.core.errors import BadInputError
+    from ckptflow.flows import warm_server
+
+    if action == "start":
+        try:
+            server, started = warm_server.start(port)
+        except BadInputError as exc:
+            print(f"ckptflow: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except RuntimeError as exc:
+            print(f"ckptflow: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"warm server {'started' if started else 'already up'} on {server.ui} "
+              f"(pid {server.pid}); `ckptflow run` and `ckptflow sweep` use it until "
+              "`ckptflow server stop`")
+        print(f"UI login: {server.auth}")
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            print(f"note: PREFECT_API_URL is set ({get_current_settings().api.url}): runs report "
+                  "there, not to the warm server")
+        return 0
+    if action == "stop":
+        server = warm_server.stop()
+        print(f"warm server on {server.ui} stopped" if server else "no warm server recorded")
+        return 0
+    server = warm_server.recorded()
+    if server is None:
+        print("no warm server (`ckptflow server start` starts one)")
+        return EXIT_FAILED
+    if not warm_server.answers(server):
+        print(f"warm server on {server.ui} recorded but not answering (pid {server.pid}); "
+              "`ckptflow server stop` forgets it")
+        return EXIT_FAILED
+    print(f"warm server up on {server.ui} (pid {server.pid}, since {server.started}, log "
+          f"{server.log})\nUI login: {server.auth}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
     if args.command == "verify":
         return run_verify(args.run_dir, args.json)
+    if args.command == "server":
+        return run_server(args.action, getattr(args, "port", None))
+
     from pydantic import ValidationError
 
     from ckptflow.config import describe_validation_error
@@ -178,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from ckptflow.flows.local_server import temporary_server
+    from ckptflow.flows.local_server import ad_hoc_server
 
     # If Prefect starts its own temporary server (the fallback) it stops it at exit and logs it;
     # an error registered before that handler is printed after it (atexit runs last-in,
@@ -186,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
     try:
-        with temporary_server() as wait_until_ready:  # starts while the flow's imports load
+        with ad_hoc_server() as wait_until_ready:  # a temporary one starts while the flow loads
             if args.command == "sweep":
                 from ckptflow.flows.sweep import sweep_flow as run_flow
             else:

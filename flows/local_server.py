@@ -1,18 +1,24 @@
-"""Prefect's temporary API server for an ad-hoc run, started before TensorFlow is imported.
+"""The Prefect API of an ad-hoc run: the warm server if it is up, else a temporary one started early.
+
+`ad_hoc_server()` picks, in this order: a configured API URL (a real server, left alone); the
+warm server of `ckptflow server start` (flows/warm_server.py) if it answers with its
+credentials; else Prefect's temporary server, started by `temporary_server()`.
 
 With no API URL configured, Prefect starts a temporary server the first time a flow needs one:
 after the flow module (and TensorFlow, ~10 s here) has loaded, and only then does it spend ~10 s
 importing and starting the server. Both are single-threaded start-up work, so on two cores they
 can overlap. `temporary_server()` starts the same server (the command Prefect's
-`SubprocessASGIServer` runs) as the first thing a run does, points this process's Prefect
-settings at it, and stops it when the run ends. If it does not come up, the run falls back to
-Prefect's own temporary server. A configured API URL (a real server) is left alone.
+`SubprocessASGIServer` runs) as the first thing a run does, with a random credential of its own
+(PREFECT_SERVER_API_AUTH_STRING) so no one else on the machine can drive it meanwhile, points
+this process's Prefect settings at it, and stops it when the run ends. If it does not come up,
+the run falls back to Prefect's own temporary server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import ssl
 import subprocess
@@ -32,14 +38,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(port: int) -> subprocess.Popen:
-    """Prefect's temporary server, launched as Prefect launches it (no UI, ephemeral mode)."""
+def _launch(port: int, auth: str) -> subprocess.Popen:
+    """Prefect's temporary server, launched as Prefect launches it (no UI, ephemeral mode), and
+    requiring the credentials `auth` (USER:PASSWORD)."""
     import prefect
     from prefect.settings import get_current_settings
 
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1"}
+           "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_API_AUTH_STRING": auth}
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
@@ -91,15 +98,52 @@ def _drain_to_server() -> None:
         service.drain_all(timeout=10)
 
 
-def _use_api(url: str | None) -> None:
-    """Point this process's Prefect settings (and its children's) at `url`, or back to none."""
+API_VARIABLES = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")
+
+
+def _use_api(url: str | None, auth: str | None = None,
+             restore: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """Point this process's Prefect settings (and its children's) at `url` with credentials
+    `auth`, or, with `restore`, back to the values returned by the call that changed them."""
     from prefect.context import refresh_global_settings_context
 
-    if url:
-        os.environ["PREFECT_API_URL"] = url
-    else:
-        os.environ.pop("PREFECT_API_URL", None)
+    before = {name: os.environ.get(name) for name in API_VARIABLES}
+    values = restore if restore is not None else {"PREFECT_API_URL": url,
+                                                  "PREFECT_API_AUTH_STRING": auth}
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     refresh_global_settings_context()
+    return before
+
+
+@contextlib.contextmanager
+def ad_hoc_server() -> Iterator[Callable[[], None]]:
+    """The Prefect API of an ad-hoc run; yields `wait_until_ready`, to call before the flow.
+
+    A configured API URL is used as it is; else the warm server (`ckptflow server start`) if it
+    answers; else Prefect's temporary server, started now (see `temporary_server`).
+    """
+    from prefect.logging import get_logger
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.settings import get_current_settings
+
+    from ckptflow.flows import warm_server
+
+    if get_current_settings().api.url or (warm := warm_server.running()) is None:
+        with temporary_server() as wait_until_ready:
+            yield wait_until_ready
+        return
+    ensure_logging_setup()
+    get_logger().info("Using the warm server on %s (ckptflow server start)", warm.ui)
+    before = _use_api(warm.url, warm.auth)
+    try:
+        yield lambda: None
+    finally:
+        _drain_to_server()
+        _use_api(None, restore=before)
 
 
 @contextlib.contextmanager
@@ -129,8 +173,9 @@ def temporary_server() -> Iterator[Callable[[], None]]:
     log = get_logger()
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    process = _launch(port)
-    _use_api(url)
+    auth = f"ckptflow:{secrets.token_urlsafe(24)}"
+    process = _launch(port, auth)
+    before = _use_api(url, auth)
     log.info("Starting temporary server on http://127.0.0.1:%d (while TensorFlow loads)", port)
 
     def wait_until_ready() -> None:
@@ -143,7 +188,7 @@ def temporary_server() -> Iterator[Callable[[], None]]:
                     "its own instead.", port, f"exit code {process.returncode}"
                     if process.returncode is not None else "timed out")
         _stop(process)
-        _use_api(None)
+        _use_api(None, restore=before)
 
     try:
         yield wait_until_ready
@@ -152,4 +197,4 @@ def temporary_server() -> Iterator[Callable[[], None]]:
             _drain_to_server()
             log.info("Stopping temporary server on http://127.0.0.1:%d", port)
             _stop(process)
-        _use_api(None)
+        _use_api(None, restore=before)

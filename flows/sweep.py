@@ -16,6 +16,7 @@ from prefect import flow  # noqa: E402
 
 from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
 from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.stages.sweep import (  # noqa: E402
     dask_task_runner,
     failed_row,
@@ -24,7 +25,8 @@ from ckptflow.stages.sweep import (  # noqa: E402
 )
 
 
-@flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}")
+@flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}", persist_result=False,
+      result_serializer=RecordSerializer())
 def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
     """Every point as a task on the Dask cluster; a failed point becomes a `failed` row."""
     futures = sweep_point_task.map(points)
@@ -37,7 +39,8 @@ def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
 
 
 @flow(name="sweep", flow_run_name="sweep {sweep.sweep_dir}", retries=1, retry_delay_seconds=2,
-      validate_parameters=True)
+      validate_parameters=True, persist_result=False,
+      result_serializer=RecordSerializer())
 def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 (frozen)
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
     route_logs_to_prefect()

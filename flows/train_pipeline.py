@@ -19,6 +19,7 @@ from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
 from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
 from ckptflow.stages.build_model import build_model_task  # noqa: E402
 from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
@@ -31,7 +32,8 @@ from ckptflow.training.stage import join_cluster_task, train_task  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
-      retry_delay_seconds=2, validate_parameters=True)
+      retry_delay_seconds=2, validate_parameters=True, persist_result=False,
+      result_serializer=RecordSerializer())
 def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (frozen)
     """Train the tutorial's MNIST model with checkpoints, evaluate it and export every format.
 

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A PREFECT_HOME of the test session's own, for it and every process it starts: none of the
+# user's profiles, result storage or warm server (`ckptflow server start`) leaks in, and nothing
+# is left in ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ckptflow-tests-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 REPO = Path(__file__).resolve().parent.parent
+# How Prefect names a pickle serializer in a result, a cache record or a state in its database.
+PICKLE_SERIALIZER = re.compile(rb'"type"\s*:\s*"[^"]*pickle')
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -57,6 +68,32 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
+def task_states(flow_state) -> dict[str, str]:
+    """Task name → final state name, read back from the Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def pickled_results(home: Path) -> list[str]:
+    """Files under a PREFECT_HOME (results, cache records, the server's database) naming pickle."""
+    return [str(p) for p in sorted(Path(home).rglob("*"))
+            if p.is_file() and PICKLE_SERIALIZER.search(p.read_bytes())]
+
+
+def cache_records(home: Path) -> list[dict]:
+    """The cache records ckptflow's cached stages left under a PREFECT_HOME."""
+    import json
+
+    return [json.loads(p.read_bytes()) for p in sorted((Path(home) / "storage" / "cache-records").glob("*"))
+            if p.is_file()]
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url(prefect_server) -> str:
     """The session's Prefect API, for subprocesses that should not start a server of their own."""
@@ -69,13 +106,15 @@ def prefect_api_url(prefect_server) -> str:
 def finished_run(tmp_path_factory):
     """`python flows/train_pipeline.py` run as a Prefect user runs it: the defaults, no server.
 
-    Shared by read-only tests. Returns the run directory and the process's combined output.
+    Shared by read-only tests. Returns the run directory and the process's combined output;
+    Prefect's own files (PREFECT_HOME) are in `prefect_home` beside `runs`.
     """
     import subprocess
     import sys
 
     cwd = tmp_path_factory.mktemp("flow_file_run")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_HOME": str(cwd / "prefect_home")}
     env.pop("PREFECT_API_URL", None)  # ad-hoc use: Prefect's temporary local server
     result = subprocess.run([sys.executable, str(REPO / "flows" / "train_pipeline.py")],
                             capture_output=True, text=True, cwd=cwd, env=env, timeout=600)

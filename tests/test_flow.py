@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import small_config, tree_digest
+from conftest import small_config, task_states, tree_digest
 
 from ckptflow.core.errors import InjectedFailure
 from ckptflow.core.files import sha256_path
@@ -11,18 +11,6 @@ from ckptflow.core.manifest import read_manifest
 from ckptflow.flows.train_pipeline import train_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def task_states(flow_state) -> dict[str, str]:
-    """Task name → final state name, read back from the Prefect API."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = flow_state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
 def test_a_failed_flow_run_again_continues_at_the_next_epoch(tmp_path):

@@ -76,7 +76,7 @@ def test_a_server_that_does_not_come_up_hands_over_to_prefects_own():
         from prefect.settings import get_current_settings
 
         # a real process that exits at once, as uvicorn does when it cannot start
-        local_server._launch = lambda port: subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        local_server._launch = lambda *_: subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
         with local_server.temporary_server() as wait_until_ready:
             wait_until_ready()
             print("URL", get_current_settings().api.url)

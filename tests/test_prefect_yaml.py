@@ -28,7 +28,13 @@ def test_every_deployment_points_at_a_flow_and_valid_parameters():
         model(**deployment["parameters"][parameter])
         assert deployment["enforce_parameter_schema"] is True
         assert deployment["work_pool"]["name"] == "ckptflow-process"
-    assert any("set_working_directory" in str(step) for step in spec["pull"])
+        assert "schedules" in deployment  # else an interactive `prefect deploy` asks for one
+    # the pull step takes the checkout's path from the build step when `prefect deploy` runs,
+    # not from the worker's environment at run time
+    [build] = spec["build"]
+    assert build["prefect.deployments.steps.run_shell_script"]["script"] == "pwd"
+    assert spec["pull"] == [{"prefect.deployments.steps.set_working_directory":
+                             {"directory": "{{ checkout.stdout }}"}}]
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     from prefect.client.schemas.schedules import CronSchedule
 

@@ -1,30 +1,37 @@
-"""Prefect as its users run it: `make server`, `make deploy`, `make worker`, the CLI and the UI.
+"""Prefect as its users run it: the commands Prefect documents, the Makefile's shortcuts, the UI.
 
-One real `prefect server` on a free loopback port with a temporary PREFECT_HOME, the deployments
-of prefect.yaml, a process worker running this checkout, and headless Chromium on the UI.
-Run alone with `pytest -m server`. Every process started here is stopped by its process group.
+One real `prefect server` (`make server`, so with credentials) on a free loopback port with a
+temporary PREFECT_HOME; then, as Prefect's documentation has it, `prefect work-pool create`,
+`prefect deploy --all` from the checkout and `prefect worker start` from another directory,
+without the Makefile; and headless Chromium on the UI. Run alone with `pytest -m server`. Every
+process started here is stopped by its process group.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, cache_records, pickled_results
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900), pytest.mark.xdist_group("server")]
 
 PREFECT = str(REPO / ".venv" / "bin" / "prefect")
+POOL = "ckptflow-process"
+AUTH = f"ckptflow-test:{secrets.token_hex(12)}"  # what `make server` requires of every client
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 FLOW_RUN_TIMEOUT_S = 420
@@ -36,9 +43,11 @@ SMALL = {"data": "bundled", "train_samples": 256, "test_samples": 128, "units": 
 @dataclass
 class Stack:
     url: str  # the API, e.g. http://127.0.0.1:PORT/api
-    env: dict[str, str]
-    logs: Path
+    env: dict[str, str]  # a client's environment: PREFECT_API_URL, PREFECT_API_AUTH_STRING, ...
+    logs: Path  # also the PREFECT_HOME of the server, the worker and its flow runs
+    worker_dir: Path  # where the worker was started: not the checkout
     nightly_runs: list = field(default_factory=list)  # what the schedule created
+    make_worker_log: str = ""  # `make worker`, started and stopped before any run exists
 
 
 def _free_port() -> int:
@@ -47,9 +56,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
     """Start `cmd` in its own process group, so stopping it also stops what it started."""
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -104,9 +113,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     pytest.fail(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def _cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=stack.env,
-                            capture_output=True, text=True, timeout=180)
+def _cli(stack: Stack, *args: str, check: bool = True, cwd: Path = REPO,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env or stack.env,
+                            capture_output=True, text=True, timeout=300)
     if check:
         assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result
@@ -115,7 +125,7 @@ def _cli(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedPr
 def _client(stack: Stack):
     from prefect.client.orchestration import SyncPrefectClient
 
-    return SyncPrefectClient(api=stack.url)
+    return SyncPrefectClient(api=stack.url, auth_string=AUTH)
 
 
 def _run_deployment(stack: Stack, config: dict, name: str = "train-pipeline/train") -> str:
@@ -143,32 +153,62 @@ def _logs(stack: Stack, flow_run_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """`make server` on a free port, `make deploy`, then `make worker` on the process pool.
+    """`make server` (credentials required) on a free port, then Prefect's own commands:
+    `prefect work-pool create`, `prefect deploy --all` from the checkout, and `prefect worker
+    start` from another directory, with no CKPTFLOW_HOME or other hint where the checkout is.
 
-    The nightly schedule's runs are recorded for the schedule test, then the schedule is paused
-    and its runs deleted, so a test run near 02:00 UTC does not train the nightly run.
+    `make deploy` then deploys again (the shortcut, finding the pool there), and `make worker`
+    is started and stopped once it polls the pool. The nightly schedule's runs are recorded for
+    the schedule test, then the schedule is paused and its runs deleted, so a test run near
+    02:00 UTC does not train the nightly run.
     """
     home = tmp_path_factory.mktemp("prefect_home")
+    worker_dir = tmp_path_factory.mktemp("worker_started_here")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_API_PORT=str(port))
-    stack = Stack(url=url, env=env, logs=home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CKPTFLOW_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_API_AUTH_STRING=AUTH,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_SERVER_API_PORT=str(port))
+    stack = Stack(url=url, env=env, logs=home, worker_dir=worker_dir)
     procs = []
     try:
         procs.append(_start(["make", "--no-print-directory", "server", f"PREFECT_PORT={port}"], env,
                             home / "server.log"))
         _wait_healthy(url, procs[0], home / "server.log")
-        deploy = subprocess.run(["make", "--no-print-directory", "deploy"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        _cli(stack, "work-pool", "create", POOL, "--type", "process")
+        _cli(stack, "deploy", "--all")
+        again = subprocess.run(["make", "--no-print-directory", "deploy"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         stack.nightly_runs = _take_nightly_runs(stack)
-        procs.append(_start(["make", "--no-print-directory", "worker"], env, home / "worker.log"))
+        stack.make_worker_log = _make_worker_polls(stack)
+        # as a user whose virtual environment is active, in some directory of theirs
+        worker_env = {**env, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+        procs.append(_start([PREFECT, "worker", "start", "--pool", POOL], worker_env,
+                            home / "worker.log", cwd=worker_dir))
         yield stack
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+def _make_worker_polls(stack: Stack) -> str:
+    """Start `make worker`, wait until it has polled the pool with the credentials, stop it."""
+    log = stack.logs / "make_worker.log"
+    proc = _start(["make", "--no-print-directory", "worker"], stack.env, log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            with _client(stack) as client:
+                workers = client.read_workers_for_work_pool(POOL)
+            if workers and "started!" in log.read_text():
+                break
+            time.sleep(1)
+    finally:
+        _stop(proc)
+    assert workers, f"make worker never polled the pool:\n{log.read_text()[-3000:]}"
+    return log.read_text()
 
 
 def _take_nightly_runs(stack: Stack) -> list:
@@ -225,21 +265,54 @@ def _by_id(deployment_id):
     return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
 
 
+@dataclass
+class Retried:
+    name: str  # the run directory as the run was given it: relative
+    run_dir: Path  # where it landed
+    failed: object
+    failed_logs: str
+    completed: object
+    logs: str
+
+
 @pytest.fixture(scope="module")
-def failed_then_retried(stack, tmp_path_factory):
-    """A deployment run whose injected failure outlasts the flow's own retry, then `flow-run retry`."""
-    run_dir = tmp_path_factory.mktemp("deployed") / "run"
-    config = {**SMALL, "run_dir": str(run_dir), "epochs": 4, "fail_after_epoch": 1, "fail_attempts": 2}
-    flow_run_id = _run_deployment(stack, config)
-    failed = _wait_final(stack, flow_run_id)
-    failed_logs = _logs(stack, flow_run_id)
-    _cli(stack, "flow-run", "retry", flow_run_id)
-    completed = _wait_final(stack, flow_run_id)
-    return run_dir, failed, failed_logs, completed, _logs(stack, flow_run_id)
+def failed_then_retried(stack):
+    """A deployment run on a relative run directory whose injected failure outlasts the flow's
+    own retry, then `prefect flow-run retry`. The run directory lands in the checkout (removed
+    afterwards)."""
+    name = f"runs/server-test-{secrets.token_hex(4)}"
+    config = {**SMALL, "run_dir": name, "epochs": 4, "fail_after_epoch": 1, "fail_attempts": 2}
+    try:
+        flow_run_id = _run_deployment(stack, config)
+        failed = _wait_final(stack, flow_run_id)
+        failed_logs = _logs(stack, flow_run_id)
+        _cli(stack, "flow-run", "retry", flow_run_id)
+        completed = _wait_final(stack, flow_run_id)
+        yield Retried(name, REPO / name, failed, failed_logs, completed, _logs(stack, flow_run_id))
+    finally:
+        shutil.rmtree(REPO / name, ignore_errors=True)
+
+
+def test_deployments_run_from_the_checkout_wherever_the_worker_started(stack, failed_then_retried):
+    with _client(stack) as client:
+        for name in ("train-pipeline/train", "train-pipeline/nightly", "sweep/sweep"):
+            steps = client.read_deployment_by_name(name).pull_steps
+            assert steps == [{"prefect.deployments.steps.set_working_directory":
+                              {"directory": str(REPO)}}], (name, steps)
+    assert stack.worker_dir != REPO and not list(stack.worker_dir.iterdir())
+    assert (failed_then_retried.run_dir / "manifest.json").is_file()  # runs/... of the checkout
+    assert "FileNotFoundError" not in failed_then_retried.failed_logs + failed_then_retried.logs
+
+
+def test_make_worker_polls_the_pool_with_the_credentials(stack):
+    assert "started!" in stack.make_worker_log, stack.make_worker_log[-3000:]
+    assert "401" not in stack.make_worker_log
 
 
 def test_a_failed_deployment_run_retried_resumes_from_its_checkpoint(failed_then_retried):
-    run_dir, failed, failed_logs, completed, logs = failed_then_retried
+    retried = failed_then_retried
+    run_dir, failed, failed_logs = retried.run_dir, retried.failed, retried.failed_logs
+    completed, logs = retried.completed, retried.logs
     assert failed.state.is_failed(), f"{failed.state}\n{failed_logs[-3000:]}"
     assert "injected failure 2 of 2 after epoch 2" in failed_logs
     assert completed.state.is_completed(), f"{completed.state}\n{logs[-3000:]}"
@@ -255,10 +328,12 @@ def test_a_failed_deployment_run_retried_resumes_from_its_checkpoint(failed_then
 
 
 def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
-    run_dir, _, _, completed, _ = failed_then_retried
+    name, run_dir, completed = failed_then_retried.name, failed_then_retried.run_dir, \
+        failed_then_retried.completed
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from ckptflow.orchestration.artifacts import artifact_key
+
 
     with _client(stack) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -268,11 +343,11 @@ def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
         by_type.setdefault(artifact.type, []).append(artifact)
     keys = {a.key for a in artifacts}
     assert {"markdown", "table", "progress"} <= set(by_type)
-    report = next(a for a in by_type["markdown"] if a.key == artifact_key(str(run_dir), "report"))
+    report = next(a for a in by_type["markdown"] if a.key == artifact_key(name, "report"))
     assert "## Exports" in report.data and "| keras |" in report.data
     assert "resumed from `checkpoints/cp-0002`" in report.data
     assert "data:image/png;base64," in report.data
-    assert {artifact_key(str(run_dir), what) for what in ("history", "progress", "exports")} <= keys
+    assert {artifact_key(name, what) for what in ("history", "progress", "exports")} <= keys
     assert max(a.data for a in by_type["progress"]) == 100.0
     assert (run_dir / "metrics" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
@@ -309,11 +384,12 @@ def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     from ckptflow.orchestration.artifacts import artifact_key
 
-    completed = failed_then_retried[3]
+    completed = failed_then_retried.completed
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -326,9 +402,16 @@ def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, 
     shot = tmp_path / "report_artifact.png"
     try:
         wait = WebDriverWait(driver, 90)
+        # The UI sends a visitor without the server's credentials to its login page. (A run's
+        # page opened directly before logging in shows an error page instead: Prefect's UI.)
+        driver.get(f"{ui}/runs")
+        login = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=password]"))
+        assert "/login" in driver.current_url
+        login.send_keys(AUTH, Keys.ENTER)
+        wait.until(lambda d: d.current_url.endswith("/runs"))
         driver.get(f"{ui}/runs/flow-run/{completed.id}")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "li.p-tab#artifacts")).click()
-        report_key = artifact_key(str(failed_then_retried[0]), "report")
+        report_key = artifact_key(failed_then_retried.name, "report")
         wait.until(lambda d: _open_card(d, report_key))
         # The page may re-render while it loads: read what it shows in the same step as the check.
         text, curve_width = wait.until(_rendered_report)
@@ -341,3 +424,69 @@ def test_the_ui_shows_the_report_of_a_completed_run(stack, failed_then_retried, 
     assert "keras exports/model.keras" in text and "h5 exports/model.h5" in text
     assert curve_width > 100, "the training curve did not render"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_client_without_the_credentials_is_refused(stack):
+    def status(path: str, auth: str | None) -> int:
+        request = urllib.request.Request(f"{stack.url}{path}", method="POST", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        if auth:
+            request.add_header("Authorization", f"Basic {base64.b64encode(auth.encode()).decode()}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status("/deployments/filter", AUTH) == 200
+    assert status("/deployments/filter", None) == 401
+    assert status("/deployments/filter", "ckptflow-test:wrong") == 401
+    assert status("/flow_runs/", None) == 401  # nobody without them can start a run either
+    anonymous = {k: v for k, v in stack.env.items() if k != "PREFECT_API_AUTH_STRING"}
+    # (parameters the server would refuse anyway, so a broken check cannot start a run)
+    refused = _cli(stack, "deployment", "run", "train-pipeline/train", "--params",
+                   json.dumps({"config": {"epochs": 0}}), env=anonymous, check=False)
+    assert refused.returncode != 0
+    assert "401 Unauthorized" in refused.stdout + refused.stderr
+
+
+def test_make_server_refuses_to_start_without_credentials(tmp_path):
+    env = {k: v for k, v in os.environ.items() if "AUTH_STRING" not in k}
+    result = subprocess.run(["make", "--no-print-directory", "server", f"PREFECT_PORT={_free_port()}"],
+                            cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0].startswith(
+        "make server: no credentials. Set PREFECT_API_AUTH_STRING=USER:PASSWORD")
+    assert not (tmp_path / "prefect.db").exists()
+
+
+def test_a_deployment_of_the_installed_package_runs_where_it_was_deployed(stack, tmp_path):
+    """No checkout, no prefect.yaml: `prefect deploy` of the package's module path, whose pull
+    step Prefect sets to the directory it is run in."""
+    work = tmp_path / "my_work"
+    work.mkdir()
+    _cli(stack, "deploy", "ckptflow.flows.train_pipeline:train_pipeline", "--name", "from-package",
+         "--pool", POOL, cwd=work)
+    with _client(stack) as client:
+        deployment = client.read_deployment_by_name("train-pipeline/from-package")
+    assert deployment.entrypoint == "ckptflow.flows.train_pipeline:train_pipeline"
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                      {"directory": str(work)}}]
+    assert deployment.enforce_parameter_schema
+    config = {**SMALL, "run_dir": "runs/from-package", "epochs": 1, "formats": ["keras"]}
+    flow_run_id = _run_deployment(stack, config, name="train-pipeline/from-package")
+    run = _wait_final(stack, flow_run_id)
+    assert run.state.is_completed(), f"{run.state}\n{_logs(stack, flow_run_id)[-3000:]}"
+    manifest = json.loads((work / "runs" / "from-package" / "manifest.json").read_text())
+    assert manifest["training"]["epoch"] == 1
+    assert not (REPO / "runs" / "from-package").exists()
+
+
+def test_no_deployment_run_wrote_a_pickled_result(stack, failed_then_retried):
+    """Last in the module: every run above has finished. The server's database, the worker's
+    and the flow runs' result storage and cache records all live in this PREFECT_HOME."""
+    assert failed_then_retried.completed.state.is_completed()
+    records = cache_records(stack.logs)
+    assert records and {r["serializer"]["type"] for r in records} == {"ckptflow-records"}
+    assert pickled_results(stack.logs) == []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tree_digest
+from conftest import pickled_results, tree_digest
 from pydantic import ValidationError
 
 from ckptflow.config import SweepConfig, describe_validation_error, grid_points
@@ -30,20 +30,21 @@ def sweep_command(sweep_dir: Path, workers: int) -> list[str]:
             *shared]
 
 
-def env_for(api_url: str) -> dict:
+def env_for(api_url: str, home: Path) -> dict:
     return {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "TF_CPP_MIN_LOG_LEVEL": "3"}
+            "TF_CPP_MIN_LOG_LEVEL": "3", "PREFECT_HOME": str(home)}
 
 
 @pytest.mark.distributed
 def test_a_killed_sweep_run_again_skips_finished_points_and_resumes_the_rest(tmp_path,
                                                                               prefect_api_url):
     sweep_dir = tmp_path / "sweep"
+    env = env_for(prefect_api_url, tmp_path / "prefect_home")
     points = grid_points(SweepConfig(sweep_dir=str(sweep_dir), units=[16, 24, 32], dropout=[0.0],
                                      learning_rate=[0.001], settings=SHARED))
     # One Dask worker: points run one after another, so the kill finds some finished, one
     # part-trained and maybe some not started.
-    first = subprocess.Popen(sweep_command(sweep_dir, workers=1), env=env_for(prefect_api_url),
+    first = subprocess.Popen(sweep_command(sweep_dir, workers=1), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 300
@@ -66,7 +67,7 @@ def test_a_killed_sweep_run_again_skips_finished_points_and_resumes_the_rest(tmp
     partial_steps = {p.run_dir: CheckpointStore(Path(p.run_dir) / "checkpoints").latest().step
                      for p in partial}
 
-    again = subprocess.run(sweep_command(sweep_dir, workers=2), env=env_for(prefect_api_url),
+    again = subprocess.run(sweep_command(sweep_dir, workers=2), env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     statuses = dict(item.rsplit(" ", 1) for item in
@@ -86,6 +87,8 @@ def test_a_killed_sweep_run_again_skips_finished_points_and_resumes_the_rest(tmp
              if line.startswith("| ") and line[2].isdigit()]
     accuracies = [float(line.split("|")[6].strip().rstrip("%")) for line in table]
     assert len(table) == 3 and accuracies == sorted(accuracies, reverse=True)
+    assert (tmp_path / "prefect_home").is_dir()  # the CLI's and the Dask workers' Prefect files
+    assert pickled_results(tmp_path / "prefect_home") == []
 
 
 def test_sweep_parameters_are_checked_per_point_before_anything_runs():

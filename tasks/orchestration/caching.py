@@ -7,19 +7,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from ckptflow.core.files import sha256_path
+from ckptflow.orchestration.results import CacheRecordStorage, RecordSerializer
 
 
-def cache_while_present(outputs: Callable[[dict[str, Any]], list[Path]]) -> Callable:
-    """A `cache_key_fn` that lets Prefect skip a task only while its outputs are on disk, unchanged.
+def cache_while_present(outputs: Callable[[dict[str, Any]], list[Path]]) -> dict[str, Any]:
+    """Task options that let Prefect skip a task only while its outputs are on disk, unchanged.
 
-    The key covers the task's source, its inputs and the SHA-256 of each output. A deleted or
-    changed output, or changed code, gives a new key, so the task runs instead of returning
+    The cache key covers the task's source, its inputs and the SHA-256 of each output. A deleted
+    or changed output, or changed code, gives a new key, so the task runs instead of returning
     stale paths. Outputs are only known once the task has run, so the first run after outputs
     appear runs the task too; the stages make that cheap by reusing outputs they can verify.
+    The result is persisted as JSON (RecordSerializer) and its cache record is checked before
+    Prefect reads it (CacheRecordStorage): a record ckptflow did not write is never loaded.
+
+    Example:
+        @task(name="evaluate", **cache_while_present(lambda p: [RunDir(p["config"].run_dir).evaluation]))
     """
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -29,4 +36,5 @@ def cache_while_present(outputs: Callable[[dict[str, Any]], list[Path]]) -> Call
         source = inspect.getsource(context.task.fn)
         return hash_objects(source, parameters, [sha256_path(p) for p in paths])
 
-    return key
+    return {"cache_policy": CacheKeyFnPolicy(cache_key_fn=key, key_storage=CacheRecordStorage()),
+            "result_serializer": RecordSerializer(), "persist_result": True}

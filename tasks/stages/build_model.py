@@ -59,7 +59,7 @@ def load_initial_model(run_dir: str | Path):
     return load_keras_model(RunDir(run_dir).initial_model)
 
 
-@task(name="build-model", **retry_options())
+@task(name="build-model", persist_result=False, **retry_options())
 def build_model_task(config: TrainConfig) -> ModelRecord:
     """Build and save the untrained model; a run directory keeps the model it started with."""
     return build_model_stage(config.run_dir, config.identity())

@@ -16,6 +16,7 @@ from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord, load_snapshot
 from ckptflow.orchestration.caching import cache_while_present
+from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.stages.build_model import load_initial_model
 from ckptflow.stages.resume import restore_model
@@ -23,6 +24,7 @@ from ckptflow.stages.resume import restore_model
 log = logging.getLogger("ckptflow.evaluate")
 
 
+@result_record
 class EvaluationRecord(BaseModel):
     """Test metrics of the trained and the untrained model."""
 
@@ -89,7 +91,7 @@ def evaluation_rows(record: EvaluationRecord) -> list[dict]:
 
 
 @task(name="evaluate", **retry_options(),
-      cache_key_fn=cache_while_present(lambda p: [RunDir(p["config"].run_dir).evaluation]))
+      **cache_while_present(lambda p: [RunDir(p["config"].run_dir).evaluation]))
 def evaluate_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointRef) -> EvaluationRecord:
     """Evaluate the latest checkpoint; skipped while its evaluation is on disk for this checkpoint."""
     from ckptflow.orchestration.artifacts import publish_evaluation

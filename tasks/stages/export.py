@@ -28,6 +28,7 @@ from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord, load_snapshot
 from ckptflow.orchestration.caching import cache_while_present
+from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.stages.resume import restore_model
 from ckptflow.tutorial.model import build_from_identity
@@ -35,6 +36,7 @@ from ckptflow.tutorial.model import build_from_identity
 log = logging.getLogger("ckptflow.export")
 
 
+@result_record
 class ExportRecord(BaseModel):
     """One verified export."""
 
@@ -153,7 +155,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 @task(name="export-each-format", **retry_options(),
-      cache_key_fn=cache_while_present(lambda p: export_outputs(p["config"].run_dir)))
+      **cache_while_present(lambda p: export_outputs(p["config"].run_dir)))
 def export_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointRef) -> list[ExportRecord]:
     """Export and verify every format; skipped while the exports of this checkpoint are on disk."""
     from prefect.artifacts import create_table_artifact

@@ -61,7 +61,7 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
     return record
 
 
-@task(name="fetch-data", **retry_options())
+@task(name="fetch-data", persist_result=False, **retry_options())
 def fetch_data_task(config: TrainConfig) -> DataRecord:
     """Fetch and snapshot the data; retried on network and disk errors, never on bad input."""
     return fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,

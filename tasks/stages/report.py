@@ -109,7 +109,7 @@ def _markdown(run: RunDir, manifest: dict, history) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(name="report")
+@task(name="report", persist_result=False)
 def report_task(config: TrainConfig) -> str:
     """Write the run report and show it (and the metrics table) as keyed Prefect artifacts."""
     import pandas as pd

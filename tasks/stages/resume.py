@@ -33,7 +33,7 @@ def restore_model(run_dir: str | Path, checkpoint: str):
     return model
 
 
-@task(name="resume-from-latest", **retry_options())
+@task(name="resume-from-latest", persist_result=False, **retry_options())
 def resume_from_latest_task(config: TrainConfig, data_sha256: str) -> CheckpointRef | None:
     """Report where training will continue (the train task checks again on each attempt)."""
     point = find_resume_point(config.run_dir, config.identity(), data_sha256)

@@ -95,14 +95,15 @@ def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@task(name="sweep-point", task_run_name="point {config.run_dir}", **retry_options())
+@task(name="sweep-point", task_run_name="point {config.run_dir}", persist_result=False,
+      **retry_options())
 def sweep_point_task(config: TrainConfig) -> dict[str, Any]:
     """One grid point; a retry (or the next sweep run) resumes it from its latest checkpoint."""
     route_logs_to_prefect()  # it runs in a Dask worker process, which imported no flow module
     return run_point(config)
 
 
-@task(name="sweep-summary")
+@task(name="sweep-summary", persist_result=False)
 def sweep_summary_task(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     """Rank the points into SWEEP_DIR/summary.md and a keyed markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
@@ -123,15 +124,20 @@ def dask_task_runner(sweep: SweepConfig):
     if sweep.dask_address:  # its workers need PREFECT_API_URL of a server they can reach
         return DaskTaskRunner(address=sweep.dask_address)
     # One thread per process: each point trains with TensorFlow's process-wide settings. The
-    # worker processes report to this process's API, which without PREFECT_API_URL is the
-    # temporary server it started (left alone, each worker would start its own and time out).
+    # worker processes report to this process's API, which without PREFECT_API_URL is the warm
+    # or temporary server the CLI chose (left alone, each worker would start its own and time
+    # out), with the credentials it requires.
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": sweep.workers, "threads_per_worker": 1, "processes": True,
-        "env": {"PREFECT_API_URL": current_api_url()}})
+        "env": current_api_environment()})
 
 
-def current_api_url() -> str:
-    """The Prefect API this flow run reports to."""
+def current_api_environment() -> dict[str, str]:
+    """PREFECT_API_URL (and PREFECT_API_AUTH_STRING, if set) of the API this flow run reports to."""
     from prefect.context import get_run_context
+    from prefect.settings import get_current_settings
 
-    return str(get_run_context().client.api_url).rstrip("/")
+    env = {"PREFECT_API_URL": str(get_run_context().client.api_url).rstrip("/")}
+    if (auth := get_current_settings().api.auth_string) is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth.get_secret_value()
+    return env

@@ -27,12 +27,14 @@ from ckptflow.core.formats import FORMATS
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.orchestration.caching import cache_while_present
+from ckptflow.orchestration.results import result_record
 
 log = logging.getLogger("ckptflow.verify")
 
 REQUIRED_FIELDS = ("kind", "format", "path", "sha256", "bytes")
 
 
+@result_record
 class VerifyRow(BaseModel):
     """The verdict on one manifest entry."""
 
@@ -327,8 +329,7 @@ def manifest_outputs(run_dir: str | Path) -> list[Path]:
         return []
 
 
-@task(name="verify",
-      cache_key_fn=cache_while_present(lambda p: manifest_outputs(p["config"].run_dir)))
+@task(name="verify", **cache_while_present(lambda p: manifest_outputs(p["config"].run_dir)))
 def verify_task(config: TrainConfig) -> list[VerifyRow]:
     """Verify the run directory as `ckptflow verify` does; fail the run if any artifact fails.
 

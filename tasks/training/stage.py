@@ -58,7 +58,7 @@ def run_worker(config: TrainConfig, wait_seconds: float) -> dict:
     return train_with_strategy(config.run_dir, config, wait_for_chief(config, wait_seconds))
 
 
-@task(name="train-with-checkpoints", **retry_options())
+@task(name="train-with-checkpoints", persist_result=False, **retry_options())
 def train_task(config: TrainConfig, data: DataRecord) -> TrainRecord:
     """Train with checkpoints; a retry resumes from the newest checkpoint, not from zero."""
     from ckptflow.orchestration.artifacts import EpochProgress
@@ -69,7 +69,7 @@ def train_task(config: TrainConfig, data: DataRecord) -> TrainRecord:
     return record
 
 
-@task(name="join-cluster")
+@task(name="join-cluster", persist_result=False)
 def join_cluster_task(config: TrainConfig) -> str:
     """Create the tf.distribute strategy now, before any stage runs a TensorFlow op."""
     if config.strategy == "default":
