@@ -114,7 +114,7 @@ def start(port: int) -> tuple[WarmServer, bool]:
             start_new_session=True)  # its own process group: stopped as one, immune to Ctrl-C
     server = WarmServer(url=url, pid=process.pid, auth=auth, log=str(log),
                         started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    atomic_write_bytes(home / STATE_FILE, json.dumps(asdict(server)).encode())  # mode 0600
+    atomic_write_bytes(home / STATE_FILE, json.dumps(asdict(server)).encode(), mode=0o600)
     if _wait_until_it_answers(server, lambda: process.poll() is None):
         return server, True
     stop()

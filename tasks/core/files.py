@@ -94,17 +94,18 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part.
 
-    The file gets the mode the umask gives a new file (0644 under umask 022), as TensorFlow's own
-    files do, not the 0600 of a temporary file: other users can read a shared run directory.
+    The file gets `mode`, or else the mode the umask gives a new file (0644 under umask 022), as
+    TensorFlow's own files do, not the 0600 of a temporary file: other users can read a shared
+    run directory. Pass `mode=0o600` for a secret.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
+        os.fchmod(fd, 0o666 & ~current_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
