@@ -24,6 +24,8 @@ def _option_type(annotation):
     """The parser behind an annotation such as `int`, `float`, `int | None` or `list[int]`."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is dict:
+        return _json_object
     if typing.get_origin(annotation) is list:
         item_type = typing.get_args(annotation)[0]
 
@@ -33,6 +35,21 @@ def _option_type(annotation):
         parse_list.__name__ = f"comma-separated {item_type.__name__}"  # argparse's error names it
         return parse_list
     return annotation
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from the command line (`--model-params '{"filters": 16}'`)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}). Expected an object such as "
+                                         "'{\"filters\": 16}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON {type(value).__name__}, not an object. "
+                                         "Expected an object such as '{\"filters\": 16}'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     from ckptflow.config import describe_validation_error
     from ckptflow.core.errors import BadInputError
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")}
+    # Options left at their defaults are not passed: the config tells given options from defaults
+    # (the tutorial's --units is refused with a model of one's own only when given).
+    fields = (SweepConfig if args.command == "sweep" else TrainConfig).model_fields
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")
+               and not (k in fields and v == fields[k].default)}
     try:
         if args.command == "sweep":
             shared = {k.removeprefix("shared."): options.pop(k) for k in list(options)
@@ -274,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_summary(summary: dict) -> str:
     """A few lines a person reads after a run: where it stands and what it made."""
+    from ckptflow.stages.evaluate import describe
+
     t, e = summary["training"], summary["evaluation"]
     if t["batches_trained"] == 0:
         status = f"already complete at {t['epoch']} epochs; nothing to train"
@@ -286,12 +309,15 @@ def format_summary(summary: dict) -> str:
         f"run directory: {summary['run_dir']}",
         f"data: {summary['data']['source']} ({summary['data']['reason']})",
         f"training: {status}",
-        f"test accuracy: {e['test_accuracy']:.2%} (untrained model: {e['untrained_accuracy']:.2%})",
+        f"test accuracy: {e['test_accuracy']:.2%} (untrained model: {e['untrained_accuracy']:.2%})"
+        if e.get("test_accuracy") is not None else
+        f"test: {describe(e['test_metrics'])} (untrained model: {describe(e['untrained_metrics'])})",
         "exports (each loaded back and compared with the trained model):",
     ]
     for x in summary["exports"]:
-        lines.append(f"  {x['format']:<13} {x['path']:<28} {x['bytes']:>10,} bytes  "
-                     f"accuracy {x['test_accuracy']:.4f}  max |diff| {x['max_abs_diff']:.1e}")
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in x["metrics"].items())
+        lines.append(f"  {x['format']:<13} {x['path']:<28} {x['bytes']:>10,} bytes  {scores}  "
+                     f"max |diff| {x['max_abs_diff']:.1e}")
     lines.append(f"manifest: {os.path.join(summary['run_dir'], 'manifest.json')}")
     return "\n".join(lines)
 

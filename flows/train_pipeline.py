@@ -35,7 +35,8 @@ from ckptflow.training.stage import join_cluster_task, train_task  # noqa: E402
       retry_delay_seconds=2, validate_parameters=True, persist_result=False,
       result_serializer=RecordSerializer())
 def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (frozen)
-    """Train the tutorial's MNIST model with checkpoints, evaluate it and export every format.
+    """Train a Keras model (the tutorial's MNIST classifier by default, or the one `model` names,
+    on the data `data` names) with checkpoints, evaluate it and export every format.
 
     A failed run retried (by Prefect or by running it again on the same run directory) continues
     from the latest committed checkpoint; finished stages are skipped. One run at a time holds
@@ -48,7 +49,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         mark_crashed(abandoned, config.run_dir)
         join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
         data = fetch_data_task(config)
-        build_model_task(config)
+        build_model_task(config, data)
         resume_from_latest_task(config, data.data_sha256)
         try:
             trained = train_task(config, data)

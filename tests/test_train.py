@@ -145,7 +145,7 @@ def test_a_missing_untrained_model_does_not_let_other_settings_in(tmp_path):
     (tmp_path / "model" / "initial.keras").unlink()
     before = tree_digest(tmp_path)
     with pytest.raises(BadInputError, match="started with a different model"):
-        build_model_stage(tmp_path, small_config(tmp_path, units=32).identity())
+        build_model_stage(tmp_path, small_config(tmp_path, units=32).identity(), data)
     assert tree_digest(tmp_path) == before
 
 

@@ -4,9 +4,11 @@ Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-
 (BBBBBB batches into the epoch after EEEE) holding:
 
 - `train_state.index` / `train_state.data-*`: the TF checkpoint format (`tf.train.Checkpoint`) of
-  the model's weights, the optimizer state and the dropout seed-generator state;
-- `state.json`: epoch, batch, optimizer iterations, history, the partial epoch's sums, best score,
-  the settings that define the run, and the data hash;
+  the model's weights, the optimizer state, the dropout seed-generator state, and what the
+  training loop adds: the unfinished epoch's metric variables and, for a tf.data pipeline, its
+  iterator (position, shuffle buffer and RNG);
+- `state.json`: epoch, batch, optimizer iterations, history, best score, the settings that
+  define the run, and the data hash;
 - at epoch ends, the tutorial's two Keras files: `cp-EEEE.weights.h5` (weights only) and
   `cp-EEEE.keras` (full model with optimizer state);
 - `COMMIT.json`, written last: the SHA-256 of every other file.
@@ -88,6 +90,9 @@ class CheckpointStore:
         latest = store.latest()
         state = store.restore(latest, fresh_model)
 
+    `extra` (to save and restore) names more trackable objects to hold beside the model, such
+    as `{"metrics": model.metrics_variables, "data": iterator}`.
+
     Args:
         directory: where checkpoints live; created if missing.
         keep: int >= 1, how many committed checkpoints to keep. Defaults to 5.
@@ -101,8 +106,10 @@ class CheckpointStore:
 
     # --- public interface ----------------------------------------------------------------------
 
-    def save(self, model, state: dict[str, Any], epoch_end: bool) -> Checkpoint:
-        """Commit a checkpoint of `model` (weights, optimizer, RNG) and `state`; prune old ones."""
+    def save(self, model, state: dict[str, Any], epoch_end: bool,
+             extra: dict[str, Any] | None = None) -> Checkpoint:
+        """Commit a checkpoint of `model` (weights, optimizer, RNG), `extra` and `state`; prune
+        old ones."""
         import tensorflow as tf
 
         epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
@@ -112,7 +119,7 @@ class CheckpointStore:
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            tf.train.Checkpoint(**_trackables(model)).write(str(tmp / TF_PREFIX))
+            tf.train.Checkpoint(**_trackables(model, extra)).write(str(tmp / TF_PREFIX))
             (tmp / STATE).write_text(json.dumps(state, indent=2))
             if epoch_end:
                 model.save_weights(tmp / f"{name}.weights.h5")
@@ -169,12 +176,15 @@ class CheckpointStore:
                 return f"{file_name} does not match its SHA-256 (truncated or changed)"
         return None
 
-    def restore(self, checkpoint: Checkpoint, model) -> dict[str, Any]:
-        """Load weights, optimizer and RNG state into `model` (built and compiled); return state."""
+    def restore(self, checkpoint: Checkpoint, model, extra: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """Load weights, optimizer, RNG state and `extra` into `model` (built and compiled);
+        return the state."""
         import tensorflow as tf
 
-        status = tf.train.Checkpoint(**_trackables(model)).read(checkpoint.tf_prefix)
+        status = tf.train.Checkpoint(**_trackables(model, extra)).read(checkpoint.tf_prefix)
         status.assert_existing_objects_matched()
+        status.expect_partial()  # what is not asked for (a pipeline's position) stays unread
         return checkpoint.read_state()
 
     # --- internals -----------------------------------------------------------------------------
@@ -235,6 +245,7 @@ def _tf_write_errors() -> tuple[type[BaseException], ...]:
             e.PermissionDeniedError, e.NotFoundError, e.DataLossError, e.AbortedError)
 
 
-def _trackables(model) -> dict[str, Any]:
-    return {"model": model, "optimizer": model.optimizer, "rng": rng_variables(model)}
+def _trackables(model, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"model": model, "optimizer": model.optimizer, "rng": rng_variables(model),
+            **(extra or {})}
 

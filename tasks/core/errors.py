@@ -41,3 +41,9 @@ def describe_difference(old: dict, new: dict, before: str = "run has") -> str:
     """`units: run has 512, requested 64; ...` for every key whose value differs."""
     return ", ".join(f"{k}: {before} {old.get(k)!r}, requested {new.get(k)!r}"
                      for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def first_line(exc: BaseException | None) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -2,9 +2,10 @@
 
 Adding a format is adding one `ExportFormat` entry to `FORMATS`. `predict` loads the file the way
 a user of that format would (a fresh Keras model + load, `load_model`, `tf.saved_model.load`,
-ai-edge-litert's Interpreter, onnxruntime) and returns logits for `x`. Formats that hold weights
-only are loaded into a model from `fresh_model`, a factory the caller passes (the registry knows
-no architecture); `.keras`/`.h5` need the custom layers' modules imported by the caller.
+ai-edge-litert's Interpreter, onnxruntime) and returns the model's outputs for `x` (an array, or
+a dict of arrays for a multi-input model). Formats that hold weights only are loaded into a
+model from `fresh_model`, a factory the caller passes (the registry knows no architecture);
+`.keras`/`.h5` need the custom layers' modules imported by the caller.
 Formats whose packages are missing (the `formats` extra) are skipped with a message saying what
 to install.
 """
@@ -39,6 +40,7 @@ class ExportFormat:
         tolerance: largest allowed |prediction - trained model's prediction|.
         requires: importable modules the format needs beyond ckptflow's dependencies.
         hdf5: the file is HDF5, so its groups and dataset shapes can be inspected with h5py.
+        multi_input: ckptflow can feed it a dict of inputs (LiteRT and ONNX: one input only).
     """
 
     name: str
@@ -49,24 +51,39 @@ class ExportFormat:
     tolerance: float = 1e-5
     requires: tuple[str, ...] = ()
     hdf5: bool = False
+    multi_input: bool = True
 
     def missing(self) -> list[str]:
         """The required modules that are not installed."""
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
 
-def predict_logits(model, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """The model's logits for `x`, by direct calls in chunks of `chunk` rows.
+def predict_logits(model, x, chunk: int = 4096) -> np.ndarray:
+    """The model's outputs (the tutorial's logits) for `x`, by direct calls in chunks of `chunk`
+    rows.
 
     For a few thousand rows this is ~10x faster than `model.predict`, which traces a new
-    function for every freshly loaded model; exports are compared on these logits.
+    function for every freshly loaded model; exports are compared on these outputs.
     """
-    return np.concatenate([np.asarray(model(x[i:i + chunk], training=False))
-                           for i in range(0, len(x), chunk)])
+    rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    return np.concatenate([np.asarray(model(rows_of(x, i, i + chunk), training=False))
+                           for i in range(0, rows, chunk)])
 
 
-def load_keras_model(path: str | Path):
-    """Load a `.keras`/`.h5` model with safe mode on.
+def rows_of(x, start: int, stop: int):
+    """Rows `start:stop` of features that are an array or a dict of arrays."""
+    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+
+
+def _tensors(x):
+    import tensorflow as tf
+
+    return {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else tf.constant(x)
+
+
+def load_keras_model(path: str | Path, compile: bool = True):
+    """Load a `.keras`/`.h5` model with safe mode on (`compile=False`: without its optimizer,
+    loss and metrics).
 
     Raises BadInputError with what to do, instead of Keras' traceback, for a file that holds
     Python code (a lambda) or a custom class whose module has not been imported.
@@ -74,7 +91,7 @@ def load_keras_model(path: str | Path):
     import keras
 
     try:
-        return keras.models.load_model(path, safe_mode=True)
+        return keras.models.load_model(path, safe_mode=True, compile=compile)
     except (TypeError, ValueError) as exc:
         text = str(exc)
         if "safe_mode" in text or "lambda" in text.lower():
@@ -119,6 +136,12 @@ def _predict_keras_file(path: Path, x: np.ndarray, fresh_model: ModelFactory) ->
     return predict_logits(load_keras_model(path), x)
 
 
+def _predict_legacy_h5(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
+    # Uncompiled: Keras 3.15 cannot deserialize a string loss such as "mse" from legacy HDF5
+    # ("Could not deserialize 'keras.metrics.mse'"); predictions need no compile settings.
+    return predict_logits(load_keras_model(path, compile=False), x)
+
+
 def _predict_saved_model(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
     """`serve`, the `serving_default` signature and `keras.layers.TFSMLayer` must all agree."""
     import keras
@@ -127,8 +150,9 @@ def _predict_saved_model(path: Path, x: np.ndarray, fresh_model: ModelFactory) -
     loaded = tf.saved_model.load(str(path))  # keep a reference: its variables die with it
     if "serving_default" not in loaded.signatures:
         raise ValueError(f"{path} has no serving_default signature")
-    served = loaded.serve(tf.constant(x)).numpy()
-    signature = loaded.signatures["serving_default"](tf.constant(x))
+    served = loaded.serve(_tensors(x)).numpy()
+    signature = (loaded.signatures["serving_default"](**_tensors(x)) if isinstance(x, dict)
+                 else loaded.signatures["serving_default"](tf.constant(x)))
     by_signature = next(iter(signature.values())).numpy()
     by_layer = np.asarray(keras.layers.TFSMLayer(str(path), call_endpoint="serve")(x))
     spread = max(np.max(np.abs(served - by_signature)), np.max(np.abs(served - by_layer)))
@@ -144,7 +168,7 @@ def _predict_litert(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
     interpreter.resize_tensor_input(inp["index"], x.shape)  # the file is exported for batch 1
     interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x.astype(np.float32))
+    interpreter.set_tensor(inp["index"], x.astype(inp["dtype"]))
     interpreter.invoke()
     return interpreter.get_tensor(out["index"])
 
@@ -153,7 +177,10 @@ def _predict_onnx(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.nd
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+    (inp,) = session.get_inputs()
+    dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int32)": np.int32,
+             "tensor(int64)": np.int64}.get(inp.type, np.float32)
+    return session.run(None, {inp.name: x.astype(dtype)})[0]
 
 
 def _export(fmt: str) -> Callable[[object, Path], None]:
@@ -167,25 +194,26 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  _predict_weights_h5, "fresh model + model.load_weights", hdf5=True),
     ExportFormat("keras", "model.keras", lambda m, p: m.save(p), _predict_keras_file,
                  "keras.models.load_model(safe_mode=True)"),
-    ExportFormat("h5", "model.h5", lambda m, p: m.save(p), _predict_keras_file,
-                 "keras.models.load_model (legacy HDF5)", hdf5=True),
+    ExportFormat("h5", "model.h5", lambda m, p: m.save(p), _predict_legacy_h5,
+                 "keras.models.load_model(compile=False) (legacy HDF5)", hdf5=True),
     ExportFormat("saved_model", "saved_model", _export("tf_saved_model"), _predict_saved_model,
                  "tf.saved_model.load(...).serve + serving_default + TFSMLayer"),
     ExportFormat("litert", "model.tflite", _export("litert"), _predict_litert,
                  "ai_edge_litert Interpreter (batch resized)", tolerance=5e-5,
-                 requires=("ai_edge_litert",)),
+                 requires=("ai_edge_litert",), multi_input=False),
     ExportFormat("onnx", "model.onnx", _export("onnx"), _predict_onnx,
                  "onnxruntime InferenceSession (CPU)", tolerance=5e-5,
-                 requires=("onnxruntime", "onnx", "tf2onnx")),
+                 requires=("onnxruntime", "onnx", "tf2onnx"), multi_input=False),
 )}
 
 
-def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | None = None
-                   ) -> tuple[list[ExportFormat], list[str]]:
-    """The formats to export and a note for each one skipped for a missing package.
+def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | None = None,
+                   multi_input: bool = False) -> tuple[list[ExportFormat], list[str]]:
+    """The formats to export and a note for each one skipped (a missing package; a model of
+    several inputs, which LiteRT and ONNX exports here do not take).
 
-    `names=None` means every format whose packages are installed. Asking by name for a format
-    whose packages are missing is an error, since the user expects that file.
+    `names=None` means every format that can be exported. Asking by name for one that cannot is
+    an error, since the user expects that file.
     """
     registry = FORMATS if registry is None else registry
     if names is not None:
@@ -195,6 +223,9 @@ def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | 
                                 f"{list(registry)}")
         chosen = [registry[n] for n in names]
         for fmt in chosen:
+            if multi_input and not fmt.multi_input:
+                raise BadInputError(f"format {fmt.name} takes models of one input; this model "
+                                    "has several (dict features). Leave the format out.")
             if fmt.missing():
                 raise BadInputError(
                     f"format {fmt.name} needs {', '.join(fmt.missing())}, which is not installed. "
@@ -202,7 +233,9 @@ def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | 
         return chosen, []
     chosen, skipped = [], []
     for fmt in registry.values():
-        if fmt.missing():
+        if multi_input and not fmt.multi_input:
+            skipped.append(f"{fmt.name}: skipped, takes models of one input only")
+        elif fmt.missing():
             skipped.append(f"{fmt.name}: skipped, needs {', '.join(fmt.missing())} "
                            "(pip install -e '.[formats]')")
         else:

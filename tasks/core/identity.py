@@ -19,6 +19,17 @@ def check_same_model(run: RunDir, recorded: dict | None, identity: dict) -> None
             "--run-dir, or the original settings.")
 
 
+def check_same_architecture(run: RunDir, recorded: dict | None, fingerprint: str) -> None:
+    """Refuse a model whose architecture or compile settings differ from the run's, though its
+    REF and params are the same (its code changed)."""
+    before = (recorded or {}).get("fingerprint")
+    if before and before != fingerprint:
+        raise BadInputError(
+            f"run directory {run} was started with a model of another architecture or compile "
+            f"settings (fingerprint {before[:12]}, the model built now {fingerprint[:12]}): the "
+            "model function's code changed. Use another --run-dir, or the original code.")
+
+
 def check_same_data(run: RunDir, recorded: dict | None, existing_sha256: str | None,
                     request: dict, sha256: str) -> None:
     """Refuse data of digest `sha256` if the run directory already holds other data."""

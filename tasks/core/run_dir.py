@@ -48,8 +48,14 @@ class RunDir:
 
     @property
     def snapshot(self) -> Path:
-        """The data every stage reads, as fetch-data snapshotted it."""
+        """The tutorial's MNIST as fetch-data snapshotted it (the manifest's data.path says
+        which snapshot a run holds)."""
         return self.root / "data" / "mnist.npz"
+
+    def snapshot_path(self, tutorial_data: bool) -> Path:
+        """Where a new run's snapshot goes: `data/mnist.npz`, or `data/snapshot.npz` for a data
+        function's data."""
+        return self.snapshot if tutorial_data else self.root / "data" / "snapshot.npz"
 
     @property
     def initial_model(self) -> Path:

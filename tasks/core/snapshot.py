@@ -1,5 +1,9 @@
 """The data snapshot: the arrays fetch-data chose, saved once into the run directory and read by
-every later stage, identified by a digest of their contents."""
+every later stage, identified by a digest of their contents.
+
+Features are an array, or a dict of arrays for a multi-input model: the snapshot stores those as
+`x_train/NAME`, and `load_snapshot` gives them back as the dict. Labels are one array.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from pydantic import BaseModel
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_bytes
 
-Arrays = dict[str, np.ndarray]
+Arrays = dict[str, np.ndarray | dict[str, np.ndarray]]
 SPLITS = ("x_train", "y_train", "x_test", "y_test")
+TEST_SPLITS = ("x_test", "y_test")
 
 
 class DataRecord(BaseModel):
@@ -29,14 +34,26 @@ class DataRecord(BaseModel):
     train_samples: int
     test_samples: int
     request: dict
+    # "arrays": every split is in the snapshot; "pipeline": a tf.data training pipeline (rebuilt
+    # from the data function for training) whose test set is in the snapshot.
+    kind: str = "arrays"
+    snapshot_sha256: str | None = None  # data_digest of the snapshot, when not data_sha256
+
+    def snapshot_digest(self) -> str:
+        return self.snapshot_sha256 or self.data_sha256
 
 
-def load_snapshot(path: str | Path, keys: tuple[str, ...] = SPLITS) -> Arrays:
-    """Arrays of a snapshot; only `keys` are read (an .npz reads lazily, so stages that need the
-    test set skip 188 MB of training images at 60k)."""
+def load_snapshot(path: str | Path, keys: tuple[str, ...] | None = None) -> Arrays:
+    """The splits of a snapshot (every one it holds, or `keys`); only those are read (an .npz
+    reads lazily, so stages that need the test set skip 188 MB of training images at 60k)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in keys}
+            flat = {k: npz[k] for k in npz.files
+                    if keys is None or k.split("/")[0] in keys}
+        missing = [k for k in keys or () if not any(f.split("/")[0] == k for f in flat)]
+        if missing:
+            raise KeyError(f"no {missing[0]}")
+        return unflatten(flat)
     except FileNotFoundError as exc:
         raise BadInputError(f"data snapshot {path} is missing. Run the fetch-data stage "
                             "(ckptflow run) again.") from exc
@@ -48,15 +65,39 @@ def load_snapshot(path: str | Path, keys: tuple[str, ...] = SPLITS) -> Arrays:
 def write_snapshot(path: Path, arrays: Arrays) -> None:
     """Save `arrays` as an .npz, atomically."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **flatten(arrays))
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def flatten(arrays: Arrays) -> dict[str, np.ndarray]:
+    """`{"x_train": {"a": A}}` as `{"x_train/a": A}`; plain arrays stay as they are."""
+    flat = {}
+    for split, value in arrays.items():
+        if isinstance(value, dict):
+            flat.update({f"{split}/{name}": array for name, array in value.items()})
+        else:
+            flat[split] = value
+    return flat
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> Arrays:
+    """The inverse of `flatten`."""
+    arrays: Arrays = {}
+    for key, array in flat.items():
+        split, _, name = key.partition("/")
+        if name:
+            arrays.setdefault(split, {})[name] = array
+        else:
+            arrays[split] = array
+    return arrays
 
 
 def data_digest(arrays: Arrays) -> str:
     """SHA-256 of the arrays' names, dtypes, shapes and bytes (independent of the zip container)."""
     digest = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
+    flat = flatten(arrays)
+    for name in sorted(flat):
+        a = np.ascontiguousarray(flat[name])
         digest.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
         digest.update(a.tobytes())
     return digest.hexdigest()
@@ -65,7 +106,13 @@ def data_digest(arrays: Arrays) -> str:
 def load_verified(path: Path, data: DataRecord) -> Arrays:
     """Every array of the snapshot, refused if it no longer matches what fetch-data recorded."""
     arrays = load_snapshot(path)
-    if data_digest(arrays) != data.data_sha256:
+    if data_digest(arrays) != data.snapshot_digest():
         raise BadInputError(f"data snapshot {path} changed since fetch-data recorded it. Run the "
                             "flow again to re-check the data.")
     return arrays
+
+
+def example_rows(arrays: Arrays, rows: int = 2) -> tuple:
+    """The first `rows` test features and labels: what a fresh model is built on."""
+    x, y = arrays["x_test"], arrays["y_test"]
+    return ({k: v[:rows] for k, v in x.items()} if isinstance(x, dict) else x[:rows]), y[:rows]

@@ -10,12 +10,12 @@ from pydantic import BaseModel
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.files import publish, sha256_file
-from ckptflow.core.formats import load_keras_model
-from ckptflow.core.identity import check_same_model
+from ckptflow.core.identity import check_same_architecture, check_same_model
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from ckptflow.core.models import ModelSource, fingerprint, metric_names, weight_shapes
 from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, example_rows, load_snapshot
 from ckptflow.orchestration.retries import retry_options
-from ckptflow.tutorial.model import build_from_identity
 
 log = logging.getLogger("ckptflow.model")
 
@@ -27,39 +27,46 @@ class ModelRecord(BaseModel):
     sha256: str
     parameters: int
     identity: dict
+    fingerprint: str | None = None  # of the architecture and compile settings (older runs: none)
+    weight_shapes: list[list[int]] | None = None
+    metrics: list[str] | None = None  # the compiled metrics' names (accuracy, mae, ...)
 
 
-def build_model_stage(run_dir: str | Path, identity: dict) -> ModelRecord:
-    """Build the model from `identity` (units, dropout, learning_rate, seed, ...) and save it.
+def build_model_stage(run_dir: str | Path, identity: dict, data: DataRecord) -> ModelRecord:
+    """Build the model `identity` names (the tutorial's, or a user's function) and save it.
 
-    The untrained model is the run's starting point and the "untrained accuracy" baseline. A run
-    directory keeps the model it was started with: a different request is refused.
+    The untrained model is the run's starting point and the "untrained" baseline. A run
+    directory keeps the model it was started with: another REF, other params, or the same REF
+    whose code now builds another architecture, is refused.
     """
     run = RunDir(run_dir)
     path = run.initial_model
     recorded = read_manifest(run).get("model")
     check_same_model(run, recorded, identity)  # whether or not the file is still there
+    sample = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
+    model = ModelSource.from_identity(identity).build(*example_rows(sample))
+    print_ = fingerprint(model)
+    check_same_architecture(run, recorded, print_)
     if recorded and path.exists() and sha256_file(path) == recorded["sha256"]:
-        return ModelRecord(**recorded)
-    model = build_from_identity(identity)
+        if recorded.get("fingerprint"):
+            return ModelRecord(**recorded)
+        recorded = None  # a run from before fingerprints: record them now
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.keras")
-    model.save(tmp)
-    publish(tmp, path)
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp.keras")
+        model.save(tmp)
+        publish(tmp, path)
     record = ModelRecord(path=run.relative(path), sha256=sha256_file(path),
-                         parameters=model.count_params(), identity=identity)
+                         parameters=model.count_params(), identity=identity, fingerprint=print_,
+                         weight_shapes=weight_shapes(model), metrics=metric_names(model))
     update_manifest(run, model=record.model_dump())
     set_artifacts(run, "model", [artifact_entry(run, path, "model", "keras")])
-    log.info("model: %d parameters, saved untrained to %s", record.parameters, record.path)
+    log.info("model: %s, %d parameters, saved untrained to %s", type(model).__name__,
+             record.parameters, record.path)
     return record
 
 
-def load_initial_model(run_dir: str | Path):
-    """The run's untrained model, loaded from its file (this module registers its layers)."""
-    return load_keras_model(RunDir(run_dir).initial_model)
-
-
 @task(name="build-model", persist_result=False, **retry_options())
-def build_model_task(config: TrainConfig) -> ModelRecord:
+def build_model_task(config: TrainConfig, data: DataRecord) -> ModelRecord:
     """Build and save the untrained model; a run directory keeps the model it started with."""
-    return build_model_stage(config.run_dir, config.identity())
+    return build_model_stage(config.run_dir, config.identity(), data)

@@ -7,7 +7,6 @@ predictions before it replaces an earlier export.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -24,14 +23,14 @@ from ckptflow.core.checkpoints import STATE
 from ckptflow.core.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
 from ckptflow.core.formats import predict_logits, select_formats
 from ckptflow.core.manifest import artifact_entry, set_artifacts, update_manifest
+from ckptflow.core.models import prediction_metrics
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import DataRecord, load_snapshot
+from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, load_snapshot
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
-from ckptflow.stages.resume import restore_model
-from ckptflow.tutorial.model import build_from_identity
+from ckptflow.stages.resume import fresh_model_factory, restore_model
 
 log = logging.getLogger("ckptflow.export")
 
@@ -44,7 +43,8 @@ class ExportRecord(BaseModel):
     path: str
     sha256: str
     bytes: int
-    test_accuracy: float
+    test_accuracy: float | None = None  # where the model has an accuracy metric
+    metrics: dict[str, float] = {}  # the model's compiled metrics of this export's predictions
     max_abs_diff: float
     loader: str
 
@@ -56,7 +56,9 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     `formats=None` exports every format whose packages are installed, and logs the others.
     """
     run = RunDir(run_dir)
-    chosen, skipped = select_formats(formats)
+    arrays = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
+    x, y = arrays["x_test"], arrays["y_test"]
+    chosen, skipped = select_formats(formats, multi_input=isinstance(x, dict))
     for note in skipped:
         log.warning("export %s", note)
     names = [f.name for f in chosen]
@@ -67,10 +69,9 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
         return reusable
     for abandoned in run.exports.glob(".tmp-*"):  # left by a killed export
         shutil.rmtree(abandoned, ignore_errors=True)
-    arrays = load_snapshot(run.root / data.path, keys=("x_test", "y_test"))
-    x, y = arrays["x_test"], arrays["y_test"]
     model = restore_model(run, checkpoint.path)
-    fresh_model = functools.partial(build_from_identity, model_identity(run, checkpoint))
+    fresh_model = fresh_model_factory(run, model_identity(run, checkpoint))
+    scorer = fresh_model()  # its compiled metrics score each export's predictions
     reference = predict_logits(model, x)
     # Every file is written and checked in one staging directory first; only when all of them
     # pass do they (and the reference they were checked against) replace the previous set.
@@ -85,7 +86,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
             if not diff <= fmt.tolerance:
                 raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
                                    f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
-            checked.append((fmt, float(np.mean(np.argmax(predictions, axis=1) == y)), diff))
+            checked.append((fmt, prediction_metrics(scorer, y, predictions), diff))
         atomic_write_bytes(staging / run.reference.name, _npy_bytes(reference))
         for fmt, _, _ in checked:
             publish(staging / fmt.filename, run.exports / fmt.filename)
@@ -93,13 +94,13 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     records = []
-    for fmt, accuracy, diff in checked:
+    for fmt, metrics, diff in checked:
         entry = artifact_entry(run, run.exports / fmt.filename, "export", fmt.name)
         records.append(ExportRecord(format=fmt.name, path=entry["path"], sha256=entry["sha256"],
-                                    bytes=entry["bytes"], test_accuracy=accuracy,
-                                    max_abs_diff=diff, loader=fmt.loader))
-        log.info("export %-13s %9d bytes  accuracy %.4f  max |diff| %.1e", fmt.name,
-                 entry["bytes"], accuracy, diff)
+                                    bytes=entry["bytes"], test_accuracy=metrics.get("accuracy"),
+                                    metrics=metrics, max_abs_diff=diff, loader=fmt.loader))
+        log.info("export %-13s %9d bytes  %s  max |diff| %.1e", fmt.name, entry["bytes"],
+                 "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), diff)
     reference_entry = artifact_entry(run, run.reference, "reference", "npy",
                                      checkpoint=checkpoint.path)
     set_artifacts(run, "export", [
@@ -145,7 +146,6 @@ def export_outputs(run_dir: str | Path) -> list[Path]:
 def model_identity(run_dir: str | Path, checkpoint: CheckpointRef) -> dict:
     """The settings the checkpoint was trained with, to rebuild its architecture."""
     return json.loads((RunDir(run_dir).root / checkpoint.path / STATE).read_text())["identity"]
-
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

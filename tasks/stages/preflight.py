@@ -17,6 +17,7 @@ from ckptflow.core.identity import check_same_data, check_same_model
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import data_digest
+from ckptflow.core.user_code import check_ref
 from ckptflow.tutorial.data import load_mnist
 
 # Read by the Keras loader, which needs TensorFlow (and maybe the network): left to fetch-data.
@@ -28,6 +29,9 @@ def check_request(config: TrainConfig) -> None:
     run = RunDir(config.run_dir)
     check_run_dir(run)
     select_formats(config.formats)  # a named format whose packages are missing
+    check_ref(config.model, "--model")  # found, not imported: that needs TensorFlow
+    if not config.uses_tutorial_data():
+        check_ref(config.data, "--data")
     manifest = read_manifest(run) if run.root.is_dir() else {}
     check_same_model(run, manifest.get("model"), config.identity())
     check_data(run, config, manifest.get("data"))
@@ -60,12 +64,11 @@ def check_run_dir(run: RunDir) -> None:
 def check_data(run: RunDir, config: TrainConfig, recorded: dict | None) -> None:
     """A data file (or the bundled images) is read and validated; on an existing run, it must be
     the data the run holds. The same request as recorded is left to fetch-data's reuse."""
-    request = {"source": config.data, "train_samples": config.train_samples,
-               "test_samples": config.test_samples, "seed": config.seed}
+    request = config.data_request()
     if recorded and recorded.get("request") == request:
         return
-    if config.data in KERAS_SOURCES:
-        return
+    if config.data in KERAS_SOURCES or not config.uses_tutorial_data():
+        return  # read by fetch-data, which refuses other data before writing anything
     arrays, _, _ = load_mnist(config.data, config.train_samples, config.test_samples, config.seed)
     check_same_data(run, recorded, (recorded or {}).get("data_sha256"), request,
                     data_digest(arrays))

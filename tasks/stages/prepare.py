@@ -18,6 +18,6 @@ def prepare_run(config: TrainConfig) -> DataRecord:
         train_with_checkpoints(config.run_dir, config, data)
     """
     data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
-                      config.seed)
-    build_model_stage(config.run_dir, config.identity())
+                      config.seed, config.data_params)
+    build_model_stage(config.run_dir, config.identity(), data)
     return data

@@ -4,13 +4,14 @@ For every manifest entry: the path must stay inside the run directory (no absolu
 `..`, no links pointing out), the file must exist and match its SHA-256, and only then is it
 opened. Every export is then loaded in a fresh process with its own runtime, predicts the test
 set, and must match the reference predictions saved at export time (within the format's
-tolerance) and the accuracy recorded in the manifest. HDF5 files are also inspected with h5py.
+tolerance) and the metrics recorded in the manifest (the model's own: accuracy, mae, ...). HDF5
+files are also inspected with h5py for every trainable weight's shape.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -44,7 +45,8 @@ class VerifyRow(BaseModel):
     bytes: int | None = None
     load_seconds: float | None = None
     max_abs_diff: float | None = None
-    accuracy: float | None = None
+    accuracy: float | None = None  # where the model has an accuracy metric
+    metrics: dict[str, float] = {}
     ok: bool
     problem: str = ""
 
@@ -193,12 +195,11 @@ def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
 
 
 def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
-    from ckptflow.core.snapshot import load_snapshot
-
     reference_entry = next(a for a in manifest["artifacts"] if a["kind"] == "reference")
     reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
-    y = load_snapshot(RunDir(run_dir).snapshot, keys=("y_test",))["y_test"]
+    snapshot = safe_path(run_dir, (manifest.get("data") or {}).get("path", "data/mnist.npz"))
     identity = manifest["model"]["identity"]
+    shapes = manifest["model"].get("weight_shapes") or tutorial_weight_shapes(identity)
     loads = []
     for row, entry, path in exports:
         fmt = FORMATS.get(entry["format"])
@@ -206,28 +207,32 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
             row.ok, row.problem = False, f"unknown format {entry['format']!r}"
         elif fmt.missing():
             row.ok, row.problem = False, f"needs {', '.join(fmt.missing())} (pip install -e '.[formats]')"
-        elif fmt.hdf5 and (problem := inspect_hdf5(path, identity)):
+        elif fmt.hdf5 and (problem := inspect_hdf5(path, shapes)):
             row.ok, row.problem = False, problem
         else:
             loads.append((row, entry, fmt, path))
     for (row, entry, fmt, _), outcome in zip(loads, _load_in_fresh_processes(
-            run_dir, identity, [(fmt.name, path) for _, _, fmt, path in loads]), strict=True):
+            snapshot, identity, [(fmt.name, path) for _, _, fmt, path in loads]), strict=True):
         if "error" in outcome:
             row.ok, row.problem = False, outcome["error"]
             continue
         predictions = outcome["predictions"]
         row.load_seconds = round(outcome["seconds"], 3)
         row.max_abs_diff = float(np.max(np.abs(predictions - reference)))
-        row.accuracy = float(np.mean(np.argmax(predictions, axis=1) == y))
+        row.metrics = outcome["metrics"]
+        row.accuracy = row.metrics.get("accuracy")
+        recorded = entry.get("metrics") or {"accuracy": entry.get("test_accuracy")}
+        differs = [k for k in recorded if k not in row.metrics
+                   or not math.isclose(row.metrics[k], recorded[k], rel_tol=1e-6, abs_tol=1e-9)]
         if not row.max_abs_diff <= fmt.tolerance:
             row.ok, row.problem = False, (f"predictions differ by {row.max_abs_diff:.2e} "
                                           f"(> {fmt.tolerance})")
-        elif row.accuracy != entry.get("test_accuracy"):
-            row.ok, row.problem = False, (f"accuracy {row.accuracy} differs from the recorded "
-                                          f"{entry.get('test_accuracy')}")
+        elif differs:
+            row.ok, row.problem = False, (f"{differs[0]} {row.metrics.get(differs[0])} differs "
+                                          f"from the recorded {recorded[differs[0]]}")
 
 
-def _load_in_fresh_processes(run_dir: Path, identity: dict,
+def _load_in_fresh_processes(snapshot: Path, identity: dict,
                              loads: list[tuple[str, Path]]) -> list[dict]:
     """Each (format, path) loaded and run in its own fresh process, one per core (at most 4)
     at a time; one outcome per load, in order: predictions or an error."""
@@ -239,7 +244,7 @@ def _load_in_fresh_processes(run_dir: Path, identity: dict,
         for name, path in loads[first:first + at_once]:
             receiver, sender = context.Pipe(duplex=False)
             child = context.Process(target=_load_and_predict,
-                                    args=(sender, name, str(path), str(run_dir), identity))
+                                    args=(sender, name, str(path), str(snapshot), identity))
             child.start()
             sender.close()
             started.append((receiver, child))
@@ -258,7 +263,8 @@ def _loader_context() -> multiprocessing.context.BaseContext:
     """Each export loads in a process forked from a server that has imported TensorFlow but run
     nothing, so no state of this process (or of another format) leaks into a load."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tensorflow", "ckptflow.core.formats", "ckptflow.tutorial.model"])
+    context.set_forkserver_preload(["tensorflow", "ckptflow.core.formats", "ckptflow.core.models",
+                                    "ckptflow.tutorial.model"])
     return context
 
 
@@ -272,30 +278,41 @@ def start_loader() -> None:
     forkserver.ensure_running()
 
 
-def _load_and_predict(sender, name: str, path: str, run_dir: str, identity: dict) -> None:
-    """In the fresh process: load one export with its own runtime and predict the test set."""
+def _load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict) -> None:
+    """In the fresh process: load one export with its own runtime, predict the test set, and
+    score the predictions with the model's compiled metrics."""
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
-    from ckptflow.core.snapshot import load_snapshot
-    from ckptflow.tutorial.model import build_from_identity
+    from ckptflow.core.models import ModelSource, prediction_metrics
+    from ckptflow.core.snapshot import TEST_SPLITS, example_rows, load_snapshot
+    from ckptflow.core.user_code import resolve
 
     try:
-        x = load_snapshot(RunDir(run_dir).snapshot, keys=("x_test",))["x_test"]
+        arrays = load_snapshot(snapshot, keys=TEST_SPLITS)
+        source = ModelSource.from_identity(identity)
+        resolve(source.ref, "--model")  # imports the module that registers its custom layers
+        fresh_model = source.factory(*example_rows(arrays))
         started = time.perf_counter()
-        predictions = FORMATS[name].predict(Path(path), x,
-                                            functools.partial(build_from_identity, identity))
-        sender.send({"predictions": np.asarray(predictions),
-                     "seconds": time.perf_counter() - started})
+        predictions = np.asarray(FORMATS[name].predict(Path(path), arrays["x_test"], fresh_model))
+        seconds = time.perf_counter() - started
+        sender.send({"predictions": predictions, "seconds": seconds,
+                     "metrics": prediction_metrics(fresh_model(), arrays["y_test"], predictions)})
     except Exception as exc:  # reported as the row's problem, in one line
         sender.send({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
     finally:
         sender.close()
 
 
-def inspect_hdf5(path: Path, identity: dict) -> str:
-    """'' if the HDF5 file holds the model's kernel and bias shapes, else what is wrong."""
+def tutorial_weight_shapes(identity: dict) -> list[list[int]]:
+    """The tutorial model's kernel and bias shapes, for manifests from before weight_shapes."""
+    units = identity.get("units")
+    return [[784, units], [units], [units, 10], [10]] if units else []
+
+
+def inspect_hdf5(path: Path, weight_shapes: list[list[int]]) -> str:
+    """'' if the HDF5 file holds a dataset of every trainable weight's shape, else what is wrong."""
     import h5py
 
-    expected = {(784, identity["units"]), (identity["units"],), (identity["units"], 10), (10,)}
+    expected = {tuple(shape) for shape in weight_shapes}
     shapes = set()
     try:
         with h5py.File(path, "r") as f:
@@ -308,15 +325,18 @@ def inspect_hdf5(path: Path, identity: dict) -> str:
 
 
 def format_table(rows: list[VerifyRow]) -> str:
-    """The verdicts as a text table: format, bytes, load time, max difference, accuracy, OK."""
+    """The verdicts as a text table: format, bytes, load time, max difference, the model's first
+    metric (accuracy for the tutorial), OK."""
+    name = next((next(iter(r.metrics)) for r in rows if r.metrics), "accuracy")
     lines = [f"{'kind':<10} {'format':<19} {'bytes':>11} {'load s':>7} {'max|diff|':>10} "
-             f"{'accuracy':>8}  ok  path / problem"]
+             f"{name[:10]:>10}  ok  path / problem"]
     for r in rows:
+        value = r.metrics.get(name)
         lines.append(
             f"{r.kind:<10} {r.format:<19} {r.bytes if r.bytes is not None else '-':>11} "
             f"{r.load_seconds if r.load_seconds is not None else '-':>7} "
             f"{f'{r.max_abs_diff:.1e}' if r.max_abs_diff is not None else '-':>10} "
-            f"{f'{r.accuracy:.4f}' if r.accuracy is not None else '-':>8}  "
+            f"{f'{value:.4f}' if value is not None else '-':>10}  "
             f"{'OK' if r.ok else 'FAIL':<3} {r.path}{'  ' + r.problem if r.problem else ''}")
     return "\n".join(lines)
 

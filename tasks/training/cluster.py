@@ -97,8 +97,7 @@ def wait_for_chief(config: TrainConfig, timeout_s: float) -> DataRecord:
     the data snapshot and the untrained model with the settings this worker was given.
     """
     run_dir = RunDir(config.run_dir)
-    request = {"source": config.data, "train_samples": config.train_samples,
-               "test_samples": config.test_samples, "seed": config.seed}
+    request = config.data_request()
     deadline = time.monotonic() + timeout_s
     while True:
         manifest = read_manifest(run_dir)

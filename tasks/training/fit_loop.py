@@ -1,16 +1,14 @@
-"""One device: the rest of each epoch through Keras' own compiled `fit`, saving between batches.
+"""One device: the rest of each epoch, batch by batch, through Keras' own compiled train step.
 
-`fit` costs ~15% less per batch than a `train_on_batch` loop. Keras 3 `fit` cannot start an
-epoch mid-way, so each call trains only the rest of the current epoch, in that epoch's order.
-A SIGTERM or SIGINT ends `fit` after the current batch; a checkpoint is committed there.
+Each batch is `model.train_function(iterator)`, the very step `fit` runs, on an iterator that
+knows where training stands (`ckptflow.training.batches`): Keras 3 `fit` cannot start an epoch
+mid-way, nor continue a tf.data iterator. The epoch's metrics are the model's metric objects,
+reset when an epoch starts and saved in every checkpoint, so the history a resumed run writes
+is the one an uninterrupted run writes. A SIGTERM or SIGINT ends training after the current
+batch; a checkpoint is committed there.
 """
 
 from __future__ import annotations
-
-import math
-
-import keras
-import tensorflow as tf
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import CheckpointStore
@@ -24,13 +22,12 @@ from ckptflow.training.setup import (
     EpochCallback,
     EpochOutputs,
     TrainRecord,
-    epoch_order,
     finish_training,
     optimizer_step,
     start_training,
+    training_trackables,
 )
 from ckptflow.training.stop import GracefulStop
-from ckptflow.tutorial.model import create_model
 
 
 def train_on_one_device(run: RunDir, config: TrainConfig, data: DataRecord,
@@ -53,16 +50,13 @@ class OneDeviceLoop:
                  on_epoch_end: EpochCallback | None, on_batch_end: BatchCallback | None):
         self.run, self.config, self.on_batch_end = run, config, on_batch_end
         self.store = CheckpointStore(run.checkpoints, keep=config.keep_checkpoints)
-        self.model = create_model(config.units, config.dropout, config.learning_rate, config.seed,
-                                  config.deterministic)
-        self.start = start_training(run, config, data, self.model)
+        self.start = start_training(run, config, data)
+        self.model, self.batches = self.start.model, self.start.batches
         self.state, self.arrays, self.latest = self.start.state, self.start.arrays, self.start.resumed
-        # As tensors, and the arrays let go: one copy of the images, as `fit` makes of a user's.
-        self.x = tf.constant(self.arrays.pop("x_train"))
-        self.y = tf.constant(self.arrays.pop("y_train"))
-        self.steps = math.ceil(len(self.y) / config.batch_size)
+        self.trackables = training_trackables(self.model, self.batches)
         self.outputs = EpochOutputs(run, config, self.state, on_epoch_end)
         self.policy = SavePolicy(config.save_every_batches, config.checkpoint_budget)
+        self.model.make_train_function()
 
     def train(self) -> TrainRecord:
         with GracefulStop(self.config.stop_grace_seconds) as stop:
@@ -77,31 +71,37 @@ class OneDeviceLoop:
 
     def train_rest_of_epoch(self, stop: GracefulStop) -> None:
         """The current epoch from the batch reached to its end, or to a requested stop."""
-        config = self.config
-        rest = epoch_order(config.seed, self.state.epoch, len(self.y))[
-            self.state.batch * config.batch_size:]
-        if not len(rest) or stop.requested:
-            return
-        saver = MidEpochSaves(self, len(rest), stop)
-        self.model.fit(batches(self.x, self.y, rest, config.batch_size), epochs=1, shuffle=False,
-                       verbose=0, callbacks=[saver])
-        if optimizer_step(self.model) != self.state.step:
+        state, steps = self.state, self.batches.steps
+        if state.batch == 0:
+            self.model.reset_metrics()  # as `fit` does when an epoch starts
+        iterator = self.batches.iterator(state.epoch, state.batch)
+        while state.batch < steps and not stop.requested:
+            self.model.train_function(iterator)
+            state.advance(state.batch + 1, state.step + 1)
+            if self.policy.due(state.batch, steps):
+                self.save(epoch_end=False)
+            if self.on_batch_end is not None:
+                self.on_batch_end(state)
+            maybe_io_error_at_step(self.run, self.config, state.step)
+        if optimizer_step(self.model) != state.step:
             raise RuntimeError(f"optimizer at step {optimizer_step(self.model)} in epoch "
-                               f"{self.state.epoch + 1}, the checkpoint state says {self.state.step}")
+                               f"{state.epoch + 1}, the checkpoint state says {state.step}")
 
     def close_epoch(self) -> None:
         """Evaluate, close the epoch in the state and commit its checkpoint."""
+        train = {k: float(v) for k, v in self.model.get_metrics_result().items()}
         val = self.model.evaluate(self.arrays["x_test"], self.arrays["y_test"],
                                   batch_size=max(256, self.config.batch_size), verbose=0,
                                   return_dict=True)
-        row = self.state.close_epoch(float(val["loss"]), float(val["accuracy"]))
+        row = self.state.close_epoch(train, {k: float(v) for k, v in val.items()})
         self.save(epoch_end=True)
         self.outputs.epoch_committed(self.state, row, self.latest.name)
 
     def save(self, epoch_end: bool) -> None:
         """Commit a checkpoint of where training is, and tell the policy how long it took."""
         started = self.policy.clock()
-        self.latest = self.store.save(self.model, self.state.to_json(), epoch_end=epoch_end)
+        self.latest = self.store.save(self.model, self.state.to_json(), epoch_end=epoch_end,
+                                      extra=self.trackables)
         self.policy.saved(self.policy.clock() - started)
 
     def stop_here(self, signal_name: str) -> None:
@@ -116,38 +116,3 @@ class OneDeviceLoop:
                             f"{self.state.batch} (optimizer step {self.state.step}); checkpoint "
                             f"{checkpoint} is committed. Run the same command again to continue "
                             "from it.")
-
-
-def batches(x, y, order, batch_size: int):
-    """(x, y) batches in `order`, gathered batch by batch (no reordered copy of the images)."""
-    indices = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-    return indices.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
-
-
-class MidEpochSaves(keras.callbacks.Callback):
-    """Keeps the resume state in step with `fit`, batch by batch, and commits a checkpoint
-    whenever the SavePolicy says so.
-
-    `fit` resets its metrics when it starts, so its logs are means since then; times the
-    samples seen since then, added to the sums the state held at the start, they give the
-    epoch's running sums a mid-epoch checkpoint stores.
-    """
-
-    def __init__(self, loop: OneDeviceLoop, samples_left: int, stop: GracefulStop):
-        super().__init__()
-        self.loop, self.samples_left, self.stop = loop, samples_left, stop
-        state = loop.state
-        self.start_batch, self.start_step, self.start_sums = state.batch, state.step, state.sums
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        loop, state = self.loop, self.loop.state
-        seen = min((batch + 1) * loop.config.batch_size, self.samples_left)
-        state.advance(self.start_batch + batch + 1, self.start_step + batch + 1,
-                      self.start_sums.plus(logs["loss"] * seen, logs["accuracy"] * seen, seen))
-        if loop.policy.due(state.batch, loop.steps):
-            loop.save(epoch_end=False)
-        if loop.on_batch_end is not None:
-            loop.on_batch_end(state)
-        maybe_io_error_at_step(loop.run, loop.config, state.step)
-        if self.stop.requested:
-            self.model.stop_training = True  # `fit` returns after this batch

@@ -1,13 +1,15 @@
 """What both training loops share: start a run (fresh or resumed), close epochs, finish with a record.
 
-`start_training` checks the data snapshot, finds the resume point, builds the model and either
-loads the untrained weights or restores the latest checkpoint. `EpochOutputs` writes what an
-epoch leaves beside its checkpoint (history CSV, TensorBoard, log line). `finish_training`
-writes the history and the manifest and returns the stage's `TrainRecord`.
+`start_training` checks the data snapshot, finds the resume point, builds the run's model (the
+tutorial's or a user's) and its batch source, and either loads the untrained weights or restores
+the latest checkpoint. `EpochOutputs` writes what an epoch leaves beside its checkpoint (history
+CSV, TensorBoard, log line). `finish_training` writes the history and the manifest and returns
+the stage's `TrainRecord`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable
@@ -15,22 +17,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
+from ckptflow.core.datasets import training_pipeline
+from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from ckptflow.core.models import ModelSource
 from ckptflow.core.resume_point import CheckpointRef, find_resume_point
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import Arrays, DataRecord, load_verified
+from ckptflow.core.snapshot import Arrays, DataRecord, example_rows, load_verified
+from ckptflow.training.batches import ArrayBatches, PipelineBatches
 from ckptflow.training.faults import maybe_fail_after_epoch
 from ckptflow.training.state import TrainState
 
 log = logging.getLogger("ckptflow.train")
-
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 
 EpochCallback = Callable[[dict[str, Any], TrainState], None]
 BatchCallback = Callable[[TrainState], None]
@@ -59,8 +62,11 @@ class TrainRecord(BaseModel):
 
 @dataclass
 class TrainingStart:
-    """A training attempt as it begins: its arrays, state, and the checkpoint it resumed from."""
+    """A training attempt as it begins: its model, batches and test arrays, its state, and the
+    checkpoint it resumed from."""
 
+    model: object
+    batches: ArrayBatches | PipelineBatches
     arrays: Arrays
     state: TrainState
     resumed: Checkpoint | None
@@ -70,25 +76,21 @@ class TrainingStart:
     start_step: int
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The batch order of one epoch: a permutation derived from (seed, epoch) alone.
-
-    Unlike `fit(shuffle=True)` under a global seed (the same order every epoch), each epoch gets
-    a fresh order, and a resumed run recomputes exactly the order it was interrupted in.
-    """
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def optimizer_step(model) -> int:
     """The optimizer's iteration count (`.numpy()`: int() alone refuses a MirroredVariable)."""
     return int(model.optimizer.iterations.numpy())
 
 
-def start_training(run: RunDir, config: TrainConfig, data: DataRecord, model,
+def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=None,
                    announce: bool = True) -> TrainingStart:
-    """Load the verified snapshot and put `model` where training continues: the untrained
-    weights for a new run, or everything the latest valid checkpoint holds."""
+    """Build the run's model (in `strategy`'s scope, if given) and batches, and put them where
+    training continues: the untrained weights for a new run, or everything the latest valid
+    checkpoint holds (weights, optimizer, RNG, the epoch's metrics, the pipeline's position)."""
     arrays = load_verified(run.root / data.path, data)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = ModelSource.from_identity(config.identity()).build(
+            *example_rows(arrays), deterministic=config.deterministic)
+    batches = batch_source(config, data, arrays, distributed=strategy is not None)
     point = find_resume_point(run, config.identity(), data.data_sha256)
     if point is None:
         model.load_weights(run.initial_model)
@@ -96,7 +98,13 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, model,
         resumed = None
     else:  # every worker of a strategy restores from the chief's committed checkpoint
         resumed = Checkpoint(run.root / point.path, point.epoch, point.batch, point.step)
-        state = TrainState.from_json(CheckpointStore(run.checkpoints).restore(resumed, model))
+        store = CheckpointStore(run.checkpoints)
+        state = TrainState.from_json(resumed.read_state())
+        store.restore(resumed, model, training_trackables(model, batches, state.metric_state))
+        if not state.metric_state and state.batch:
+            log.warning("%s predates checkpointed metrics: epoch %d's training metrics count "
+                        "its batches from %d on only", resumed.name, state.epoch + 1, state.batch)
+        state.metric_state = True
         state.config = config.model_dump()
     if optimizer_step(model) != state.step:
         raise RuntimeError(f"{resumed.path if resumed else run.initial_model}: optimizer restored "
@@ -107,9 +115,32 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, model,
     if announce and state.epoch >= config.epochs:
         log.info("run already has %d epochs (asked for %d): nothing to train", state.epoch,
                  config.epochs)
-    return TrainingStart(arrays=arrays, state=state, resumed=resumed,
-                         resumed_from=point.path if point else None, start_epoch=state.epoch,
-                         start_batch=state.batch, start_step=state.step)
+    return TrainingStart(model=model, batches=batches, arrays=arrays, state=state,
+                         resumed=resumed, resumed_from=point.path if point else None,
+                         start_epoch=state.epoch, start_batch=state.batch, start_step=state.step)
+
+
+def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays,
+                 distributed: bool = False) -> ArrayBatches | PipelineBatches:
+    """The snapshot's training arrays, or the data function's pipeline rebuilt."""
+    if data.kind != "pipeline":
+        return ArrayBatches(arrays.pop("x_train"), arrays.pop("y_train"), config.seed,
+                            config.batch_size)
+    source = data.request["source"]
+    if distributed:
+        raise BadInputError(
+            f"--data {source} is a tf.data pipeline, which ckptflow trains on one device only: a "
+            "distributed iterator cannot be checkpointed (tensorflow issue 56372), so a resume "
+            "could not continue it exactly. Use --strategy default, or return NumPy arrays.")
+    train = training_pipeline(source, data.request.get("data_params") or {}, data.request["seed"])
+    return PipelineBatches(train, data.train_samples, config.batch_size, source)
+
+
+def training_trackables(model, batches, metric_state: bool = True) -> dict:
+    """What a checkpoint holds beside the model: the unfinished epoch's metrics, the batches'
+    position (a pipeline's iterator)."""
+    return {**({"metrics": model.metrics_variables} if metric_state else {}),
+            **batches.trackables()}
 
 
 class EpochOutputs:
@@ -128,9 +159,8 @@ class EpochOutputs:
         """Once the epoch's checkpoint is committed: history, TensorBoard, log, callback, drill."""
         write_history(self.run, state.history)
         self._write_tensorboard(row)
-        log.info("epoch %d/%d: loss %.4f, accuracy %.4f, val_loss %.4f, val_accuracy %.4f "
-                 "(checkpoint %s)", row["epoch"], self.config.epochs, row["loss"], row["accuracy"],
-                 row["val_loss"], row["val_accuracy"], checkpoint)
+        log.info("epoch %d/%d: %s (checkpoint %s)", row["epoch"], self.config.epochs,
+                 ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"), checkpoint)
         if self.on_epoch_end is not None:
             self.on_epoch_end(row, state)
         maybe_fail_after_epoch(self.run, self.config, state.epoch)
@@ -145,7 +175,7 @@ class EpochOutputs:
         import tensorflow as tf
 
         with self.summaries.as_default():
-            for name in HISTORY_COLUMNS[1:]:
+            for name in (k for k in row if k != "epoch"):
                 split = "validation" if name.startswith("val_") else "train"
                 tf.summary.scalar(f"{split}/epoch_{name.removeprefix('val_')}", row[name],
                                   step=row["epoch"])
@@ -157,7 +187,8 @@ def write_history(run: RunDir, history: list[dict[str, Any]]) -> None:
     import pandas as pd
 
     buffer = io.StringIO()
-    pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(buffer, index=False)
+    columns = list(history[0]) if history else ["epoch", "loss", "val_loss"]
+    pd.DataFrame(history, columns=columns).to_csv(buffer, index=False)
     atomic_write_bytes(run.history, buffer.getvalue().encode())
 
 
@@ -173,7 +204,7 @@ def finish_training(run: RunDir, config: TrainConfig, store: CheckpointStore, st
         epoch=state.epoch, batch=latest.batch, step=state.step, resumed_from=start.resumed_from,
         start_epoch=start.start_epoch, start_batch=start.start_batch,
         batches_trained=state.step - start.start_step,
-        best_val_accuracy=state.best["val_accuracy"], history_path=run.relative(run.history))
+        best_val_accuracy=state.best.get("val_accuracy"), history_path=run.relative(run.history))
     attempts = read_manifest(run).get("training", {}).get("attempts", [])
     attempts.append({
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

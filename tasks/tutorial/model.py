@@ -9,7 +9,8 @@ from __future__ import annotations
 import random
 
 import keras
-import tensorflow as tf
+
+from ckptflow.core.models import seed_everything
 
 # MNIST pixel statistics after scaling to [0, 1].
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -39,17 +40,6 @@ class Standardize(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "std": self.std}
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and TensorFlow; with `deterministic`, make TensorFlow ops deterministic.
-
-    Op determinism is process-wide and cannot be switched off again in the same process, so only
-    training asks for it (`--no-deterministic` then really runs without it).
-    """
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
 
 
 def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1e-3,
@@ -87,8 +77,3 @@ def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 
     model.optimizer.build(model.trainable_variables)  # so optimizer state can be restored into it
     return model
 
-
-def build_from_identity(identity: dict) -> keras.Model:
-    """A fresh, untrained model from the settings recorded with a run (its `identity`)."""
-    return create_model(identity["units"], identity["dropout"], identity["learning_rate"],
-                       identity["seed"])

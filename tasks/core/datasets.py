@@ -1,0 +1,203 @@
+"""A user's data, from the function `--data` names: NumPy arrays, or tf.data pipelines.
+
+The function returns either `{"x_train", "y_train", "x_test", "y_test"}` arrays (features may
+be a dict of arrays, for a multi-input model), which fetch-data snapshots whole, or
+`{"train": tf.data.Dataset, "test": tf.data.Dataset}` of unbatched `(features, label)` elements:
+the test set is read into the snapshot, the training pipeline is fingerprinted (one pass, order
+ignored, so a shuffle without a seed does not change it) and rebuilt by the training stage,
+which batches it and checkpoints its iterator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ckptflow.core.errors import BadInputError
+from ckptflow.core.models import seed_everything
+from ckptflow.core.snapshot import SPLITS, Arrays
+from ckptflow.core.user_code import call, resolve
+
+PIPELINE_SPLITS = ("train", "test")
+
+
+@dataclass
+class UserData:
+    """What a data function gave: arrays for every split, or a training pipeline and test arrays."""
+
+    arrays: Arrays
+    train: Any = None  # the unbatched tf.data.Dataset, for kind "pipeline"
+    train_count: int | None = None
+    train_fingerprint: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "arrays" if self.train is None else "pipeline"
+
+
+def call_data_function(ref: str, params: dict[str, Any], seed: int):
+    """The data function's mapping, after seeding (a shuffle without a seed then repeats)."""
+    function = resolve(ref, "--data")
+    seed_everything(seed, deterministic=False)
+    value = call(function, ref, "data", params)
+    if not isinstance(value, dict):
+        raise BadInputError(f"--data {ref} returned {type(value).__name__}. Expected a dict: "
+                            "{x_train, y_train, x_test, y_test} arrays or {train, test} "
+                            "tf.data pipelines.")
+    return value
+
+
+def load_user_data(ref: str, params: dict[str, Any], seed: int) -> UserData:
+    """The validated data of `ref` (a pipeline's test set read, its training set fingerprinted)."""
+    value = call_data_function(ref, params, seed)
+    if set(value) == set(SPLITS):
+        return UserData(arrays=checked_arrays(ref, value))
+    if set(value) == set(PIPELINE_SPLITS):
+        train, test = checked_pipelines(ref, value)
+        count, print_ = pipeline_fingerprint(train)
+        if count == 0:
+            raise BadInputError(f"--data {ref}: the train pipeline is empty. Return at least one "
+                                "element.")
+        return UserData(arrays=read_test_set(ref, test), train=train, train_count=count,
+                        train_fingerprint=print_)
+    raise BadInputError(f"--data {ref} returned keys {sorted(map(str, value))}. Expected "
+                        f"{list(SPLITS)} (arrays) or {list(PIPELINE_SPLITS)} (tf.data).")
+
+
+def training_pipeline(ref: str, params: dict[str, Any], seed: int):
+    """The unbatched training pipeline, rebuilt exactly as fetch-data saw it."""
+    value = call_data_function(ref, params, seed)
+    if set(value) != set(PIPELINE_SPLITS):
+        raise BadInputError(f"--data {ref} no longer returns tf.data pipelines (keys "
+                            f"{sorted(map(str, value))}). Use the data the run started with.")
+    return checked_pipelines(ref, value)[0]
+
+
+# --- arrays ---------------------------------------------------------------------------------
+
+def checked_arrays(ref: str, value: dict) -> Arrays:
+    """The four splits as NumPy arrays, refused if rows, feature names or shapes disagree."""
+    arrays: Arrays = {}
+    for split in SPLITS:
+        item = value[split]
+        if isinstance(item, dict) and split.startswith("x_"):
+            if not item:
+                raise BadInputError(f"--data {ref}: {split} is an empty dict. Give one array per "
+                                    "model input.")
+            arrays[split] = {str(k): _numeric(ref, f"{split}[{k!r}]", v) for k, v in item.items()}
+        else:
+            arrays[split] = _numeric(ref, split, item)
+    for part in ("train", "test"):
+        rows = {len(a) for a in _leaves(arrays[f"x_{part}"])} | {len(arrays[f"y_{part}"])}
+        if len(rows) > 1:
+            raise BadInputError(f"--data {ref}: x_{part} and y_{part} have different numbers of "
+                                f"rows ({sorted(rows)}). Give one label per example.")
+        if rows == {0}:
+            raise BadInputError(f"--data {ref}: {part} split is empty. Give at least one example.")
+    if _layout(arrays["x_train"]) != _layout(arrays["x_test"]) or \
+            arrays["y_train"].shape[1:] != arrays["y_test"].shape[1:]:
+        raise BadInputError(f"--data {ref}: train and test examples differ in shape "
+                            f"({_layout(arrays['x_train'])} vs {_layout(arrays['x_test'])}). Give "
+                            "both splits the same features.")
+    return arrays
+
+
+def _numeric(ref: str, name: str, value) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except Exception as exc:
+        raise BadInputError(f"--data {ref}: {name} is not an array ({exc}). Return NumPy "
+                            "arrays.") from exc
+    if array.dtype.kind not in "biuf" or array.ndim == 0:
+        raise BadInputError(f"--data {ref}: {name} holds {array.dtype} of shape {array.shape}. "
+                            "Expected a numeric array with one row per example.")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadInputError(f"--data {ref}: {name} holds NaN or infinite values. Clean or "
+                            "impute them first.")
+    return array
+
+
+def _leaves(x) -> list[np.ndarray]:
+    return list(x.values()) if isinstance(x, dict) else [x]
+
+
+def _layout(x) -> dict | tuple:
+    if isinstance(x, dict):
+        return {k: (v.shape[1:], v.dtype.str) for k, v in sorted(x.items())}
+    return (x.shape[1:], x.dtype.str)
+
+
+# --- tf.data pipelines ---------------------------------------------------------------------------
+
+def checked_pipelines(ref: str, value: dict):
+    """(train, test), refused unless both are tf.data.Datasets of unbatched, matching
+    `(features, label)` elements."""
+    import tensorflow as tf
+
+    for split in PIPELINE_SPLITS:
+        if not isinstance(value[split], tf.data.Dataset):
+            raise BadInputError(f"--data {ref}: {split} is {type(value[split]).__name__}, not a "
+                                "tf.data.Dataset. Return tf.data pipelines, or arrays under "
+                                f"{list(SPLITS)}.")
+    specs = {split: value[split].element_spec for split in PIPELINE_SPLITS}
+    for split, spec in specs.items():
+        if not (isinstance(spec, tuple) and len(spec) == 2):
+            raise BadInputError(f"--data {ref}: {split} elements are {spec}. Expected "
+                                "(features, label) pairs, e.g. "
+                                "Dataset.from_tensor_slices((x, y)).")
+        leaves = tf.nest.flatten(spec)
+        if all(s.shape.rank and s.shape[0] is None for s in leaves):
+            raise BadInputError(f"--data {ref}: {split} looks batched (every component's first "
+                                f"dimension is unknown: {spec}). Return unbatched elements; "
+                                "ckptflow batches with --batch-size.")
+    if not _same_structure(specs["train"], specs["test"]):
+        raise BadInputError(f"--data {ref}: train and test elements differ ({specs['train']} vs "
+                            f"{specs['test']}). Give both the same features and label.")
+    return value["train"], value["test"]
+
+
+def _same_structure(a, b) -> bool:
+    import tensorflow as tf
+
+    try:
+        tf.nest.assert_same_structure(a, b)
+    except (ValueError, TypeError):
+        return False
+    return all(x.dtype == y.dtype and x.shape.is_compatible_with(y.shape)
+               for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True))
+
+
+def read_test_set(ref: str, test) -> Arrays:
+    """The test pipeline's elements as arrays, in order: what evaluation, export and verify use."""
+    features, labels = [], []
+    for x, y in test.as_numpy_iterator():
+        features.append(x)
+        labels.append(y)
+    if not labels:
+        raise BadInputError(f"--data {ref}: the test pipeline is empty. Return at least one "
+                            "element.")
+    if isinstance(features[0], dict):
+        x_test = {k: np.stack([f[k] for f in features]) for k in features[0]}
+    else:
+        x_test = np.stack(features)
+    return {"x_test": x_test, "y_test": np.stack(labels)}
+
+
+def pipeline_fingerprint(train) -> tuple[int, str]:
+    """(elements, SHA-256 of their multiset) of one pass over `train`: the same for the same
+    elements in any order, so a shuffle does not change it, and other data does."""
+    import tensorflow as tf
+
+    total, count = 0, 0
+    for element in train.as_numpy_iterator():
+        digest = hashlib.sha256()
+        for leaf in tf.nest.flatten(element):
+            leaf = np.ascontiguousarray(leaf)
+            digest.update(f"{leaf.dtype.str}:{leaf.shape}".encode())
+            digest.update(leaf.tobytes())
+        total = (total + int.from_bytes(digest.digest(), "big")) % (1 << 256)
+        count += 1
+    return count, f"{total:064x}"

@@ -1,0 +1,97 @@
+"""Where training batches come from, so that a checkpoint can say exactly where it stands.
+
+`ArrayBatches`: the snapshot's arrays, each epoch in an order derived from (seed, epoch) alone;
+the position is (epoch, batch), and nothing else needs saving. `PipelineBatches`: a user's
+tf.data pipeline, batched and repeated into one iterator for the whole run; the iterator itself
+(position, shuffle buffer, RNG state) is saved in every checkpoint, so a resume continues the
+very stream an uninterrupted run would have seen. Keras 3 `fit` restarts each epoch's iterator at
+step 0, which is why the loop drives `model.train_function` with these iterators itself.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import numpy as np
+
+from ckptflow.core.errors import BadInputError, first_line
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The batch order of one epoch: a permutation derived from (seed, epoch) alone.
+
+    Unlike `fit(shuffle=True)` under a global seed (the same order every epoch), each epoch gets
+    a fresh order, and a resumed run recomputes exactly the order it was interrupted in.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class ArrayBatches:
+    """Batches of in-memory arrays (features an array or a dict of arrays) in each epoch's order."""
+
+    def __init__(self, x, y, seed: int, batch_size: int):
+        self._arrays, self._tensors = (x, y), None
+        self.seed, self.batch_size, self.count = seed, batch_size, len(y)
+        self.steps = math.ceil(self.count / batch_size)
+
+    def trackables(self) -> dict:
+        return {}
+
+    def arrays(self):
+        """(x, y) as NumPy arrays, for a loop that slices batches itself."""
+        return self._arrays
+
+    def iterator(self, epoch: int, batch: int):
+        """The batches of `epoch` from `batch` on."""
+        import tensorflow as tf
+
+        if self._tensors is None:  # one copy of the data, as tensors; the arrays let go
+            self._tensors = tf.nest.map_structure(tf.constant, self._arrays)
+            self._arrays = None
+        x, y = self._tensors
+        rest = epoch_order(self.seed, epoch, self.count)[batch * self.batch_size:]
+        indices = tf.data.Dataset.from_tensor_slices(rest).batch(self.batch_size)
+        return iter(indices.map(lambda idx: (tf.nest.map_structure(lambda a: tf.gather(a, idx), x),
+                                             tf.gather(y, idx))))
+
+
+class PipelineBatches:
+    """A tf.data pipeline, batched by ckptflow, as one checkpointable iterator over all epochs.
+
+    Each epoch is `ceil(count / batch_size)` batches of the pipeline's next pass (a shuffle that
+    reshuffles each iteration gives every epoch a new order, as under `fit`).
+    """
+
+    def __init__(self, train, count: int, batch_size: int, ref: str):
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        # A pipeline whose state lives outside TensorFlow (py_function, a Python generator)
+        # cannot be restored exactly: refuse to save it rather than save it wrong.
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.FAIL
+        self.batch_size, self.count = batch_size, count
+        self.steps = math.ceil(count / batch_size)
+        self._iterator = iter(train.batch(batch_size).repeat().with_options(options))
+        _check_checkpointable(self._iterator, ref)
+
+    def trackables(self) -> dict:
+        return {"data": self._iterator}
+
+    def iterator(self, epoch: int, batch: int):
+        """The run's one iterator (where it stands is in its own state)."""
+        return self._iterator
+
+
+def _check_checkpointable(iterator, ref: str) -> None:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="ckptflow-probe-") as scratch:
+        try:
+            tf.train.Checkpoint(data=iterator).write(f"{scratch}/probe")
+        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as exc:
+            raise BadInputError(
+                f"--data {ref}: the training pipeline cannot be checkpointed, so a resume could "
+                f"not continue it exactly ({first_line(exc)}). Replace py_function, "
+                "from_generator and other Python state with TensorFlow ops, or return NumPy "
+                "arrays (x_train, y_train, x_test, y_test) instead.") from exc
