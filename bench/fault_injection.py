@@ -11,8 +11,11 @@ so a restart costs model set-up and tracing, not a 10-second import.
 Usage:
     python bench/fault_injection.py --kills 200            # the full drill (~5 min on 2 cores)
     python bench/fault_injection.py --kills 20 --json out.json
+    python bench/fault_injection.py --example digits --kills 8   # a tf.data pipeline and a CNN
 
-tests/test_fault_injection.py runs it with 20 kills.
+`--example digits` trains examples/digits_cnn (a registered custom layer, a shuffled and mapped
+tf.data pipeline whose iterator every checkpoint holds) instead of the tutorial.
+tests/test_fault_injection.py runs both.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 DRILL_CONFIG = dict(data="bundled", train_samples=256, test_samples=128, batch_size=32,
                     save_every_batches=2, checkpoint_budget=0.0, epochs=3, units=64, seed=11,
                     keep_checkpoints=3)
+# The tf.data example: 1,348 training digits, 22 batches an epoch, a checkpoint every 2 batches.
+EXAMPLES = REPO / "examples" / "digits_cnn"
+DIGITS_CONFIG = dict(model=f"{EXAMPLES / 'model.py'}:build", data=f"{EXAMPLES / 'data.py'}:load",
+                     batch_size=64, save_every_batches=2, checkpoint_budget=0.0, epochs=2,
+                     seed=11, keep_checkpoints=3)
+CONFIGS = {"tutorial": DRILL_CONFIG, "digits": DIGITS_CONFIG}
+_drilled = dict(DRILL_CONFIG)  # what the forked children train (set by run_drill)
 
 
 @dataclass
@@ -60,6 +70,7 @@ class DrillReport:
     max_batches_lost: int = 0
     save_every_batches: int = DRILL_CONFIG["save_every_batches"]
     reference_sha256: str = ""
+    example: str = "tutorial"
     seconds: float = 0.0
     lost_per_kill: list[int] = field(default_factory=list)
 
@@ -67,7 +78,7 @@ class DrillReport:
 def _config(run_dir: Path):
     from ckptflow.config import TrainConfig
 
-    return TrainConfig(run_dir=str(run_dir), **DRILL_CONFIG)
+    return TrainConfig(run_dir=str(run_dir), **_drilled)
 
 
 def _fork(target, *args) -> tuple[int, int]:
@@ -258,10 +269,13 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
 
 
 def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int = 0,
-              kills_per_round: int = 8) -> DrillReport:
+              kills_per_round: int = 8, example: str = "tutorial") -> DrillReport:
     """Kill training `kills` times over rounds of fresh run directories; compare each round's
     final weights with one uninterrupted reference run."""
     import tensorflow  # noqa: F401  (imported once here; every child is forked from this process)
+
+    _drilled.clear()
+    _drilled.update(CONFIGS[example])
 
     import ckptflow.stages.fetch_data  # noqa: F401
     import ckptflow.training.stage  # noqa: F401
@@ -269,7 +283,7 @@ def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int
 
     work_dir = Path(work_dir)
     rng = random.Random(seed)
-    report = DrillReport()
+    report = DrillReport(save_every_batches=_drilled["save_every_batches"], example=example)
     started = time.monotonic()
 
     reference = work_dir / "reference"
@@ -303,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of kills aimed inside a checkpoint write (default 0.3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    parser.add_argument("--example", choices=sorted(CONFIGS), default="tutorial",
+                        help="what to train: the tutorial (default) or examples/digits_cnn")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ckptflow-faults-") as work:
-        report = run_drill(Path(work), args.kills, args.in_write_share, args.seed)
+        report = run_drill(Path(work), args.kills, args.in_write_share, args.seed,
+                           example=args.example)
     summary = {k: v for k, v in asdict(report).items() if k != "lost_per_kill"}
     print(json.dumps(summary, indent=2))
     if args.json:

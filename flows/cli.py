@@ -232,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from ckptflow.config import describe_validation_error
     from ckptflow.core.errors import BadInputError
 
-    # Options left at their defaults are not passed: the config tells given options from defaults
-    # (the tutorial's --units is refused with a model of one's own only when given).
-    fields = (SweepConfig if args.command == "sweep" else TrainConfig).model_fields
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")
-               and not (k in fields and v == fields[k].default)}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "wait_for_chief")}
     try:
         if args.command == "sweep":
             shared = {k.removeprefix("shared."): options.pop(k) for k in list(options)

@@ -135,9 +135,13 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _options_of_their_own_model(self) -> TrainConfig:
-        """The tutorial's options go with the tutorial's model and data, and only there."""
+        """The tutorial's options go with the tutorial's model and data, and only there.
+
+        An option counts as given when it differs from its default: a form (the Prefect UI's)
+        sends every field, defaults included.
+        """
         if not self.uses_tutorial_model():
-            named = [f for f in TUTORIAL_PARAMS if f in self.model_fields_set]
+            named = [f for f in TUTORIAL_PARAMS if _changed(self, f)]
             if named:
                 raise ValueError(f"--{named[0].replace('_', '-')} is an option of the tutorial "
                                  f"model, not of {self.model}. Pass your model's parameters as "
@@ -147,7 +151,7 @@ class TrainConfig(BaseModel):
             if unknown:
                 raise ValueError(f"the tutorial model takes no parameter {unknown[0]!r}. "
                                  f"Expected some of {list(TUTORIAL_PARAMS)}")
-            both = [k for k in self.model_params if k in self.model_fields_set]
+            both = [k for k in self.model_params if _changed(self, k)]
             if both:
                 raise ValueError(f"{both[0]} is given twice (--{both[0].replace('_', '-')} and "
                                  "--model-params). Give it once")
@@ -157,7 +161,7 @@ class TrainConfig(BaseModel):
                                  f"{self.data_params}. Expected data_params only with a data "
                                  "function REF")
         else:
-            named = [f for f in TUTORIAL_DATA_FIELDS if f in self.model_fields_set]
+            named = [f for f in TUTORIAL_DATA_FIELDS if _changed(self, f)]
             if named:
                 raise ValueError(f"--{named[0].replace('_', '-')} is an option of the tutorial "
                                  f"data, not of {self.data}. Pass your data function's own "
@@ -205,6 +209,11 @@ class TrainConfig(BaseModel):
                 "batch_size": self.batch_size, "seed": self.seed}
 
 
+def _changed(config: BaseModel, name: str) -> bool:
+    """Whether field `name` holds something other than its default."""
+    return getattr(config, name) != type(config).model_fields[name].default
+
+
 def is_tutorial_data(source: str) -> bool:
     """Whether `source` names the tutorial's MNIST (a source or a file), not a data function."""
     return not _REF.match(source)
@@ -238,7 +247,8 @@ NOT_SHARED = (*GRID_FIELDS, "run_dir", "strategy")
 
 
 class SweepConfig(BaseModel):
-    """A grid sweep: every combination of `units`, `dropout` and `learning_rate`."""
+    """A grid sweep: every combination of `grid`'s model params (the tutorial's `units`,
+    `dropout` and `learning_rate` lists by default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -249,6 +259,10 @@ class SweepConfig(BaseModel):
     dropout: Annotated[list[float], Field(min_length=1, description="Dropout rates to try.")] = [0.0, 0.2]
     learning_rate: Annotated[list[float], Field(
         min_length=1, description="Adam learning rates to try.")] = [1e-3]
+    grid: Annotated[dict[str, list[Any]] | None, Field(
+        description="Model params to try, every combination, as JSON, e.g. "
+        "'{\"filters\": [8, 16], \"learning_rate\": [0.001, 0.01]}' (for any model; replaces "
+        "--units/--dropout/--learning-rate).")] = None
     settings: Annotated[dict[str, Any], Field(
         description="Settings shared by every point (any run parameter but run_dir, units, "
         "dropout, learning_rate and strategy), e.g. {\"epochs\": 5, \"data\": \"bundled\"}.")] = {}
@@ -264,6 +278,25 @@ class SweepConfig(BaseModel):
         if len(set(values)) != len(values):
             raise ValueError(f"values repeat. Received: {values}. Expected each value once")
         return values
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_lists(cls, grid: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        for name, values in (grid or {}).items():
+            if not values:
+                raise ValueError(f"grid {name!r} has no values. Give at least one")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"grid {name!r} values repeat. Received: {values}. Expected "
+                                 "each value once")
+        return grid or None
+
+    @model_validator(mode="after")
+    def _grid_or_lists(self) -> SweepConfig:
+        named = [f for f in GRID_FIELDS if _changed(self, f)]
+        if self.grid is not None and named:
+            raise ValueError(f"--{named[0].replace('_', '-')} and --grid both set the grid. "
+                             f"Put {named[0]} into --grid instead")
+        return self
 
     @field_validator("settings")
     @classmethod
@@ -289,8 +322,27 @@ def point_name(units: int, dropout: float, learning_rate: float) -> str:
     return f"units{units}-dropout{dropout:g}-lr{learning_rate:g}"
 
 
+def grid_point_name(params: dict[str, Any]) -> str:
+    """`filters8-learning_rate0.001`: a `--grid` point's run directory name."""
+    def text(value) -> str:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        return re.sub(r"[^A-Za-z0-9.+_-]", "_", shown)
+
+    return "-".join(f"{name}{text(value)}" for name, value in params.items())
+
+
 def grid_points(sweep: SweepConfig) -> list[TrainConfig]:
     """One validated TrainConfig per grid point (pydantic's error names a bad value)."""
-    return [TrainConfig(**sweep.settings, units=u, dropout=d, learning_rate=lr,
-                        run_dir=str(Path(sweep.sweep_dir) / point_name(u, d, lr)))
-            for u, d, lr in itertools.product(sweep.units, sweep.dropout, sweep.learning_rate)]
+    if sweep.grid is None:
+        return [TrainConfig(**sweep.settings, units=u, dropout=d, learning_rate=lr,
+                            run_dir=str(Path(sweep.sweep_dir) / point_name(u, d, lr)))
+                for u, d, lr in itertools.product(sweep.units, sweep.dropout,
+                                                  sweep.learning_rate)]
+    shared = {k: v for k, v in sweep.settings.items() if k != "model_params"}
+    base = sweep.settings.get("model_params") or {}
+    points = []
+    for values in itertools.product(*sweep.grid.values()):
+        params = dict(zip(sweep.grid, values, strict=True))
+        points.append(TrainConfig(**shared, model_params=base | params,
+                                  run_dir=str(Path(sweep.sweep_dir) / grid_point_name(params))))
+    return points

@@ -67,7 +67,7 @@ def test_every_export_loads_back_and_matches(finished_run, fmt):
     predictions = _load_and_predict(fmt, path, x, manifest["model"]["identity"])
     assert np.max(np.abs(predictions - reference)) <= FORMATS[fmt].tolerance
     accuracy = float(np.mean(predictions.argmax(axis=1) == y))
-    assert accuracy == pytest.approx(entry["test_accuracy"], abs=1e-9)
+    assert accuracy == pytest.approx(entry["test_accuracy"], abs=1e-6)  # a float32 Keras metric
     assert accuracy == pytest.approx(manifest["evaluation"]["test_accuracy"], abs=1e-6)
 
 

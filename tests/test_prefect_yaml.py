@@ -39,4 +39,4 @@ def test_every_deployment_points_at_a_flow_and_valid_parameters():
     from prefect.client.schemas.schedules import CronSchedule
 
     assert CronSchedule(cron=nightly["schedules"][0]["cron"], timezone="UTC").cron == "0 2 * * *"
-    assert {d["name"] for d in spec["deployments"]} == {"train", "nightly", "sweep"}
+    assert {d["name"] for d in spec["deployments"]} == {"train", "train-digits", "nightly", "sweep"}

@@ -42,7 +42,7 @@ def call_data_function(ref: str, params: dict[str, Any], seed: int):
     """The data function's mapping, after seeding (a shuffle without a seed then repeats)."""
     function = resolve(ref, "--data")
     seed_everything(seed, deterministic=False)
-    value = call(function, ref, "data", params)
+    value = call(function, ref, "--data", params)
     if not isinstance(value, dict):
         raise BadInputError(f"--data {ref} returned {type(value).__name__}. Expected a dict: "
                             "{x_train, y_train, x_test, y_test} arrays or {train, test} "

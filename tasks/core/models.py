@@ -61,7 +61,7 @@ class ModelSource:
 
         function = resolve(self.ref, "--model")
         seed_everything(self.seed, deterministic)
-        model = call(function, self.ref, "model", self.params, optional={"seed": self.seed})
+        model = call(function, self.ref, "--model", self.params, optional={"seed": self.seed})
         if not isinstance(model, keras.Model):
             raise BadInputError(f"--model {self.ref} returned {type(model).__name__}, not a "
                                 "keras.Model. Return the model itself.")

@@ -1,7 +1,8 @@
-"""A grid sweep over units, dropout and learning rate: one resumable run directory per point.
+"""A grid sweep over model params: one resumable run directory per point.
 
 Each point is the pipeline's own stages (fetch-data, build-model, train-with-checkpoints,
-evaluate) on `SWEEP_DIR/units{U}-dropout{D}-lr{LR}`, so a sweep run again skips finished points
+evaluate) on `SWEEP_DIR/units{U}-dropout{D}-lr{LR}` (or `SWEEP_DIR/filters8-learning_rate0.01`
+for a `--grid`), so a sweep run again skips finished points
 and resumes the others from their latest checkpoints. Exports are left to `ckptflow run
 --run-dir` on the point you keep: it finds the training complete and exports and verifies it.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 from prefect import task
 
-from ckptflow.config import GRID_FIELDS, SweepConfig, TrainConfig
+from ckptflow.config import SweepConfig, TrainConfig
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.manifest import read_manifest, update_manifest
@@ -31,7 +32,8 @@ def is_finished(config: TrainConfig) -> bool:
     manifest = read_manifest(Path(config.run_dir))
     done = manifest.get("parameters", {})
     same = all(done.get(k) == v for k, v in config.model_dump().items()
-               if k in (*GRID_FIELDS, "batch_size", "seed", "data", "train_samples",
+               if k in ("model", "model_params", "units", "dropout", "learning_rate",
+                        "batch_size", "seed", "data", "data_params", "train_samples",
                         "test_samples", "epochs"))
     evaluation = manifest.get("evaluation") or {}
     return same and evaluation.get("epoch", 0) >= config.epochs
@@ -59,10 +61,9 @@ def point_row(config: TrainConfig, status: str) -> dict[str, Any]:
     manifest = read_manifest(Path(config.run_dir))
     training, evaluation = manifest.get("training") or {}, manifest.get("evaluation") or {}
     return {
-        "point": Path(config.run_dir).name, "units": config.units, "dropout": config.dropout,
-        "learning_rate": config.learning_rate, "status": status,
+        "point": Path(config.run_dir).name, **config.model_kwargs(), "status": status,
         "epochs": training.get("epoch"), "best_val_accuracy": training.get("best_val_accuracy"),
-        "test_accuracy": evaluation.get("test_accuracy"),
+        "test_accuracy": evaluation.get("test_accuracy"), "test_loss": evaluation.get("test_loss"),
         "attempts": len(training.get("attempts", [])), "run_dir": config.run_dir,
     }
 
@@ -72,8 +73,11 @@ def failed_row(config: TrainConfig, error: str) -> dict[str, Any]:
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best test accuracy first; points without one (failed) last."""
-    return sorted(rows, key=lambda r: (r["test_accuracy"] is None, -(r["test_accuracy"] or 0.0)))
+    """Best test accuracy first (lowest test loss for a model without accuracy); points without
+    one (failed) last."""
+    if any(r.get("test_accuracy") is not None for r in rows):
+        return sorted(rows, key=lambda r: (r["test_accuracy"] is None, -(r["test_accuracy"] or 0.0)))
+    return sorted(rows, key=lambda r: (r.get("test_loss") is None, r.get("test_loss") or 0.0))
 
 
 def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
@@ -81,15 +85,22 @@ def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     def pct(value):
         return "–" if value is None else f"{value:.2%}"
 
+    def shown(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    params = list(sweep.grid or ("units", "dropout", "learning_rate"))
+    by_accuracy = any(r.get("test_accuracy") is not None for r in rows)
     lines = [f"# Sweep {sweep.sweep_dir}", "",
-             f"{len(rows)} points, ranked by test accuracy. Status: trained (from zero), resumed "
-             "(from a checkpoint), skipped (finished by an earlier run), failed.", "",
-             "| rank | point | units | dropout | learning rate | test accuracy | best val accuracy "
-             "| epochs | status | attempts |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{len(rows)} points, ranked by {'test accuracy' if by_accuracy else 'test loss'}. "
+             "Status: trained (from zero), resumed (from a checkpoint), skipped (finished by an "
+             "earlier run), failed.", "",
+             "| rank | point | " + " | ".join(p.replace("_", " ") for p in params)
+             + " | test accuracy | test loss | best val accuracy | epochs | status | attempts |",
+             "|---|---|" + "---|" * len(params) + "---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | `{r['point']}` | {r['units']} | {r['dropout']:g} | "
-                     f"{r['learning_rate']:g} | {pct(r['test_accuracy'])} | "
+        loss = r.get("test_loss")
+        lines.append(f"| {i} | `{r['point']}` | " + " | ".join(shown(r.get(p)) for p in params)
+                     + f" | {pct(r['test_accuracy'])} | {'–' if loss is None else f'{loss:.4g}'} | "
                      f"{pct(r['best_val_accuracy'])} | {r['epochs'] or 0} | {r['status']} | "
                      f"{r['attempts']} |")
     return "\n".join(lines) + "\n"
