@@ -313,3 +313,11 @@ def test_a_sweep_grid_over_any_model_params_makes_one_point_per_combination():
         SweepConfig(grid={"units": [8]}, units=[64])
     with pytest.raises(ValueError, match="values repeat"):
         SweepConfig(grid={"filters": [8, 8]})
+
+
+def test_a_tf_data_pipeline_under_a_strategy_is_refused_before_training(tmp_path):
+    request = config(tmp_path / "run", **DIGITS, batch_size=64, strategy="mirrored")
+    data = prepare_run(request)
+    with pytest.raises(BadInputError, match="trains on one device only: a distributed iterator"):
+        train_with_checkpoints(request.run_dir, request, data)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -22,7 +22,6 @@ from pydantic import BaseModel
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.datasets import training_pipeline
-from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.models import ModelSource
@@ -90,7 +89,7 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = ModelSource.from_identity(config.identity()).build(
             *example_rows(arrays), deterministic=config.deterministic)
-    batches = batch_source(config, data, arrays, distributed=strategy is not None)
+    batches = batch_source(config, data, arrays)
     point = find_resume_point(run, config.identity(), data.data_sha256)
     if point is None:
         model.load_weights(run.initial_model)
@@ -120,18 +119,13 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=
                          start_epoch=state.epoch, start_batch=state.batch, start_step=state.step)
 
 
-def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays,
-                 distributed: bool = False) -> ArrayBatches | PipelineBatches:
+def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays
+                 ) -> ArrayBatches | PipelineBatches:
     """The snapshot's training arrays, or the data function's pipeline rebuilt."""
     if data.kind != "pipeline":
         return ArrayBatches(arrays.pop("x_train"), arrays.pop("y_train"), config.seed,
                             config.batch_size)
     source = data.request["source"]
-    if distributed:
-        raise BadInputError(
-            f"--data {source} is a tf.data pipeline, which ckptflow trains on one device only: a "
-            "distributed iterator cannot be checkpointed (tensorflow issue 56372), so a resume "
-            "could not continue it exactly. Use --strategy default, or return NumPy arrays.")
     train = training_pipeline(source, data.request.get("data_params") or {}, data.request["seed"])
     return PipelineBatches(train, data.train_samples, config.batch_size, source)
 

@@ -67,6 +67,12 @@ def train_with_strategy(run_dir: str | Path, config: TrainConfig, data: DataReco
     nothing in the run directory and returns where it stopped (`epoch`, `step`).
     """
     run = RunDir(run_dir)
+    if data.kind == "pipeline":
+        raise BadInputError(
+            f"--data {data.request['source']} is a tf.data pipeline, which ckptflow trains on one "
+            "device only: a distributed iterator cannot be checkpointed (tensorflow issue 56372), "
+            "so a resume could not continue it exactly. Use --strategy default, or return NumPy "
+            "arrays.")
     strategy = strategy_for(config.strategy)
     if not is_chief(strategy):
         with tempfile.TemporaryDirectory(prefix="ckptflow-worker-") as scratch:
