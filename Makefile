@@ -34,11 +34,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ckptflow run $(ARGS)
 
-# Three pytest workers on this 2-core machine: much of the suite waits on process start-up,
-# servers and I/O (two workers left a quarter of the CPU idle). Tests that share a session
-# fixture (the finished default run, the deployed server) keep to one worker.
+# Two pytest workers: much of the suite waits on process start-up, servers and I/O. Tests that
+# share a session fixture (the finished default run, the deployed server) keep to one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 3 --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
