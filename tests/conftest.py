@@ -44,12 +44,14 @@ def prefect_server():
 
 def small_config(run_dir: Path, **overrides):
     """A config that trains in about a second: 256 images, 8 batches an epoch, a checkpoint
-    every 3 batches without a time budget (so tests can count them)."""
+    every 3 batches without a time budget (so tests can count them). It exports the formats
+    that need no conversion; LiteRT and ONNX, whose converters take most of an export's time,
+    are exported and verified by the tests of the default run and of the regression example."""
     from ckptflow.config import TrainConfig
 
     values = dict(run_dir=str(run_dir), data="bundled", train_samples=256, test_samples=128,
                   batch_size=32, save_every_batches=3, checkpoint_budget=0.0, epochs=2, units=64,
-                  seed=7)
+                  seed=7, formats=["tf_checkpoint", "weights_h5", "keras", "h5", "saved_model"])
     values.update(overrides)
     return TrainConfig(**values)
 

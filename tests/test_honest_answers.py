@@ -81,6 +81,7 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("finished_run")  # one default run per session, not two
 def test_wrong_requests_on_a_good_run_are_one_line_exit_2_and_change_nothing(good_run, tmp_path):
     before = tree_digest(good_run)
     cases = [(["--formats", "keras,keras"], ["named twice", "keras"]),
@@ -150,6 +151,7 @@ def test_verify_fails_a_run_whose_exports_were_never_made(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xdist_group("finished_run")  # one default run per session, not two
 def test_verify_fails_exports_of_an_older_checkpoint_than_training_reached(good_run):
     from ckptflow.config import TrainConfig
     from ckptflow.core.manifest import read_manifest
@@ -167,6 +169,7 @@ def test_verify_fails_exports_of_an_older_checkpoint_than_training_reached(good_
     assert "report is of checkpoints/cp-0010" in failed[("report", "markdown")]
 
 
+@pytest.mark.xdist_group("finished_run")  # one default run per session, not two
 def test_files_of_a_run_follow_the_umask(finished_run):
     run_dir = finished_run[0]
     expected = 0o666 & ~current_umask()
@@ -184,6 +187,7 @@ def current_umask() -> int:
 
 @pytest.mark.timeout(300)
 @another_user
+@pytest.mark.xdist_group("finished_run")  # one default run per session, not two
 def test_another_user_verifies_a_run_directory_or_is_told_in_one_line(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)  # files 0644, directories 0755 under umask 022
@@ -198,6 +202,7 @@ def test_another_user_verifies_a_run_directory_or_is_told_in_one_line(finished_r
     assert "cannot read" in line and str(run_dir) in line and "Permission denied" in line
 
 
+@pytest.mark.xdist_group("finished_run")  # one default run per session, not two
 def test_a_snapshot_already_scaled_is_taken_as_it_is(finished_run, tmp_path):
     from ckptflow.core.snapshot import data_digest, load_snapshot
     from ckptflow.stages.fetch_data import fetch_data
@@ -209,6 +214,7 @@ def test_a_snapshot_already_scaled_is_taken_as_it_is(finished_run, tmp_path):
     assert float(load_snapshot(RunDir(tmp_path / "again").snapshot)["x_train"].max()) == 1.0
 
 
+@pytest.mark.xdist_group("finished_run")  # one default run per session, not two
 def test_tf_latest_checkpoint_finds_the_export_and_the_newest_checkpoint(finished_run):
     """The run was made as `runs/default`, relative to its working directory."""
     import tensorflow as tf

@@ -4,6 +4,7 @@ model, resume refused for another model or data, and every bad input named in on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -169,8 +170,7 @@ def test_the_tf_data_example_trains_on_its_pipeline_and_loads_its_custom_layer(t
     from ckptflow.flows.train_pipeline import train_pipeline
 
     run = RunDir(tmp_path / "digits")
-    summary = train_pipeline(config(run.root, **DIGITS, batch_size=64,
-                                    formats=["keras", "h5", "saved_model"]))
+    summary = train_pipeline(config(run.root, **DIGITS, batch_size=64, formats=["keras", "h5"]))
     data = read_manifest(run)["data"]
     assert data["kind"] == "pipeline" and data["path"] == "data/snapshot.npz"
     assert (data["train_samples"], data["test_samples"]) == (1348, 449)
@@ -206,13 +206,19 @@ def test_a_subclassed_model_resumes_mid_epoch_bit_identical_and_exports(tmp_path
 
 @pytest.mark.usefixtures("prefect_server")
 def test_a_two_input_model_takes_dict_features_and_skips_single_input_formats(tmp_path, project):
+    from ckptflow.core.formats import select_formats
     from ckptflow.flows.train_pipeline import train_pipeline
 
+    chosen, skipped = select_formats(None, multi_input=True)
+    assert [f.name for f in chosen] == ["tf_checkpoint", "weights_h5", "keras", "h5", "saved_model"]
+    assert [s.split(":")[0] for s in skipped] == ["litert", "onnx"]
+    with pytest.raises(BadInputError, match="format onnx takes models of one input"):
+        select_formats(["onnx"], multi_input=True)
     run = RunDir(tmp_path / "two")
     summary = train_pipeline(config(run.root, model=f"{project}:functional_two_inputs",
-                                    data=f"{project}:two_inputs"))
-    assert {e["format"] for e in summary["exports"]} == {
-        "tf_checkpoint", "weights_h5", "keras", "h5", "saved_model"}
+                                    data=f"{project}:two_inputs",
+                                    formats=["weights_h5", "keras", "saved_model"]))
+    assert {e["format"] for e in summary["exports"]} == {"weights_h5", "keras", "saved_model"}
     assert all(r["ok"] for r in summary["verified"])
     from ckptflow.core.snapshot import load_snapshot
 
@@ -278,8 +284,8 @@ def test_tutorial_options_with_an_own_model_are_refused():
         TrainConfig(data="project:load", train_samples=10)
 
 
-def test_a_broken_model_on_an_existing_run_is_exit_2_in_one_line_and_touches_nothing(tmp_path,
-                                                                                    project):
+def test_a_broken_model_on_an_existing_run_is_exit_2_in_one_line_and_touches_nothing(
+        tmp_path, project, prefect_api_url):
     """Detected inside the flow (the model function runs there), after a finished epoch."""
     first = config(tmp_path / "run", model=f"{project}:subclassed", data=f"{project}:arrays",
                    epochs=1)
@@ -290,7 +296,8 @@ def test_a_broken_model_on_an_existing_run_is_exit_2_in_one_line_and_touches_not
     result = subprocess.run(
         [CKPTFLOW, "run", "--run-dir", first.run_dir, "--model", first.model, "--data",
          first.data, "--batch-size", "16", "--seed", "5", "--epochs", "2"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url})
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ckptflow: error: --model {first.model} raised KeyError: 'oops'"), last

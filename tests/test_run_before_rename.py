@@ -54,7 +54,8 @@ def test_an_old_run_directory_verifies_then_resumes_exports_and_verifies(old_run
     assert {r["format"] for r in rows if r["kind"] == "export"} >= {"keras", "h5", "saved_model"}
     assert all(r["ok"] for r in rows)
 
-    resumed = ckptflow("run", "--run-dir", "old-run", "--epochs", "3", *OPTIONS, cwd=old_run.parent)
+    resumed = ckptflow("run", "--run-dir", "old-run", "--epochs", "3", *OPTIONS, "--formats",
+                       "tf_checkpoint,weights_h5,keras,h5,saved_model", cwd=old_run.parent)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resumed from checkpoints/cp-0002 (epoch 2, batch 0), trained 8 batches to epoch 3" \
         in resumed.stdout
