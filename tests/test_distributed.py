@@ -80,6 +80,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def option_text(value) -> str:
+    """A config value as the command line writes it (lists comma-separated, dicts as JSON)."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
 def start_job(run_dir: Path, epochs: int) -> tuple[subprocess.Popen, subprocess.Popen]:
     """A chief (the training stage) and a worker (`ckptflow worker`) joined by TF_CONFIG."""
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
@@ -93,7 +100,7 @@ def start_job(run_dir: Path, epochs: int) -> tuple[subprocess.Popen, subprocess.
         [sys.executable, DRIVER, str(run_dir), json.dumps(options), json.dumps([{"epochs": epochs}])],
         env=env(0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     config = small_config(run_dir, epochs=epochs, **options)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in config.model_dump().items()
+    flags = [f"--{k.replace('_', '-')}={option_text(v)}" for k, v in config.model_dump().items()
              if v is not None and not isinstance(v, bool)]
     worker = subprocess.Popen([CKPTFLOW, "worker", *flags], env=env(1), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)

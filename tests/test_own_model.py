@@ -177,6 +177,9 @@ def test_the_tf_data_example_trains_on_its_pipeline_and_loads_its_custom_layer(t
     assert summary["training"]["step"] == 2 * 22
     assert summary["evaluation"]["test_accuracy"] > 0.5 > summary["evaluation"]["untrained_accuracy"]
     assert all(r["ok"] for r in summary["verified"])  # .keras and .h5 name digits>Rescale
+    before = tree_digest(run.root)  # a pipeline is read again each run; the same data writes nothing
+    again = fetch_data(run.root, DIGITS["data"], seed=5)
+    assert again.data_sha256 == data["data_sha256"] and tree_digest(run.root) == before
 
 
 def test_a_subclassed_model_resumes_mid_epoch_bit_identical_and_exports(tmp_path, project):

@@ -58,7 +58,9 @@ def test_python_m_ckptflow_runs_beside_a_users_own_tasks_and_flows(wheel, tmp_pa
         (project / f"{name}.imported").unlink()
 
     result = subprocess.run([sys.executable, "-m", "ckptflow", "run", "--epochs", "2", "--data",
-                             "bundled", "--train-samples", "256", "--test-samples", "128"],
+                             "bundled", "--train-samples", "256", "--test-samples", "128",
+                             "--units", "64", "--formats",
+                             "tf_checkpoint,weights_h5,keras,h5,saved_model"],
                             cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "trained from scratch to epoch 2" in result.stdout

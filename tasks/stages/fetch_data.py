@@ -63,6 +63,9 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
                         train_samples=loaded.train_samples, test_samples=len(loaded.arrays["y_test"]),
                         request=request, kind=loaded.kind,
                         snapshot_sha256=None if loaded.kind == "arrays" else data_digest(loaded.arrays))
+    if recorded == record.model_dump():  # a pipeline read again and found the same: no write
+        log.info("data: %s unchanged (sha256 %s)", loaded.source, digest[:12])
+        return record
     update_manifest(run, data=record.model_dump())
     set_artifacts(run, "data", [artifact_entry(run, snapshot, "data", "npz",
                                                data_sha256=record.snapshot_digest())])
