@@ -278,6 +278,14 @@ def test_each_bad_model_or_data_is_one_error_naming_the_ref_and_the_fix(tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_tutorial_model_is_named_alike_by_the_config_and_the_core():
+    from ckptflow import config
+    from ckptflow.core import models
+
+    assert config.TUTORIAL_MODEL == models.TUTORIAL_MODEL == TrainConfig().model
+    assert config.TUTORIAL_PARAMS == models.TUTORIAL_PARAMS
+
+
 def test_tutorial_options_with_an_own_model_are_refused():
     with pytest.raises(ValueError, match="--units is an option of the tutorial model"):
         TrainConfig(model="project:build", units=64)

@@ -70,7 +70,6 @@ class PipelineBatches:
         # A pipeline whose state lives outside TensorFlow (py_function, a Python generator)
         # cannot be restored exactly: refuse to save it rather than save it wrong.
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.FAIL
-        self.batch_size, self.count = batch_size, count
         self.steps = math.ceil(count / batch_size)
         self._iterator = iter(train.batch(batch_size).repeat().with_options(options))
         _check_checkpointable(self._iterator, ref)
