@@ -162,7 +162,7 @@ def run_verify(run_dir: str, as_json: bool) -> int:
 
 def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
-    from ckptflow.core.errors import BadInputError
+    from ckptflow.core.errors import BadInputError, StopRequested
     from ckptflow.training.stage import run_worker as train_along
 
     try:
@@ -170,6 +170,9 @@ def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StopRequested as exc:  # with the chief, at the same batch
+        print(f"ckptflow: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except Exception as exc:
         print(f"ckptflow: worker failed: {type(exc).__name__}: {exc}. Restart every worker of "
               "the run; they resume from the chief's latest checkpoint.", file=sys.stderr)
@@ -260,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     # first-out), so it stays the last line.
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
-    try:
-        with ad_hoc_server() as wait_until_ready:  # a temporary one starts while the flow loads
+    from ckptflow.core.errors import StopRequested
+    from ckptflow.training.stop import StopOnSignal
+
+    try:  # a signal before or after the flow still stops the temporary server
+        with StopOnSignal(grace_seconds(config)), \
+                ad_hoc_server() as wait_until_ready:  # a temporary one starts as the flow loads
             if args.command == "sweep":
                 from ckptflow.flows.sweep import sweep_flow as run_flow
             else:
@@ -275,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT
+    except StopRequested as exc:
+        last_words.append(f"ckptflow: {exc}")
+        return EXIT_STOPPED
     except Exception as exc:
         last_words.append(f"ckptflow: run failed: {type(exc).__name__}: {exc}. Run the same "
                           "command again to resume from the latest checkpoint.")
@@ -287,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_summary(result))
     return 0
+
+
+def grace_seconds(config: TrainConfig | SweepConfig) -> float:
+    """How long a stop on SIGTERM may take (a sweep's points share the default)."""
+    return (config if isinstance(config, TrainConfig) else TrainConfig()).stop_grace_seconds
 
 
 def format_summary(summary: dict) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import ssl
 import subprocess
@@ -50,7 +51,17 @@ def _launch(port: int, auth: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env)
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"], env=env,
+        preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
+
+
+def _stop_with_parent() -> None:
+    """In the server's process, before it starts: the kernel sends it SIGTERM when the run's
+    process dies, however it dies (SIGKILL, a crash), so no server outlives its run."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _healthy(api_url: str) -> bool:

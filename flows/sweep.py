@@ -13,9 +13,11 @@ from ckptflow.flows.process_defaults import apply_process_defaults
 apply_process_defaults()  # before Prefect and TensorFlow load: both read them once
 # isort: on
 from prefect import flow  # noqa: E402
+from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
-from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.core.errors import StopRequested  # noqa: E402
+from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.stages.sweep import (  # noqa: E402
     dask_task_runner,
@@ -23,6 +25,7 @@ from ckptflow.stages.sweep import (  # noqa: E402
     sweep_point_task,
     sweep_summary_task,
 )
+from ckptflow.training.stop import StopOnSignal  # noqa: E402
 
 
 @flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}", persist_result=False,
@@ -45,8 +48,12 @@ def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
     route_logs_to_prefect()
     points = grid_points(sweep)
-    rows = train_points.with_options(task_runner=dask_task_runner(sweep))(sweep, points)
-    sweep_summary_task(sweep, rows)
+    try:
+        with StopOnSignal(TrainConfig().stop_grace_seconds, where=current_stage):
+            rows = train_points.with_options(task_runner=dask_task_runner(sweep))(sweep, points)
+            sweep_summary_task(sweep, rows)
+    except StopRequested as exc:  # SIGTERM/SIGINT: each point keeps its committed checkpoints
+        return Cancelled(message=str(exc))
     failed = [r["point"] for r in rows if r["status"] == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(rows)} points failed ({', '.join(failed)}); "

@@ -18,7 +18,7 @@ from ckptflow.config import TrainConfig  # noqa: E402
 from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
-from ckptflow.orchestration.logs import route_logs_to_prefect  # noqa: E402
+from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
 from ckptflow.stages.build_model import build_model_task  # noqa: E402
@@ -29,6 +29,7 @@ from ckptflow.stages.report import report_task  # noqa: E402
 from ckptflow.stages.resume import resume_from_latest_task  # noqa: E402
 from ckptflow.stages.verify import start_loader, verify_task  # noqa: E402
 from ckptflow.training.stage import join_cluster_task, train_task  # noqa: E402
+from ckptflow.training.stop import StopOnSignal  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
@@ -40,26 +41,27 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
 
     A failed run retried (by Prefect or by running it again on the same run directory) continues
     from the latest committed checkpoint; finished stages are skipped. One run at a time holds
-    the run directory. A SIGTERM or SIGINT during training commits a checkpoint and ends the
-    run Cancelled.
+    the run directory. A SIGTERM or SIGINT ends the run Cancelled: during training after
+    committing a checkpoint of the batch reached, elsewhere at once (what was committed stays).
     """
     route_logs_to_prefect()
-    with no_flow_retry_on_bad_input(), \
-            run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
-        mark_crashed(abandoned, config.run_dir)
-        join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
-        data = fetch_data_task(config)
-        build_model_task(config, data)
-        resume_from_latest_task(config, data.data_sha256)
-        try:
+    try:
+        with StopOnSignal(config.stop_grace_seconds, where=current_stage), \
+                no_flow_retry_on_bad_input(), \
+                run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
+            mark_crashed(abandoned, config.run_dir)
+            join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
+            data = fetch_data_task(config)
+            build_model_task(config, data)
+            resume_from_latest_task(config, data.data_sha256)
             trained = train_task(config, data)
-        except StopRequested as exc:  # SIGTERM/SIGINT (or Cancel): checkpoint committed
-            return Cancelled(message=str(exc))
-        start_loader()  # verify's loader process imports TensorFlow during evaluate and export
-        evaluation = evaluate_task(config, data, trained.checkpoint_ref())
-        exports = export_task(config, data, trained.checkpoint_ref())
-        report = report_task(config)
-        verified = verify_task(config)
+            start_loader()  # verify's loader process imports TensorFlow during evaluate and export
+            evaluation = evaluate_task(config, data, trained.checkpoint_ref())
+            exports = export_task(config, data, trained.checkpoint_ref())
+            report = report_task(config)
+            verified = verify_task(config)
+    except StopRequested as exc:  # SIGTERM/SIGINT (or Cancel); in training, a checkpoint committed
+        return Cancelled(message=str(exc))
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},

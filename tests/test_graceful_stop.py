@@ -95,37 +95,128 @@ def port_is_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.timeout(600)
-def test_sigterm_to_ckptflow_run_ends_cancelled_with_exit_3_and_a_rerun_finishes(tmp_path):
+def descendants(pid: int) -> set[int]:
+    """Every process started by `pid` and still running, from /proc."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists()
+            and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()}
+
+
+class Run:
+    """`ckptflow run` in the background, ad hoc (its own temporary Prefect server), watched:
+    the processes it started, and its output."""
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str]):
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        self.log = tmp_path / f"{name}.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen([CKPTFLOW, *args], env=env, stdout=out,
+                                            stderr=subprocess.STDOUT)
+        self.started: set[int] = set()
+
+    def said(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, ready, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            self.started |= descendants(self.process.pid)
+            assert self.process.poll() is None, f"ended before {what}: {self.said()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            time.sleep(0.05)
+        self.started |= descendants(self.process.pid)
+
+    def end(self, signal_number: int) -> tuple[int, float]:
+        """Send the signal; the exit status and the seconds it took."""
+        self.process.send_signal(signal_number)
+        sent = time.monotonic()
+        code = self.process.wait(timeout=120)
+        return code, time.monotonic() - sent
+
+    def left_behind(self) -> set[int]:
+        """What it started that still runs 10 s after it ended (the kernel's SIGTERM to the
+        temporary server of a SIGKILLed run, or a loader's own exit, takes a moment)."""
+        deadline = time.monotonic() + 10
+        while alive(self.started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return alive(self.started)
+
+    def server_port(self) -> int:
+        return int(re.search(r"Starting temporary server on http://127.0.0.1:(\d+)",
+                             self.said()).group(1))
+
+
+@pytest.mark.timeout(900)
+def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finishes(tmp_path):
+    """SIGTERM at start-up, in training and after it; SIGKILL in training. Each time: every
+    process the run started has stopped, its temporary server's port is closed, what was
+    committed stays, and the last run finishes the job."""
     run_dir = tmp_path / "run"
     args = ["run", "--run-dir", str(run_dir), "--data", "bundled", "--train-samples", "2048",
             "--test-samples", "256", "--units", "256", "--batch-size", "16",
-            "--save-every-batches", "0", "--formats", "keras"]
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)  # ad hoc: ckptflow's temporary server, which must stop too
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        first = subprocess.Popen([CKPTFLOW, *args, "--epochs", "50"], env=env, stdout=out,
-                                 stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "cp-0001").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        first.send_signal(signal.SIGTERM)  # some batches into epoch 2
-        sent = time.monotonic()
-        code = first.wait(timeout=120)
-    said = log.read_text()
-    assert code == 3, said[-3000:]
-    assert time.monotonic() - sent < 60
+            "--save-every-batches", "0", "--formats", "keras,h5,saved_model,tf_checkpoint"]
+
+    # start-up: TensorFlow still loading, the temporary server starting
+    first = Run(tmp_path, "startup", [*args, "--epochs", "3"])
+    first.wait_for(lambda: "Starting temporary server" in first.said(), "temporary server")
+    code, took = first.end(signal.SIGTERM)
+    assert code == 3 and took < 20, first.said()[-3000:]
+    assert first.said().strip().splitlines()[-1].startswith("ckptflow: stopped by SIGTERM")
+    assert not first.left_behind() and port_is_closed(first.server_port())
+    assert not (run_dir / "checkpoints").exists()
+
+    # training: some batches into epoch 2, with no mid-epoch saves
+    second = Run(tmp_path, "training", [*args, "--epochs", "50"])
+    second.wait_for(lambda: (run_dir / "checkpoints" / "cp-0001").exists(), "cp-0001")
+    code, took = second.end(signal.SIGTERM)
+    said = second.said()
+    assert code == 3 and took < 60, said[-3000:]
     assert said.strip().splitlines()[-1].startswith("ckptflow: stopped by SIGTERM at epoch")
     assert "Finished in state Cancelled" in said
-    port = int(re.search(r"Starting temporary server on http://127.0.0.1:(\d+)", said).group(1))
-    assert port_is_closed(port)
+    assert not second.left_behind() and port_is_closed(second.server_port())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stopped = manifest["training"]["attempts"][-1]["stopped"]
-    assert stopped["signal"] == "SIGTERM" and (run_dir / stopped["checkpoint"] / "COMMIT.json").exists()
+    assert stopped["signal"] == "SIGTERM"
+    assert (run_dir / stopped["checkpoint"] / "COMMIT.json").exists()
 
-    again = subprocess.run([CKPTFLOW, *args, "--epochs", "3"], env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {stopped['checkpoint']}" in again.stdout
+    # SIGKILL in training: nothing can clean up, yet the kernel stops the temporary server
+    third = Run(tmp_path, "killed", [*args, "--epochs", "3"])
+    third.wait_for(lambda: "resumed from" in third.said() or "epoch 2/3" in third.said(),
+                   "training")
+    code, _ = third.end(signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not third.left_behind() and port_is_closed(third.server_port())
+
+    # after training: evaluation, export, report or verify is under way
+    fourth = Run(tmp_path, "exporting", [*args, "--epochs", "3"])
+    fourth.wait_for(lambda: re.search(r"train-with-checkpoints-\w+' - Finished in state "
+                                      r"Completed", fourth.said()), "the end of training")
+    code, took = fourth.end(signal.SIGTERM)
+    said = fourth.said()
+    assert code == 3 and took < 30, said[-3000:]
+    assert re.search(r"ckptflow: stopped by SIGTERM during (evaluate|export-each-format|"
+                     r"report|verify)\S*, outside training", said), said[-3000:]
+    assert "Finished in state Cancelled" in said
+    assert not fourth.left_behind() and port_is_closed(fourth.server_port())
     assert json.loads((run_dir / "manifest.json").read_text())["training"]["epoch"] == 3
+
+    last = subprocess.run([CKPTFLOW, *args, "--epochs", "3"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED":
+                                            "false"})
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "already complete at 3 epochs" in last.stdout
+    verified = subprocess.run([CKPTFLOW, "verify", str(run_dir)], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout

@@ -1,4 +1,5 @@
-"""The stages' log lines in Prefect's console and run logs; called by the entry points, not at import."""
+"""The stages' log lines in Prefect's console and run logs, and where a run stands; called by the
+entry points, not at import."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def route_logs_to_prefect(name: str = "ckptflow") -> None:
             handler = own
         if not any(type(h) is type(handler) for h in logger.handlers):
             logger.addHandler(handler)
+
+
+def current_stage() -> str:
+    """` during TASK-NAME` while a task runs, else '': where a run was when it was stopped."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return f" during {context.task.name}" if context is not None else ""
 
 
 def _inside_a_run(record: logging.LogRecord) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import CheckpointStore
-from ckptflow.core.errors import StopRequested
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.save_policy import SavePolicy
 from ckptflow.core.snapshot import DataRecord
@@ -27,7 +26,7 @@ from ckptflow.training.setup import (
     start_training,
     training_trackables,
 )
-from ckptflow.training.stop import GracefulStop
+from ckptflow.training.stop import GracefulStop, stopped_after_training, stopped_in_training
 
 
 def train_on_one_device(run: RunDir, config: TrainConfig, data: DataRecord,
@@ -59,15 +58,20 @@ class OneDeviceLoop:
         self.model.make_train_function()
 
     def train(self) -> TrainRecord:
-        with GracefulStop(self.config.stop_grace_seconds) as stop:
-            while self.state.epoch < self.config.epochs:
-                self.train_rest_of_epoch(stop)
-                if stop.requested:
-                    self.stop_here(stop.requested)
-                self.close_epoch()
-        self.outputs.close()
-        return finish_training(self.run, self.config, self.store, self.start, self.state,
-                               self.latest)
+        try:
+            with GracefulStop(self.config.stop_grace_seconds) as stop:
+                while self.state.epoch < self.config.epochs:
+                    self.train_rest_of_epoch(stop)
+                    if stop.requested:
+                        self.stop_here(stop.requested)
+                    self.close_epoch()
+        finally:  # also when the attempt fails: no events file left open
+            self.outputs.close()
+        record = finish_training(self.run, self.config, self.store, self.start, self.state,
+                                 self.latest)
+        if stop.requested:  # during the last epoch's close: training is complete, stop now
+            raise stopped_after_training(stop.requested, record.checkpoint)
+        return record
 
     def train_rest_of_epoch(self, stop: GracefulStop) -> None:
         """The current epoch from the batch reached to its end, or to a requested stop."""
@@ -109,10 +113,7 @@ class OneDeviceLoop:
         if self.latest is None or self.latest.step != self.state.step:
             self.save(epoch_end=False)
         checkpoint = self.run.relative(self.latest.path)
-        self.outputs.close()
         finish_training(self.run, self.config, self.store, self.start, self.state, self.latest,
                         stopped={"signal": signal_name, "checkpoint": checkpoint})
-        raise StopRequested(f"stopped by {signal_name} at epoch {self.state.epoch + 1}, batch "
-                            f"{self.state.batch} (optimizer step {self.state.step}); checkpoint "
-                            f"{checkpoint} is committed. Run the same command again to continue "
-                            "from it.")
+        raise stopped_in_training(signal_name, self.state.epoch, self.state.batch,
+                                  self.state.step, checkpoint)

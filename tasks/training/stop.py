@@ -1,10 +1,13 @@
-"""Stop on request: SIGTERM or SIGINT during training ends the attempt at the next batch boundary.
+"""Stop on request: SIGTERM or SIGINT end a run cleanly, during training at a batch boundary.
 
 What Kubernetes sends before it evicts a pod, a preemptible VM before it shuts down, and a Prefect
-worker when a run is cancelled. The first signal only sets a flag; the training loop sees it
-after the current batch, commits a checkpoint there and raises StopRequested, so a rerun loses
-no batch. A second signal, or a stop that has not finished within `grace_seconds`, ends the
-process at once with the signal's usual status (128 + its number).
+worker when a run is cancelled. During training (`GracefulStop`) the first signal only sets a
+flag; the training loop sees it after the current batch, commits a checkpoint there and raises
+StopRequested, so a rerun loses no batch. Outside training (`StopOnSignal`: start-up, evaluate,
+export) there is no batch to finish, so the first signal raises StopRequested where the main
+thread is: `finally` blocks run (the temporary Prefect server stops, temporary files go) instead
+of the process dying where it stands. A second signal, or a stop that has not finished within
+`grace_seconds`, ends the process at once with the signal's usual status (128 + its number).
 """
 
 from __future__ import annotations
@@ -13,21 +16,21 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+
+from ckptflow.core.errors import StopRequested
 
 log = logging.getLogger("ckptflow.train")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class GracefulStop:
-    """While active (`with GracefulStop(20.0) as stop:`), `stop.requested` names the first
-    SIGTERM or SIGINT received, or is None.
+class _SignalScope:
+    """While active, SIGTERM and SIGINT call `on_first` once, then exit at once.
 
     Signal handlers can only be set from the main thread; elsewhere (a Dask worker's thread)
-    this does nothing and the process keeps its own handling.
-
-    Args:
-        grace_seconds: float > 0, how long the stop may take before the process exits anyway.
+    this does nothing and the process keeps its own handling. Scopes nest: each restores the
+    handlers it found.
     """
 
     def __init__(self, grace_seconds: float):
@@ -36,7 +39,7 @@ class GracefulStop:
         self._previous: dict[int, object] = {}
         self._deadline: threading.Timer | None = None
 
-    def __enter__(self) -> GracefulStop:
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         return self
@@ -53,13 +56,63 @@ class GracefulStop:
             log.warning("%s again: stopping at once, without a checkpoint", name)
             os._exit(128 + number)
         self.requested = name
-        log.warning("%s: finishing the current batch and committing a checkpoint, then stopping "
-                    "(within %.0f s; a second signal stops at once)", name, self.grace_seconds)
         self._deadline = threading.Timer(self.grace_seconds, self._too_late, args=(number,))
         self._deadline.daemon = True
         self._deadline.start()
+        self.on_first(name)
+
+    def on_first(self, name: str) -> None:
+        raise NotImplementedError
 
     def _too_late(self, number: int) -> None:
         log.error("the stop took longer than %.0f s: exiting without a checkpoint",
                   self.grace_seconds)
         os._exit(128 + number)
+
+
+class GracefulStop(_SignalScope):
+    """During training (`with GracefulStop(20.0) as stop:`): `stop.requested` names the first
+    SIGTERM or SIGINT received, or is None; the loop stops at the next batch boundary.
+
+    Args:
+        grace_seconds: float > 0, how long the stop may take before the process exits anyway.
+    """
+
+    def on_first(self, name: str) -> None:
+        log.warning("%s: finishing the current batch and committing a checkpoint, then stopping "
+                    "(within %.0f s; a second signal stops at once)", name, self.grace_seconds)
+
+
+class StopOnSignal(_SignalScope):
+    """Outside training: the first SIGTERM or SIGINT raises StopRequested in the main thread.
+
+    Args:
+        grace_seconds: float > 0, how long the stop may take before the process exits anyway.
+        where: says where the run is (" during export-each-format"), for the message.
+    """
+
+    def __init__(self, grace_seconds: float, where: Callable[[], str] = lambda: ""):
+        super().__init__(grace_seconds)
+        self.where = where
+
+    def on_first(self, name: str) -> None:
+        log.warning("%s%s: stopping (within %.0f s; a second signal stops at once)", name,
+                    self.where(), self.grace_seconds)
+        raise StopRequested(f"stopped by {name}{self.where()}, outside training; every committed "
+                            "checkpoint and export is kept. Run the same command again to "
+                            "continue.")
+
+
+def stopped_in_training(signal_name: str, epoch: int, batch: int, step: int,
+                        checkpoint: str) -> StopRequested:
+    """The error a training loop raises once it has committed the stop's checkpoint."""
+    return StopRequested(f"stopped by {signal_name} at epoch {epoch + 1}, batch {batch} "
+                         f"(optimizer step {step}); checkpoint {checkpoint} is committed. Run the "
+                         "same command again to continue from it.")
+
+
+def stopped_after_training(signal_name: str, checkpoint: str) -> StopRequested:
+    """The error for a signal during the last epoch's close: training is complete."""
+    return StopRequested(f"stopped by {signal_name} as training ended; its last checkpoint "
+                         f"{checkpoint} is committed. Run the same command again to evaluate and "
+                         "export.")
