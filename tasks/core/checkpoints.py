@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptflow.core.errors import BadInputError
-from ckptflow.core.files import atomic_write_bytes, fsync_dir, publish, sha256_file
+from ckptflow.core.errors import BadInputError, WriteFailed, tf_write_errors, write_failed
+from ckptflow.core.files import atomic_write_bytes, discard, fsync_dir, publish, sha256_file
 
 log = logging.getLogger("ckptflow.checkpoints")
 
@@ -43,7 +43,7 @@ TF_PREFIX = "train_state"
 _NAME = re.compile(r"^cp-(\d{4,})(?:-b(\d{6,}))?$")
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(WriteFailed):
     """A checkpoint could not be written (disk full, refused write); the previous one stands."""
 
 
@@ -113,12 +113,12 @@ class CheckpointStore:
         import tensorflow as tf
 
         epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        write_errors = _tf_write_errors()
+        write_errors = (OSError, *tf_write_errors())
         name = checkpoint_name(epoch, batch)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             tf.train.Checkpoint(**_trackables(model, extra)).write(str(tmp / TF_PREFIX))
             (tmp / STATE).write_text(json.dumps(state, indent=2))
             if epoch_end:
@@ -129,12 +129,14 @@ class CheckpointStore:
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
             publish(tmp, self.directory / name)  # fsyncs every file, then renames
         except write_errors as exc:
-            # TensorFlow reports a full disk or a refused write as its own error types (e.g.
-            # OutOfRangeError "File too large"); as an OSError it is retried like other I/O.
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointWriteError(f"writing checkpoint {name} failed: {exc.message}") from exc
+            # A full disk reaches here worded by TensorFlow, h5py, zipfile or Python (see
+            # write_failed); as one OSError it is retried like other I/O.
+            discard(tmp)
+            raise write_failed("checkpoint", self.directory / name, exc,
+                               "a rerun resumes from the last committed checkpoint",
+                               CheckpointWriteError) from exc
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
             raise
         checkpoint = Checkpoint(self.directory / name, epoch, batch, step)
         self._prune(newest=checkpoint)
@@ -235,14 +237,6 @@ def write_tf_index(directory: Path, prefixes: list[str]) -> None:
     lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
     lines += [f'all_model_checkpoint_paths: "{p}"' for p in prefixes]
     atomic_write_bytes(Path(directory) / "checkpoint", ("\n".join(lines) + "\n").encode())
-
-
-def _tf_write_errors() -> tuple[type[BaseException], ...]:
-    import tensorflow as tf
-
-    e = tf.errors
-    return (e.OutOfRangeError, e.ResourceExhaustedError, e.UnavailableError,
-            e.PermissionDeniedError, e.NotFoundError, e.DataLossError, e.AbortedError)
 
 
 def _trackables(model, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class BadInputError(ValueError):
     """A problem with what the user asked for: never retried, printed as one line.
@@ -24,6 +28,55 @@ class InjectedFailure(RuntimeError):
 
 class InjectedIOError(OSError):
     """A transient I/O error raised on purpose by a fault drill (`io_error_at_step`)."""
+
+
+class WriteFailed(OSError):
+    """A write the disk refused (full, over quota, read-only, a size limit); what stood stays.
+
+    An OSError, so it is retried like other I/O trouble; `errno` is the cause's (ENOSPC for a
+    full disk) where it is known. Made by `write_failed`, whose message is one line.
+    """
+
+
+# What to do about each cause `write_failed` knows; it also finds them in a message that carries
+# no errno (TensorFlow's).
+_FIXES = {
+    errno.ENOSPC: "Free space on that file system",
+    errno.EDQUOT: "Free space or raise your quota on that file system",
+    errno.EFBIG: "Raise the file size limit (ulimit -f)",
+    errno.EROFS: "Make that file system writable",
+    errno.EACCES: "Make that directory writable",
+    errno.EIO: "Check that disk",
+}
+
+
+def write_failed(what: str, path: str | Path, exc: BaseException, rerun: str,
+                 kind: type[WriteFailed] = WriteFailed) -> WriteFailed:
+    """`writing WHAT PATH failed: No space left on device (ENOSPC). Free space on that file
+    system; RERUN.`
+
+    Python, h5py and TensorFlow word a full disk each their own way (TensorFlow as a
+    ResourceExhaustedError naming its own temporary file, h5py over several lines, Keras'
+    `.keras` writer with no path at all); this says it in one line, naming the path the user
+    knows.
+    """
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in errno.errorcode else next(
+        (c for c in _FIXES if os.strerror(c) in str(exc)), None)
+    reason = f"{os.strerror(code)} ({errno.errorcode[code]})" if code else first_line(exc)
+    error = kind(f"writing {what} {path} failed: {reason}. "
+                 f"{_FIXES.get(code, 'Check that disk')}; {rerun}.")
+    error.errno = code
+    return error
+
+
+def tf_write_errors() -> tuple[type[BaseException], ...]:
+    """TensorFlow's types for a failed write: a full disk is ResourceExhaustedError, a file over
+    RLIMIT_FSIZE OutOfRangeError, a refused one PermissionDeniedError."""
+    import tensorflow as tf
+
+    e = tf.errors
+    return (e.OutOfRangeError, e.ResourceExhaustedError, e.UnavailableError,
+            e.PermissionDeniedError, e.NotFoundError, e.DataLossError, e.AbortedError)
 
 
 # OSError covers disk, network (ConnectionError) and timeout (TimeoutError) trouble alike.

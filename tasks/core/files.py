@@ -55,6 +55,26 @@ def ensure_writable(directory: Path) -> None:
                             "another --run-dir or fix its permissions.") from exc
 
 
+def discard(path: Path) -> None:
+    """Remove what a failed write left, a temporary file or directory, and free its space now.
+
+    Each file is emptied before it is deleted: a writer that failed may still hold it open
+    (Keras' `.weights.h5` stays open as long as its error lives, across a task's retries), and
+    a deleted file that is still open keeps its space.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else list(path.rglob("*"))
+    for file in (f for f in files if f.is_file() and not f.is_symlink()):
+        try:
+            os.truncate(file, 0)
+        except OSError:
+            pass  # removed below all the same
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or create inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -111,6 +131,12 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # A failed write() names no file ("[Errno 28] No space left on device"): name it.
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -20,8 +20,15 @@ from pydantic import BaseModel
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import STATE
-from ckptflow.core.files import atomic_write_bytes, atomic_write_json, publish, sha256_path
-from ckptflow.core.formats import predict_logits, select_formats
+from ckptflow.core.errors import tf_write_errors, write_failed
+from ckptflow.core.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    discard,
+    publish,
+    sha256_path,
+)
+from ckptflow.core.formats import ExportFormat, predict_logits, select_formats
 from ckptflow.core.manifest import artifact_entry, set_artifacts, update_manifest
 from ckptflow.core.models import prediction_metrics
 from ckptflow.core.resume_point import CheckpointRef
@@ -80,7 +87,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     try:
         checked = []
         for fmt in chosen:
-            fmt.save(model, staging / fmt.filename)
+            _save_export(fmt, model, staging / fmt.filename, run.exports / fmt.filename)
             predictions = fmt.predict(staging / fmt.filename, x, fresh_model)
             diff = float(np.max(np.abs(predictions - reference)))
             if not diff <= fmt.tolerance:
@@ -92,7 +99,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
             publish(staging / fmt.filename, run.exports / fmt.filename)
         publish(staging / run.reference.name, run.reference)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
     records = []
     for fmt, metrics, diff in checked:
         entry = artifact_entry(run, run.exports / fmt.filename, "export", fmt.name)
@@ -141,6 +148,16 @@ def export_outputs(run_dir: str | Path) -> list[Path]:
         return [run.export_index, run.reference] + [run.root / r["path"] for r in index["exports"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def _save_export(fmt: ExportFormat, model, staged: Path, final: Path) -> None:
+    """Write one export into the staging directory; a refused write (a full disk), whichever
+    library reports it, is one WriteFailed naming where the export goes."""
+    try:
+        fmt.save(model, staged)
+    except (OSError, *tf_write_errors()) as exc:
+        raise write_failed("export", final, exc, "the previous exports are kept and a rerun "
+                           "exports again") from exc
 
 
 def model_identity(run_dir: str | Path, checkpoint: CheckpointRef) -> dict:
