@@ -162,7 +162,7 @@ def run_verify(run_dir: str, as_json: bool) -> int:
 
 def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
-    from ckptflow.core.errors import BadInputError, StopRequested
+    from ckptflow.core.errors import BadInputError, StopRequested, first_line
     from ckptflow.training.stage import run_worker as train_along
 
     try:
@@ -174,8 +174,9 @@ def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
         print(f"ckptflow: {exc}", file=sys.stderr)
         return EXIT_STOPPED
     except Exception as exc:
-        print(f"ckptflow: worker failed: {type(exc).__name__}: {exc}. Restart every worker of "
-              "the run; they resume from the chief's latest checkpoint.", file=sys.stderr)
+        print(f"ckptflow: worker failed: {type(exc).__name__}: {first_line(exc)}. Restart every "
+              "worker of the run; they resume from the chief's latest checkpoint.",
+              file=sys.stderr)
         return EXIT_FAILED
     print(f"worker done: epoch {done['epoch']}, optimizer step {done['step']}")
     return 0

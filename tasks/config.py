@@ -74,9 +74,9 @@ class TrainConfig(BaseModel):
     stop_grace_seconds: Annotated[float, Field(
         gt=0, le=3600,
         description="On SIGTERM or SIGINT, training finishes the current batch, commits a "
-        "checkpoint and stops; if that takes longer than this, the process exits anyway (one "
-        "device; a second signal exits at once). Under Kubernetes' default 30 s grace, keep it "
-        "below 30.")] = 20.0
+        "checkpoint and stops (under a strategy, every worker at the same batch); if that takes "
+        "longer than this, the process exits anyway (a second signal exits at once). Under "
+        "Kubernetes' default 30 s grace, keep it below 30.")] = 20.0
     keep_checkpoints: Annotated[int, Field(
         ge=1, description="Newest checkpoints to keep; older ones are removed after a newer "
         "one is committed.")] = 5
@@ -98,6 +98,11 @@ class TrainConfig(BaseModel):
         description="How training is spread: default (one device), mirrored (every local GPU, "
         "or logical CPU devices), multi-worker (processes joined by TF_CONFIG; start the other "
         "workers with `ckptflow worker`). The global batch is --batch-size in every case.")] = "default"
+    peer_timeout_seconds: Annotated[float, Field(
+        gt=0, le=86_400,
+        description="multi-worker: the longest any step shared with the other workers (joining, "
+        "a batch, a save) may take; a worker that waits longer (another one died or never "
+        "started) exits with status 1, and starting every worker again resumes.")] = 300.0
     wait_for_lock: Annotated[float, Field(
         ge=0, description="Seconds to wait while another run holds the run directory "
         "(0: fail at once).")] = 0.0

@@ -17,6 +17,7 @@ from ckptflow.core.errors import BadInputError
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord
+from ckptflow.training.watchdog import PeerWatchdog
 
 log = logging.getLogger("ckptflow.distributed")
 
@@ -24,12 +25,13 @@ _POLL_S = 0.5
 _strategies: dict[str, Any] = {}  # one per process: collective ops are configured only once
 
 
-def strategy_for(name: str):
+def strategy_for(name: str, peer_timeout_seconds: float = 300.0):
     """The process's tf.distribute strategy called `name`, created on first use.
 
     Call it before TensorFlow runs any op: MultiWorkerMirroredStrategy cannot be created after
     that ("Collective ops must be configured at program startup"), which is why the flow joins
-    the cluster before its first stage.
+    the cluster before its first stage. Its creation waits for every worker in TF_CONFIG; one
+    that has not come within `peer_timeout_seconds` ends this process (PeerWatchdog).
     """
     if name in _strategies:
         return _strategies[name]
@@ -41,7 +43,8 @@ def strategy_for(name: str):
         strategy = tf.distribute.MirroredStrategy()
     elif name == "multi-worker":
         try:
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            with PeerWatchdog(peer_timeout_seconds, describe_tf_config()):
+                strategy = tf.distribute.MultiWorkerMirroredStrategy()
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: create the strategy (join_cluster) before any TensorFlow "
                                "op runs in this process") from exc
@@ -51,6 +54,22 @@ def strategy_for(name: str):
     log.info("strategy %s: %d replicas in sync (%s)", name, strategy.num_replicas_in_sync,
              describe_worker(strategy))
     return strategy
+
+
+def describe_tf_config() -> str:
+    """`worker 0 of 2 workers (127.0.0.1:20000, 127.0.0.1:20001)`, from a checked TF_CONFIG."""
+    spec = json.loads(os.environ["TF_CONFIG"])
+    workers = spec["cluster"]["worker"]
+    return (f"{spec['task']['type']} {spec['task']['index']} of {len(workers)} workers "
+            f"({', '.join(workers)})")
+
+
+def worker_count(strategy) -> int:
+    """How many processes share the strategy's replicas (1 for mirrored)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    return sum(len(tasks) for tasks in resolver.cluster_spec().as_dict().values())
 
 
 def check_tf_config() -> None:

@@ -48,7 +48,7 @@ def run_worker(config: TrainConfig, wait_seconds: float) -> dict:
     if config.strategy != "multi-worker":
         raise BadInputError(f"ckptflow worker joins a multi-worker run. Received: "
                             f"strategy={config.strategy!r}. Expected: --strategy multi-worker.")
-    strategy = strategy_for(config.strategy)  # first, before any TensorFlow op
+    strategy = strategy_for(config.strategy, config.peer_timeout_seconds)  # before any TF op
     if is_chief(strategy):
         raise BadInputError("this process is the chief (TF_CONFIG task index 0); start it with "
                             "`ckptflow run --strategy multi-worker`, and the others with "
@@ -74,5 +74,5 @@ def join_cluster_task(config: TrainConfig) -> str:
     """Create the tf.distribute strategy now, before any stage runs a TensorFlow op."""
     if config.strategy == "default":
         return "one device"
-    strategy = strategy_for(config.strategy)
+    strategy = strategy_for(config.strategy, config.peer_timeout_seconds)
     return f"{config.strategy}: {strategy.num_replicas_in_sync} replicas, {describe_worker(strategy)}"

@@ -25,7 +25,9 @@ iterations) and batch composition are exact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import tempfile
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from ckptflow.core.run_dir import RunDir
 from ckptflow.core.save_policy import SavePolicy
 from ckptflow.core.snapshot import DataRecord, example_rows
 from ckptflow.training.batches import epoch_order
-from ckptflow.training.cluster import describe_worker, is_chief, strategy_for
+from ckptflow.training.cluster import describe_worker, is_chief, strategy_for, worker_count
 from ckptflow.training.faults import maybe_io_error_at_step
 from ckptflow.training.setup import (
     BatchCallback,
@@ -52,6 +54,9 @@ from ckptflow.training.setup import (
     start_training,
     training_trackables,
 )
+from ckptflow.training.state import TrainState
+from ckptflow.training.stop import GracefulStop, stopped_after_training, stopped_in_training
+from ckptflow.training.watchdog import PeerWatchdog
 
 log = logging.getLogger("ckptflow.distributed")
 
@@ -65,6 +70,10 @@ def train_with_strategy(run_dir: str | Path, config: TrainConfig, data: DataReco
 
     The chief holds the run directory's lock and returns the TrainRecord; another worker writes
     nothing in the run directory and returns where it stopped (`epoch`, `step`).
+
+    Raises:
+        StopRequested: a SIGTERM or SIGINT reached any worker; every worker committed the same
+            batch (the chief to the run directory) and the chief recorded the stop.
     """
     run = RunDir(run_dir)
     if data.kind == "pipeline":
@@ -73,59 +82,134 @@ def train_with_strategy(run_dir: str | Path, config: TrainConfig, data: DataReco
             "device only: a distributed iterator cannot be checkpointed (tensorflow issue 56372), "
             "so a resume could not continue it exactly. Use --strategy default, or return NumPy "
             "arrays.")
-    strategy = strategy_for(config.strategy)
+    strategy = strategy_for(config.strategy, config.peer_timeout_seconds)
     if not is_chief(strategy):
         with tempfile.TemporaryDirectory(prefix="ckptflow-worker-") as scratch:
-            state = _train(run, config, data, strategy, CheckpointStore(scratch, keep=1),
-                           chief=False, on_epoch_end=None, on_batch_end=None)[0]
+            state = StrategyLoop(run, config, data, strategy, CheckpointStore(scratch, keep=1),
+                                 on_epoch_end=None, on_batch_end=None).train()
         return {"epoch": state.epoch, "step": state.step}
     with run_dir_lock(run, config.wait_for_lock):
         store = CheckpointStore(run.checkpoints, keep=config.keep_checkpoints)
-        state, start, latest = _train(run, config, data, strategy, store, chief=True,
-                                      on_epoch_end=on_epoch_end, on_batch_end=on_batch_end)
-        return finish_training(run, config, store, start, state, latest,
-                               strategy=config.strategy, replicas=strategy.num_replicas_in_sync,
-                               cluster=describe_worker(strategy))
+        loop = StrategyLoop(run, config, data, strategy, store, on_epoch_end, on_batch_end)
+        loop.train()
+        record = loop.finish()
+        if loop.late_signal:  # during the last epoch's close: training is complete, stop now
+            raise stopped_after_training(loop.late_signal, record.checkpoint)
+        return record
 
 
-def _train(run: RunDir, config: TrainConfig, data: DataRecord, strategy, store: CheckpointStore,
-           chief: bool, on_epoch_end: EpochCallback | None, on_batch_end: BatchCallback | None):
-    start = start_training(run, config, data, strategy=strategy, announce=chief)
-    model, state, arrays, latest = start.model, start.state, start.arrays, start.resumed
-    agree_on_start(strategy, state.step)
-    trackables = training_trackables(model, start.batches)
-    validation = ModelSource.from_identity(config.identity()).build(*example_rows(arrays))
-    train_step = step_function(model, strategy)
-    x, y = start.batches.arrays()
-    steps = start.batches.steps
-    outputs = EpochOutputs(run, config, state, on_epoch_end) if chief else None
-    # Every worker must join each save at the same batch, so no time budget (it reads own clocks).
-    every_n_batches = SavePolicy(config.save_every_batches, budget=0.0)
-    while state.epoch < config.epochs:
-        if state.batch == 0:
-            model.reset_metrics()
-        order = epoch_order(config.seed, state.epoch, len(y))
-        for batch in range(state.batch, steps):
-            idx = order[batch * config.batch_size:(batch + 1) * config.batch_size]
-            train_step(split_batch(strategy, _rows(x, idx), y[idx]))
-            state.advance(batch + 1, optimizer_step(model))
-            if every_n_batches.due(state.batch, steps):
-                latest = store.save(model, state.to_json(), epoch_end=False, extra=trackables)
-            if chief:
-                if on_batch_end is not None:
-                    on_batch_end(state)
-                maybe_io_error_at_step(run, config, state.step)
-        train = {k: float(v) for k, v in model.get_metrics_result().items()}
-        validation.set_weights(model.get_weights())
-        val = validation.evaluate(arrays["x_test"], arrays["y_test"], batch_size=_VAL_BATCH,
-                                  verbose=0, return_dict=True)
-        row = state.close_epoch(train, {k: float(v) for k, v in val.items()})
-        latest = store.save(model, state.to_json(), epoch_end=True, extra=trackables)
-        if chief:
-            outputs.epoch_committed(state, row, latest.name)
-    if chief:
-        outputs.close()
-    return state, start, latest
+class StrategyLoop:
+    """One training attempt under a strategy, in every worker alike (the chief also writes the
+    run directory's outputs); each step that needs every worker beats the PeerWatchdog."""
+
+    def __init__(self, run: RunDir, config: TrainConfig, data: DataRecord, strategy,
+                 store: CheckpointStore, on_epoch_end: EpochCallback | None,
+                 on_batch_end: BatchCallback | None):
+        self.run, self.config, self.data, self.strategy, self.store = (
+            run, config, data, strategy, store)
+        self.chief = is_chief(strategy)
+        self.on_epoch_end, self.on_batch_end = on_epoch_end, on_batch_end
+        self.workers = worker_count(strategy)
+        self.watchdog = (PeerWatchdog(config.peer_timeout_seconds, describe_worker(strategy))
+                         if self.workers > 1 else contextlib.nullcontext(_NoWatchdog()))
+
+    def train(self) -> TrainState:
+        with GracefulStop(self.config.stop_grace_seconds) as stop, self.watchdog as watchdog:
+            self.start = start_training(self.run, self.config, self.data, strategy=self.strategy,
+                                        announce=self.chief)
+            watchdog.beat("agreeing on the checkpoint to resume from")
+            self.state, self.latest = self.start.state, self.start.resumed
+            agree_on_start(self.strategy, self.state.step)
+            watchdog.beat("training the first batch")
+            outputs = EpochOutputs(self.run, self.config, self.state, self.on_epoch_end) \
+                if self.chief else None
+            try:
+                self._train_epochs(stop, watchdog, outputs)
+            finally:
+                if outputs is not None:
+                    outputs.close()
+            self.late_signal = stop.requested
+        return self.state
+
+    def _train_epochs(self, stop: GracefulStop, watchdog, outputs: EpochOutputs | None) -> None:
+        config, model, state, strategy = self.config, self.start.model, self.state, self.strategy
+        trackables = training_trackables(model, self.start.batches)
+        arrays = self.start.arrays
+        validation = ModelSource.from_identity(config.identity()).build(*example_rows(arrays))
+        train_step = step_function(model, strategy)
+        x, y = self.start.batches.arrays()
+        steps = self.start.batches.steps
+        # Every worker must join each save at the same batch, so no time budget (it reads own
+        # clocks), and a stop is agreed on by all of them.
+        every_n_batches = SavePolicy(config.save_every_batches, budget=0.0)
+        while state.epoch < config.epochs:
+            if state.batch == 0:
+                model.reset_metrics()
+            order = epoch_order(config.seed, state.epoch, len(y))
+            for batch in range(state.batch, steps):
+                idx = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+                train_step(split_batch(strategy, _rows(x, idx), y[idx]))
+                state.advance(batch + 1, optimizer_step(model))
+                watchdog.beat("training a batch")
+                if every_n_batches.due(state.batch, steps):
+                    self.latest = self.store.save(model, state.to_json(), epoch_end=False,
+                                                  extra=trackables)
+                    watchdog.beat("training a batch")
+                if self.chief:
+                    if self.on_batch_end is not None:
+                        self.on_batch_end(state)
+                    maybe_io_error_at_step(self.run, config, state.step)
+                if (agreed := self.agree_to_stop(stop)) is not None:
+                    self._stop_here(agreed, trackables)
+            train = {k: float(v) for k, v in model.get_metrics_result().items()}
+            validation.set_weights(model.get_weights())
+            val = validation.evaluate(arrays["x_test"], arrays["y_test"], batch_size=_VAL_BATCH,
+                                      verbose=0, return_dict=True)
+            row = state.close_epoch(train, {k: float(v) for k, v in val.items()})
+            watchdog.beat("committing the epoch's checkpoint")
+            self.latest = self.store.save(model, state.to_json(), epoch_end=True,
+                                          extra=trackables)
+            watchdog.beat("training a batch")
+            if outputs is not None:
+                outputs.epoch_committed(state, row, self.latest.name)
+
+    def agree_to_stop(self, stop: GracefulStop) -> str | None:
+        """The signal any worker got (SIGTERM over SIGINT), or None: all stop after the same
+        batch."""
+        if self.workers == 1:
+            return stop.requested
+        import tensorflow as tf
+
+        mine = signal.Signals[stop.requested].value if stop.requested else 0
+        votes = self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant([mine], tf.int32))
+        agreed = int(tf.reduce_max(self.strategy.gather(votes, axis=0)))
+        return signal.Signals(agreed).name if agreed else None
+
+    def _stop_here(self, signal_name: str, trackables: dict) -> None:
+        """Commit the batch reached on every worker, record the stop (chief), raise StopRequested."""
+        state = self.state
+        if self.latest is None or self.latest.step != state.step:
+            self.latest = self.store.save(self.start.model, state.to_json(), epoch_end=False,
+                                          extra=trackables)
+        checkpoint = self.run.relative(self.latest.path) if self.chief else self.latest.name
+        if self.chief:
+            self.finish(stopped={"signal": signal_name, "checkpoint": checkpoint})
+        raise stopped_in_training(signal_name, state.epoch, state.batch, state.step, checkpoint)
+
+    def finish(self, **attempt) -> TrainRecord:
+        """The chief's record of this attempt in the manifest."""
+        return finish_training(self.run, self.config, self.store, self.start, self.state,
+                               self.latest, strategy=self.config.strategy,
+                               replicas=self.strategy.num_replicas_in_sync,
+                               cluster=describe_worker(self.strategy), **attempt)
+
+
+class _NoWatchdog:
+    """One process holds every replica: nothing to wait for."""
+
+    def beat(self, doing: str) -> None:
+        pass
 
 
 def agree_on_start(strategy, step: int) -> None:
