@@ -24,6 +24,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -185,27 +186,72 @@ def temporary_server() -> Iterator[Callable[[], None]]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     auth = f"ckptflow:{secrets.token_urlsafe(24)}"
-    process = _launch(port, auth)
+    server = KeptUp(lambda: _launch(port, auth))
     before = _use_api(url, auth)
     log.info("Starting temporary server on http://127.0.0.1:%d (while TensorFlow loads)", port)
 
     def wait_until_ready() -> None:
         deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
-        while process.poll() is None and time.monotonic() < deadline:
+        while server.process.poll() is None and time.monotonic() < deadline:
             if _healthy(url):
+                server.keep_up(f"temporary server on port {port}")
                 return
             time.sleep(0.1)
+        code = server.process.returncode
         log.warning("The temporary server on port %d did not come up (%s); Prefect starts "
-                    "its own instead.", port, f"exit code {process.returncode}"
-                    if process.returncode is not None else "timed out")
-        _stop(process)
+                    "its own instead.", port,
+                    f"exit code {code}" if code is not None else "timed out")
+        server.stop()
         _use_api(None, restore=before)
 
     try:
         yield wait_until_ready
     finally:
-        if process.returncode is None:
+        if server.process.poll() is None:
             _drain_to_server()
             log.info("Stopping temporary server on http://127.0.0.1:%d", port)
-            _stop(process)
+        server.stop()
         _use_api(None, restore=before)
+
+
+class KeptUp:
+    """A server process started again, on the same port with the same credentials, when it
+    dies while the run still needs it (an OOM kill, a stray `kill`). Its database is a file,
+    so the run's flow and task runs are there when it is back, and Prefect's client retries
+    the requests that failed meanwhile: the run goes on instead of failing on a lost API.
+
+    Args:
+        launch: starts the process; called again for each restart.
+        restarts: at most this many restarts, so a server that cannot stay up is given up.
+    """
+
+    def __init__(self, launch: Callable[[], subprocess.Popen], restarts: int = 3):
+        self.launch, self.restarts = launch, restarts
+        self.process = launch()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def keep_up(self, name: str) -> None:
+        """From now on, start the process again when it dies (checked every second)."""
+        from prefect.logging import get_logger
+
+        def watch() -> None:
+            while not self._stopping.wait(1.0):
+                with self._lock:
+                    if self._stopping.is_set() or self.process.poll() is None \
+                            or self.restarts == 0:
+                        continue
+                    self.restarts -= 1
+                    get_logger().warning("The %s exited (status %s); starting it again",
+                                         name, self.process.returncode)
+                    self.process = self.launch()
+
+        # The thread that starts a process must outlive it (PR_SET_PDEATHSIG follows the
+        # thread), so the watcher lives as long as this process does.
+        threading.Thread(target=watch, name="ckptflow-server-keeper", daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            if self.process.poll() is None:
+                _stop(self.process)

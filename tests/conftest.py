@@ -7,7 +7,11 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ckptflow-tests-prefect-hom
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 
 REPO = Path(__file__).resolve().parent.parent
+CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
 # How Prefect names a pickle serializer in a result, a cache record or a state in its database.
 PICKLE_SERIALIZER = re.compile(rb'"type"\s*:\s*"[^"]*pickle')
 
@@ -122,3 +127,72 @@ def finished_run(tmp_path_factory):
                             capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "runs" / "default", result.stdout + result.stderr
+
+
+def port_is_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process started by `pid` and still running, from /proc."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists()
+            and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()}
+
+
+class BackgroundRun:
+    """`ckptflow run` in the background, ad hoc (its own temporary Prefect server), watched:
+    the processes it started, and its output."""
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str]):
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        self.log = tmp_path / f"{name}.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen([CKPTFLOW, *args], env=env, stdout=out,
+                                            stderr=subprocess.STDOUT)
+        self.started: set[int] = set()
+
+    def said(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, ready, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            self.started |= descendants(self.process.pid)
+            assert self.process.poll() is None, f"ended before {what}: {self.said()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            time.sleep(0.05)
+        self.started |= descendants(self.process.pid)
+
+    def end(self, signal_number: int) -> tuple[int, float]:
+        """Send the signal; the exit status and the seconds it took."""
+        self.process.send_signal(signal_number)
+        sent = time.monotonic()
+        code = self.process.wait(timeout=120)
+        return code, time.monotonic() - sent
+
+    def left_behind(self) -> set[int]:
+        """What it started that still runs 10 s after it ended (the kernel's SIGTERM to the
+        temporary server of a SIGKILLed run, or a loader's own exit, takes a moment)."""
+        deadline = time.monotonic() + 10
+        while alive(self.started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return alive(self.started)
+
+    def server_port(self) -> int:
+        return int(re.search(r"Starting temporary server on http://127.0.0.1:(\d+)",
+                             self.said()).group(1))

@@ -11,16 +11,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-
-CKPTFLOW = str(Path(sys.executable).parent / "ckptflow")
+from conftest import CKPTFLOW, REPO, BackgroundRun, port_is_closed
 
 # Trains small_config (8 batches an epoch, no mid-epoch saves) and signals itself at STEP.
 SELF_SIGNAL = """
@@ -90,75 +86,6 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "cp-0001-b000003").exists()
 
 
-def port_is_closed(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process started by `pid` and still running, from /proc."""
-    found, todo = set(), [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = {int(c) for c in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            todo.extend(children - found)
-            found |= children
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    return {p for p in pids if Path(f"/proc/{p}").exists()
-            and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()}
-
-
-class Run:
-    """`ckptflow run` in the background, ad hoc (its own temporary Prefect server), watched:
-    the processes it started, and its output."""
-
-    def __init__(self, tmp_path: Path, name: str, args: list[str]):
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
-        self.log = tmp_path / f"{name}.log"
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen([CKPTFLOW, *args], env=env, stdout=out,
-                                            stderr=subprocess.STDOUT)
-        self.started: set[int] = set()
-
-    def said(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, ready, what: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            self.started |= descendants(self.process.pid)
-            assert self.process.poll() is None, f"ended before {what}: {self.said()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-            time.sleep(0.05)
-        self.started |= descendants(self.process.pid)
-
-    def end(self, signal_number: int) -> tuple[int, float]:
-        """Send the signal; the exit status and the seconds it took."""
-        self.process.send_signal(signal_number)
-        sent = time.monotonic()
-        code = self.process.wait(timeout=120)
-        return code, time.monotonic() - sent
-
-    def left_behind(self) -> set[int]:
-        """What it started that still runs 10 s after it ended (the kernel's SIGTERM to the
-        temporary server of a SIGKILLed run, or a loader's own exit, takes a moment)."""
-        deadline = time.monotonic() + 10
-        while alive(self.started) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return alive(self.started)
-
-    def server_port(self) -> int:
-        return int(re.search(r"Starting temporary server on http://127.0.0.1:(\d+)",
-                             self.said()).group(1))
-
-
 @pytest.mark.timeout(900)
 def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finishes(tmp_path):
     """SIGTERM at start-up, in training and after it; SIGKILL in training. Each time: every
@@ -170,7 +97,7 @@ def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finish
             "--save-every-batches", "0", "--formats", "keras,h5,saved_model,tf_checkpoint"]
 
     # start-up: TensorFlow still loading, the temporary server starting
-    first = Run(tmp_path, "startup", [*args, "--epochs", "3"])
+    first = BackgroundRun(tmp_path, "startup", [*args, "--epochs", "3"])
     first.wait_for(lambda: "Starting temporary server" in first.said(), "temporary server")
     code, took = first.end(signal.SIGTERM)
     assert code == 3 and took < 20, first.said()[-3000:]
@@ -179,7 +106,7 @@ def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finish
     assert not (run_dir / "checkpoints").exists()
 
     # training: some batches into epoch 2, with no mid-epoch saves
-    second = Run(tmp_path, "training", [*args, "--epochs", "50"])
+    second = BackgroundRun(tmp_path, "training", [*args, "--epochs", "50"])
     second.wait_for(lambda: (run_dir / "checkpoints" / "cp-0001").exists(), "cp-0001")
     code, took = second.end(signal.SIGTERM)
     said = second.said()
@@ -193,7 +120,7 @@ def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finish
     assert (run_dir / stopped["checkpoint"] / "COMMIT.json").exists()
 
     # SIGKILL in training: nothing can clean up, yet the kernel stops the temporary server
-    third = Run(tmp_path, "killed", [*args, "--epochs", "3"])
+    third = BackgroundRun(tmp_path, "killed", [*args, "--epochs", "3"])
     third.wait_for(lambda: "resumed from" in third.said() or "epoch 2/3" in third.said(),
                    "training")
     code, _ = third.end(signal.SIGKILL)
@@ -201,7 +128,7 @@ def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finish
     assert not third.left_behind() and port_is_closed(third.server_port())
 
     # after training: evaluation, export, report or verify is under way
-    fourth = Run(tmp_path, "exporting", [*args, "--epochs", "3"])
+    fourth = BackgroundRun(tmp_path, "exporting", [*args, "--epochs", "3"])
     fourth.wait_for(lambda: re.search(r"train-with-checkpoints-\w+' - Finished in state "
                                       r"Completed", fourth.said()), "the end of training")
     code, took = fourth.end(signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from typing import Any
@@ -15,6 +16,9 @@ from prefect.artifacts import (
 )
 
 from ckptflow.config import TrainConfig
+from ckptflow.core.errors import first_line
+
+log = logging.getLogger("ckptflow.train")
 
 
 def artifact_key(run_dir: str, what: str) -> str:
@@ -32,14 +36,24 @@ class EpochProgress:
     """A progress artifact that follows the epochs of one training attempt."""
 
     def __init__(self, config: TrainConfig):
-        self.total = config.epochs
+        self.total, self.lost = config.epochs, False
         self.artifact_id = create_progress_artifact(
             progress=0.0, key=artifact_key(config.run_dir, "progress"),
             description=f"Epochs done of {config.epochs} in {config.run_dir}")
 
     def update(self, row: dict[str, Any], state: Any) -> None:
-        """An epoch callback: `row` is the history row of the epoch just committed."""
-        self.set(row["epoch"])
+        """An epoch callback: `row` is the history row of the epoch just committed.
+
+        Training goes on if the API is lost (after Prefect's client has retried): the progress
+        bar is for people, the checkpoints are what count, so it is not tried again."""
+        if self.lost:
+            return
+        try:
+            self.set(row["epoch"])
+        except Exception as exc:  # httpx and Prefect errors alike
+            self.lost = True
+            log.warning("could not update the progress artifact (%s); training goes on without "
+                        "it", first_line(exc))
 
     def set(self, epochs_done: int) -> None:
         update_progress_artifact(self.artifact_id,
