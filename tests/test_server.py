@@ -328,6 +328,41 @@ def test_a_failed_deployment_run_retried_resumes_from_its_checkpoint(failed_then
     assert "epoch 1/4: loss" not in logs.split("resuming from cp-0002")[-1]
 
 
+def test_cancel_commits_the_batch_reached_and_the_next_run_loses_none(stack):
+    """Cancel, as the UI's button does it (the flow run set Cancelling): the worker sends
+    SIGTERM, training commits the batch it reached, and the run ends Cancelled, not Crashed."""
+    from prefect.states import Cancelling
+
+    name = f"runs/server-test-cancel-{secrets.token_hex(4)}"
+    run_dir = REPO / name
+    config = {**SMALL, "run_dir": name, "epochs": 500, "save_every_batches": 0}
+    try:
+        flow_run_id = _run_deployment(stack, config)
+        deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
+        while not (run_dir / "checkpoints" / "cp-0002").exists():
+            assert time.monotonic() < deadline, "no cp-0002 from the deployment run"
+            time.sleep(0.2)
+        with _client(stack) as client:
+            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+        cancelled = _wait_final(stack, flow_run_id)
+        logs = _logs(stack, flow_run_id)
+        assert cancelled.state.is_cancelled(), f"{cancelled.state}\n{logs[-3000:]}"
+        attempt = json.loads((run_dir / "manifest.json").read_text())["training"]["attempts"][-1]
+        stopped = attempt["stopped"]
+        assert stopped["signal"] == "SIGTERM", attempt
+        assert (run_dir / stopped["checkpoint"] / "COMMIT.json").is_file()
+        state = json.loads((run_dir / stopped["checkpoint"] / "state.json").read_text())
+        assert "stopped by SIGTERM at epoch" in logs and stopped["checkpoint"] in logs
+
+        again = _wait_final(stack, _run_deployment(stack, {**config, "epochs": state["epoch"] + 1}))
+        assert again.state.is_completed(), _logs(stack, again.id)[-3000:]
+        resumed = json.loads((run_dir / "manifest.json").read_text())["training"]["attempts"][-1]
+        assert resumed["resumed_from"] == stopped["checkpoint"]  # no batch lost, none repeated
+        assert (resumed["start_epoch"], resumed["start_batch"]) == (state["epoch"], state["batch"])
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def test_a_deployment_run_publishes_keyed_artifacts(stack, failed_then_retried):
     name, run_dir, completed = failed_then_retried.name, failed_then_retried.run_dir, \
         failed_then_retried.completed
