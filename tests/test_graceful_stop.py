@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CKPTFLOW, REPO, BackgroundRun, port_is_closed
+from conftest import CKPTFLOW, REPO, BackgroundRun, descendants, port_is_closed
 
 # Trains small_config (8 batches an epoch, no mid-epoch saves) and signals itself at STEP.
 SELF_SIGNAL = """
@@ -88,9 +88,10 @@ def test_a_second_signal_stops_at_once(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finishes(tmp_path):
-    """SIGTERM at start-up, in training and after it; SIGKILL in training. Each time: every
-    process the run started has stopped, its temporary server's port is closed, what was
-    committed stays, and the last run finishes the job."""
+    """SIGTERM at start-up, in training and after it; SIGKILL in training; the temporary
+    server SIGKILLed as training resumes. Each time: every process the run started has stopped,
+    its temporary server's port is closed, what was committed stays, and the last run finishes
+    the job."""
     run_dir = tmp_path / "run"
     args = ["run", "--run-dir", str(run_dir), "--data", "bundled", "--train-samples", "2048",
             "--test-samples", "256", "--units", "256", "--batch-size", "16",
@@ -127,12 +128,20 @@ def test_signals_at_any_stage_of_ckptflow_run_stop_it_cleanly_and_a_rerun_finish
     assert code == -signal.SIGKILL
     assert not third.left_behind() and port_is_closed(third.server_port())
 
-    # after training: evaluation, export, report or verify is under way
+    # the API lost as training resumes: the temporary server, SIGKILLed, is started again on
+    # its port and the run goes on; then SIGTERM after training, in evaluate, export, ...
     fourth = BackgroundRun(tmp_path, "exporting", [*args, "--epochs", "3"])
+    fourth.wait_for(lambda: "ckptflow.train - resuming from" in fourth.said(), "training")
+    [server] = [p for p in descendants(fourth.process.pid)
+                if b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(server, signal.SIGKILL)
     fourth.wait_for(lambda: re.search(r"train-with-checkpoints-\w+' - Finished in state "
                                       r"Completed", fourth.said()), "the end of training")
     code, took = fourth.end(signal.SIGTERM)
     said = fourth.said()
+    assert (f"The temporary server on port {fourth.server_port()} exited (status -9); "
+            "starting it again") in said
+    assert not re.search(r"train-with-checkpoints-\w+' - Finished in state Failed", said)
     assert code == 3 and took < 30, said[-3000:]
     assert re.search(r"ckptflow: stopped by SIGTERM during (evaluate|export-each-format|"
                      r"report|verify)\S*, outside training", said), said[-3000:]

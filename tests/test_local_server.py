@@ -6,15 +6,12 @@ server) must not leak in, since the point is what happens when no API URL is con
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-from conftest import REPO, BackgroundRun, descendants, port_is_closed
+from conftest import REPO, port_is_closed
 
 
 def run_script(code: str, **env) -> subprocess.CompletedProcess:
@@ -97,24 +94,3 @@ def test_a_configured_api_url_is_left_alone(prefect_api_url):
     assert f"URL {prefect_api_url}" in result.stdout
     assert "Starting temporary server" not in result.stderr
 
-
-def test_a_temporary_server_killed_mid_run_is_started_again_and_the_run_goes_on(tmp_path):
-    """The API lost in the middle of training (the server SIGKILLed): it is back on the same
-    port within seconds, Prefect's client retries meanwhile, and training never stops."""
-    run_dir = tmp_path / "run"
-    run = BackgroundRun(tmp_path, "run", [
-        "run", "--run-dir", str(run_dir), "--data", "bundled", "--train-samples", "2048",
-        "--test-samples", "256", "--units", "256", "--batch-size", "16", "--epochs", "3",
-        "--formats", "keras"])
-    run.wait_for(lambda: (run_dir / "checkpoints" / "cp-0001").exists(), "cp-0001")
-    [server] = [p for p in descendants(run.process.pid)
-                if b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    os.kill(server, signal.SIGKILL)
-    assert run.process.wait(timeout=300) == 0, run.said()[-3000:]
-    said = run.said()
-    port = run.server_port()
-    assert f"The temporary server on port {port} exited (status -9); starting it again" in said
-    assert "training: trained from scratch to epoch 3 (384 batches)" in said  # one attempt
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert len(manifest["training"]["attempts"]) == 1
-    assert not run.left_behind() and port_is_closed(port)
