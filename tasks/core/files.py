@@ -166,3 +166,21 @@ def publish(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
         fsync_dir(final.parent)
+
+
+def clear_abandoned_writes(directory: Path) -> None:
+    """Undo what SIGKILLed `atomic_write_bytes` and `publish` calls left in `directory`.
+
+    A temporary file is removed. A directory `publish` set aside is put back when the kill came
+    before its replacement was renamed in (it is the only copy), and removed otherwise. Call it
+    holding the run directory's lock: a writer still under way would lose its temporary file.
+    """
+    directory = Path(directory)
+    for aside in directory.glob(".*.old"):
+        final = aside.with_name(aside.name[1:-len(".old")])
+        if final.exists():
+            discard(aside)
+        else:
+            os.replace(aside, final)
+    for tmp in directory.glob(".*.tmp"):
+        discard(tmp)

@@ -13,7 +13,9 @@ to install.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +207,31 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "onnxruntime InferenceSession (CPU)", tolerance=5e-5,
                  requires=("onnxruntime", "onnx", "tf2onnx"), multi_input=False),
 )}
+
+
+def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict) -> None:
+    """In a fresh process (verify's): load one export with its own runtime, predict the test set,
+    score the predictions with the model's compiled metrics, and send the outcome (or the error,
+    in one line) through `sender`."""
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
+    from ckptflow.core.models import ModelSource, prediction_metrics
+    from ckptflow.core.snapshot import TEST_SPLITS, example_rows, load_snapshot
+    from ckptflow.core.user_code import resolve
+
+    try:
+        arrays = load_snapshot(snapshot, keys=TEST_SPLITS)
+        source = ModelSource.from_identity(identity)
+        resolve(source.ref, "--model")  # imports the module that registers its custom layers
+        fresh_model = source.factory(*example_rows(arrays))
+        started = time.perf_counter()
+        predictions = np.asarray(FORMATS[name].predict(Path(path), arrays["x_test"], fresh_model))
+        seconds = time.perf_counter() - started
+        sender.send({"predictions": predictions, "seconds": seconds,
+                     "metrics": prediction_metrics(fresh_model(), arrays["y_test"], predictions)})
+    except Exception as exc:  # reported as the row's problem, in one line
+        sender.send({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+    finally:
+        sender.close()
 
 
 def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | None = None,

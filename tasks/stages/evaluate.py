@@ -68,10 +68,12 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     buffer = io.StringIO()
     pd.DataFrame(rows).to_csv(buffer, index=False)
     atomic_write_bytes(run.evaluation, buffer.getvalue().encode())
+    # The evaluation section last: a rerun reuses the CSV only once it is recorded, and a kill
+    # between the two writes must not leave a reused CSV without its (or with an old) entry.
+    set_artifacts(run, "evaluation", [artifact_entry(run, run.evaluation, "evaluation", "csv")])
     update_manifest(run, evaluation={**record.model_dump(),
                                      "commit_sha256": checkpoint.commit_sha256,
                                      "csv_sha256": sha256_file(run.evaluation)})
-    set_artifacts(run, "evaluation", [artifact_entry(run, run.evaluation, "evaluation", "csv")])
     log.info("untrained model: %s; trained (%s, epoch %d): %s", describe(record.untrained_metrics),
              checkpoint.path, checkpoint.epoch, describe(record.test_metrics))
     return record

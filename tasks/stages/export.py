@@ -24,6 +24,7 @@ from ckptflow.core.errors import tf_write_errors, write_failed
 from ckptflow.core.files import (
     atomic_write_bytes,
     atomic_write_json,
+    clear_abandoned_writes,
     discard,
     publish,
     sha256_path,
@@ -70,12 +71,13 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
         log.warning("export %s", note)
     names = [f.name for f in chosen]
     update_manifest(run, completes_with="exports")  # from now on verify expects them
+    for abandoned in run.exports.glob(".tmp-*"):  # left by a killed export, reused or not
+        shutil.rmtree(abandoned, ignore_errors=True)
+    clear_abandoned_writes(run.exports)  # its temporary files; a directory set aside goes back
     reusable = intact_exports(run, checkpoint)
     if reusable is not None and [r.format for r in reusable] == names:
         log.info("exports of %s already on disk and unchanged: reusing them", checkpoint.path)
         return reusable
-    for abandoned in run.exports.glob(".tmp-*"):  # left by a killed export
-        shutil.rmtree(abandoned, ignore_errors=True)
     model = restore_model(run, checkpoint.path)
     fresh_model = fresh_model_factory(run, model_identity(run, checkpoint))
     scorer = fresh_model()  # its compiled metrics score each export's predictions

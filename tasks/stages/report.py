@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import task
 
 from ckptflow.config import TrainConfig
-from ckptflow.core.files import atomic_write_bytes
+from ckptflow.core.files import atomic_write_bytes, clear_abandoned_writes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts
 from ckptflow.core.run_dir import RunDir
 from ckptflow.stages.evaluate import describe
@@ -24,10 +24,16 @@ log = logging.getLogger("ckptflow.report")
 
 
 def write_report(run_dir: str | Path) -> str:
-    """Write `report.md` and `metrics/training_curve.png`; return the markdown."""
+    """Write `report.md` and `metrics/training_curve.png`; return the markdown.
+
+    Call it holding the run directory's lock, as the flow does: it first removes the temporary
+    files killed writes left in the run directory and `metrics/`.
+    """
     import pandas as pd
 
     run = RunDir(run_dir)
+    for directory in (run.root, run.curve.parent):  # the last writer of a run: what killed
+        clear_abandoned_writes(directory)  # writes of the manifest, metrics and report left
     manifest = read_manifest(run)
     history = pd.read_csv(run.history)
     atomic_write_bytes(run.curve, training_curve_png(history))
@@ -35,9 +41,17 @@ def write_report(run_dir: str | Path) -> str:
     atomic_write_bytes(run.report, markdown.encode())
     checkpoint = manifest.get("training", {}).get("checkpoint")  # what the report describes
     set_artifacts(run, "report", [
-        artifact_entry(run, run.report, "report", "markdown", checkpoint=checkpoint),
+        artifact_entry(run, run.report, "report", "markdown", checkpoint=checkpoint,
+                       exports=described_exports(manifest)),
         artifact_entry(run, run.curve, "report", "png", checkpoint=checkpoint)])
     return markdown
+
+
+def described_exports(manifest: dict) -> dict[str, str]:
+    """Format → SHA-256 of each export the manifest lists: what a report written now describes,
+    so verify can tell a report from before the exports were written again."""
+    return {a["format"]: a["sha256"] for a in manifest.get("artifacts", [])
+            if a.get("kind") == "export"}
 
 
 def training_curve_png(history) -> bytes:

@@ -14,7 +14,6 @@ import logging
 import math
 import multiprocessing
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,12 @@ from pydantic import BaseModel
 from ckptflow.config import TrainConfig
 from ckptflow.core.errors import BadInputError, VerificationFailed
 from ckptflow.core.files import sha256_path
-from ckptflow.core.formats import FORMATS
+from ckptflow.core.formats import FORMATS, load_and_predict
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
+from ckptflow.stages.report import described_exports
 
 log = logging.getLogger("ckptflow.verify")
 
@@ -108,10 +108,8 @@ def completeness_rows(manifest: dict) -> list[VerifyRow]:
         return rows
     artifacts = manifest.get("artifacts", [])
     reports = [a for a in artifacts if a.get("kind") == "report"]
-    stale = [a for a in reports if not of_final(a)]
-    if not reports or stale:
-        failed("report", "markdown", f"report is of {stale[0].get('checkpoint')}" if stale
-               else "report is missing")
+    if problem := _report_problem(reports, of_final, described_exports(manifest)):
+        failed("report", "markdown", problem)
     exported = {a.get("format"): a for a in artifacts if a.get("kind") == "export"}
     requested = (manifest.get("parameters") or {}).get("formats") or [
         f.name for f in FORMATS.values() if not f.requires]
@@ -122,6 +120,20 @@ def completeness_rows(manifest: dict) -> list[VerifyRow]:
         elif not of_final(entry):
             failed("export", name, f"exported from {entry.get('checkpoint')}")
     return rows
+
+
+def _report_problem(reports: list[dict], of_final, exports: dict[str, str]) -> str:
+    """Why the report is not of the final checkpoint and of the exports listed now, or ''.
+
+    A set exported again (a deleted export, a changed format) and killed before its report was
+    rewritten keeps a report of the same checkpoint that describes the previous files.
+    """
+    stale = [a for a in reports if not of_final(a)]
+    if not reports or stale:
+        return f"report is of {stale[0].get('checkpoint')}" if stale else "report is missing"
+    if any(a.get("exports", exports) != exports for a in reports):  # older reports name none
+        return "report describes other exports than those listed"
+    return ""
 
 
 def checked_manifest(run_dir: Path) -> dict:
@@ -243,7 +255,7 @@ def _load_in_fresh_processes(snapshot: Path, identity: dict,
         started = []
         for name, path in loads[first:first + at_once]:
             receiver, sender = context.Pipe(duplex=False)
-            child = context.Process(target=_load_and_predict,
+            child = context.Process(target=load_and_predict,
                                     args=(sender, name, str(path), str(snapshot), identity))
             child.start()
             sender.close()
@@ -261,7 +273,9 @@ def _load_in_fresh_processes(snapshot: Path, identity: dict,
 
 def _loader_context() -> multiprocessing.context.BaseContext:
     """Each export loads in a process forked from a server that has imported TensorFlow but run
-    nothing, so no state of this process (or of another format) leaks into a load."""
+    nothing, so no state of this process (or of another format) leaks into a load. The loading
+    function lives in `ckptflow.core.formats`, which imports no Prefect, so that a load does not
+    first spend a second importing this module."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tensorflow", "ckptflow.core.formats", "ckptflow.core.models",
                                     "ckptflow.tutorial.model"])
@@ -276,30 +290,6 @@ def start_loader() -> None:
 
     _loader_context()
     forkserver.ensure_running()
-
-
-def _load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict) -> None:
-    """In the fresh process: load one export with its own runtime, predict the test set, and
-    score the predictions with the model's compiled metrics."""
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
-    from ckptflow.core.models import ModelSource, prediction_metrics
-    from ckptflow.core.snapshot import TEST_SPLITS, example_rows, load_snapshot
-    from ckptflow.core.user_code import resolve
-
-    try:
-        arrays = load_snapshot(snapshot, keys=TEST_SPLITS)
-        source = ModelSource.from_identity(identity)
-        resolve(source.ref, "--model")  # imports the module that registers its custom layers
-        fresh_model = source.factory(*example_rows(arrays))
-        started = time.perf_counter()
-        predictions = np.asarray(FORMATS[name].predict(Path(path), arrays["x_test"], fresh_model))
-        seconds = time.perf_counter() - started
-        sender.send({"predictions": predictions, "seconds": seconds,
-                     "metrics": prediction_metrics(fresh_model(), arrays["y_test"], predictions)})
-    except Exception as exc:  # reported as the row's problem, in one line
-        sender.send({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
-    finally:
-        sender.close()
 
 
 def tutorial_weight_shapes(identity: dict) -> list[list[int]]:
