@@ -81,6 +81,7 @@ class DrillReport:
     save_every_batches: int = DRILL_CONFIG["save_every_batches"]
     reference_sha256: str = ""
     example: str = "tutorial"
+    signal: str = "SIGKILL"
     seconds: float = 0.0
     lost_per_kill: list[int] = field(default_factory=list)
 
@@ -172,9 +173,9 @@ class _Child:
             self.exit = os.waitstatus_to_exitcode(status)
             os.close(self.fd)
 
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        while self.exit is None:  # drain what it said before it died
+    def kill(self, number: int = signal.SIGKILL) -> None:
+        os.kill(self.pid, number)
+        while self.exit is None:  # drain what it said before it ended
             self.poll(0.5)
 
     def wait(self, timeout: float = 600) -> None:
@@ -217,8 +218,9 @@ def _digest(run_dir: Path) -> str:
 
 
 def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Random,
-                report: DrillReport, step_seconds: float, total_steps: int) -> None:
-    """Train `run_dir` to the end, SIGKILLing it `kills` times on the way."""
+                report: DrillReport, step_seconds: float, total_steps: int,
+                number: int = signal.SIGKILL) -> None:
+    """Train `run_dir` to the end, sending it signal `number` `kills` times on the way."""
     checkpoints = RunDir(run_dir).checkpoints
     last_step_before_kill: int | None = None
     done_kills = 0
@@ -255,7 +257,7 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
                     time.sleep(rng.uniform(0, 0.004))
                     break
                 child.poll(0.0005)
-        else:  # kill at a random moment of the training still to do
+        else:  # kill at a random moment of the training still to do (SIGTERM: once it trains)
             while child.last("step") is None and child.exit is None:
                 child.poll(0.05)
             delay = rng.uniform(0, max(step_seconds * (total_steps - step_now), 0.05))
@@ -267,7 +269,7 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
                 raise RuntimeError(f"training child failed: {child.lines[-3:]}")
             report.finished_rounds += 1
             return
-        child.kill()
+        child.kill(number)
         done_kills += 1
         report.kills += 1
         report.kills_in_write += int(in_write)
@@ -279,13 +281,17 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
 
 
 def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int = 0,
-              kills_per_round: int = 8, example: str = "tutorial") -> DrillReport:
+              kills_per_round: int = 8, example: str = "tutorial",
+              number: int = signal.SIGKILL) -> DrillReport:
     """Kill training `kills` times over rounds of fresh run directories; compare each round's
-    final weights with one uninterrupted reference run."""
+    final weights with one uninterrupted reference run. With SIGTERM (`number`) mid-epoch saves
+    are off: only the stop's own checkpoint can keep the batches since the epoch began."""
     import tensorflow  # noqa: F401  (imported once here; every child is forked from this process)
 
     _drilled.clear()
     _drilled.update(CONFIGS[example])
+    if number == signal.SIGTERM:
+        _drilled["save_every_batches"] = 0
 
     import ckptflow.stages.fetch_data  # noqa: F401
     import ckptflow.training.stage  # noqa: F401
@@ -293,7 +299,8 @@ def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int
 
     work_dir = Path(work_dir)
     rng = random.Random(seed)
-    report = DrillReport(save_every_batches=_drilled["save_every_batches"], example=example)
+    report = DrillReport(save_every_batches=_drilled["save_every_batches"], example=example,
+                         signal=signal.Signals(number).name)
     started = time.monotonic()
 
     reference = work_dir / "reference"
@@ -310,7 +317,8 @@ def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int
     while remaining > 0:
         this_round = min(kills_per_round, remaining)
         run_dir = work_dir / f"round-{report.rounds:03d}"
-        _kill_round(run_dir, this_round, in_write_share, rng, report, step_seconds, total_steps)
+        _kill_round(run_dir, this_round, in_write_share, rng, report, step_seconds, total_steps,
+                    number)
         report.rounds += 1
         remaining = kills - report.kills
         if _digest(run_dir) == report.reference_sha256:
@@ -807,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of kills aimed inside a checkpoint write, or with --stage "
                         "finish an export write (default 0.3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL",
+                        help="training: SIGKILL (default) or SIGTERM, which must lose no batch "
+                        "(mid-epoch saves off)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--example", choices=sorted(CONFIGS), default="tutorial",
                         help="what to train: the tutorial (default) or examples/digits_cnn")
@@ -829,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
                                       args.verify_kill_share)
         else:
             report = run_drill(Path(work), args.kills, args.in_write_share, args.seed,
-                               args.kills_per_round or 8, args.example)
+                               args.kills_per_round or 8, args.example,
+                               signal.Signals[f"SIG{args.signal}"])
     summary = {k: v for k, v in asdict(report).items() if k != "lost_per_kill"}
     print(json.dumps(summary, indent=2))
     if args.json:
@@ -839,10 +851,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def training_ok(report: DrillReport) -> bool:
-    """Every round bit-identical and finished, no corrupt load, no more lost than the interval."""
+    """Every round bit-identical and finished, no corrupt load, no more lost than the interval
+    (after a SIGTERM, none)."""
+    allowed = 0 if report.signal == "SIGTERM" else report.save_every_batches
     return (report.bit_identical_rounds == report.rounds == report.finished_rounds
-            and report.corrupt_checkpoints_loaded == 0
-            and report.max_batches_lost <= report.save_every_batches)
+            and report.corrupt_checkpoints_loaded == 0 and report.max_batches_lost <= allowed)
 
 
 def finish_ok(report: FinishReport) -> bool:
