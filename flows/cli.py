@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run the same command again to resume an unfinished run, or to be told it is "
         "complete. Exit status: 0 done; 1 failed, and running the same command again resumes "
         "it; 2 bad input or a condition to fix first (the one-line message says what), nothing "
-        "changed; 3 stopped by SIGTERM or SIGINT after committing a checkpoint, and running it "
-        "again continues from there. See README.md.")
+        "changed; 3 stopped by SIGTERM or SIGINT (in training after committing the batch "
+        "reached), and running it again continues from there; 137 a multi-worker process ended "
+        "by its watchdog, the other workers lost. See README.md.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
         "run", help="run the whole pipeline locally (no server needed)",

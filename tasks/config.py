@@ -102,7 +102,8 @@ class TrainConfig(BaseModel):
         gt=0, le=86_400,
         description="multi-worker: the longest any step shared with the other workers (joining, "
         "a batch, a save) may take; a worker that waits longer (another one died or never "
-        "started) exits with status 1, and starting every worker again resumes.")] = 300.0
+        "started) is ended by its watchdog (status 137) with one line saying why, and starting "
+        "every worker again resumes.")] = 300.0
     wait_for_lock: Annotated[float, Field(
         ge=0, description="Seconds to wait while another run holds the run directory "
         "(0: fail at once).")] = 0.0
