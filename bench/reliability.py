@@ -25,11 +25,11 @@ DRILL = REPO / "bench" / "fault_injection.py"
 
 # (fault, drill options); the count of injections is added from --kills.
 DRILLS = [
-    ("SIGKILL in training (40% aimed inside a checkpoint write)",
+    ("SIGKILL in training (40% aimed inside a checkpoint write; a save every 2 batches)",
      ["--in-write-share", "0.4"]),
     ("SIGTERM in training (no mid-epoch saves: only the stop's own checkpoint)",
      ["--signal", "TERM"]),
-    ("SIGKILL in training a tf.data pipeline (examples/digits_cnn)",
+    ("SIGKILL in training a tf.data pipeline (examples/digits_cnn; a save every 2 batches)",
      ["--example", "digits", "--in-write-share", "0.3"]),
     ("SIGKILL in evaluate, export, report and verify",
      ["--stage", "finish", "--in-write-share", "0.5", "--kills-per-round", "4"]),
