@@ -265,11 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     # first-out), so it stays the last line.
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
-    from ckptflow.core.errors import StopRequested
     from ckptflow.training.stop import StopOnSignal
 
+    signals = StopOnSignal(grace_seconds(config))
     try:  # a signal before or after the flow still stops the temporary server
-        with StopOnSignal(grace_seconds(config)), \
+        with signals, \
                 ad_hoc_server() as wait_until_ready:  # a temporary one starts as the flow loads
             if args.command == "sweep":
                 from ckptflow.flows.sweep import sweep_flow as run_flow
@@ -284,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT
-    except StopRequested as exc:
-        last_words.append(f"ckptflow: {exc}")
-        return EXIT_STOPPED
     except Exception as exc:
+        if (stop := signals.stopped(exc)) is not None:
+            last_words.append(f"ckptflow: {stop}")
+            return EXIT_STOPPED
         last_words.append(f"ckptflow: run failed: {type(exc).__name__}: {exc}. Run the same "
                           "command again to resume from the latest checkpoint.")
         return EXIT_FAILED

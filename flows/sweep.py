@@ -16,7 +16,6 @@ from prefect import flow  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
-from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.stages.sweep import (  # noqa: E402
@@ -48,12 +47,15 @@ def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
     route_logs_to_prefect()
     points = grid_points(sweep)
+    signals = StopOnSignal(TrainConfig().stop_grace_seconds, where=current_stage)
     try:
-        with StopOnSignal(TrainConfig().stop_grace_seconds, where=current_stage):
+        with signals:
             rows = train_points.with_options(task_runner=dask_task_runner(sweep))(sweep, points)
             sweep_summary_task(sweep, rows)
-    except StopRequested as exc:  # SIGTERM/SIGINT: each point keeps its committed checkpoints
-        return Cancelled(message=str(exc))
+    except Exception as exc:  # SIGTERM/SIGINT: each point keeps its committed checkpoints
+        if (stop := signals.stopped(exc)) is None:
+            raise
+        return Cancelled(message=str(stop))
     failed = [r["point"] for r in rows if r["status"] == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(rows)} points failed ({', '.join(failed)}); "

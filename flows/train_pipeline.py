@@ -15,7 +15,6 @@ from prefect import flow  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import TrainConfig  # noqa: E402
-from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
@@ -45,8 +44,9 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     committing a checkpoint of the batch reached, elsewhere at once (what was committed stays).
     """
     route_logs_to_prefect()
+    signals = StopOnSignal(config.stop_grace_seconds, where=current_stage)
     try:
-        with StopOnSignal(config.stop_grace_seconds, where=current_stage), \
+        with signals, \
                 no_flow_retry_on_bad_input(), \
                 run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
             mark_crashed(abandoned, config.run_dir)
@@ -60,8 +60,10 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
             exports = export_task(config, data, trained.checkpoint_ref())
             report = report_task(config)
             verified = verify_task(config)
-    except StopRequested as exc:  # SIGTERM/SIGINT (or Cancel); in training, a checkpoint committed
-        return Cancelled(message=str(exc))
+    except Exception as exc:  # SIGTERM/SIGINT (or Cancel); in training, a checkpoint committed
+        if (stop := signals.stopped(exc)) is None:
+            raise
+        return Cancelled(message=str(stop))
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},

@@ -94,13 +94,20 @@ class StopOnSignal(_SignalScope):
     def __init__(self, grace_seconds: float, where: Callable[[], str] = lambda: ""):
         super().__init__(grace_seconds)
         self.where = where
+        self.stop: StopRequested | None = None
 
     def on_first(self, name: str) -> None:
         log.warning("%s%s: stopping (within %.0f s; a second signal stops at once)", name,
                     self.where(), self.grace_seconds)
-        raise StopRequested(f"stopped by {name}{self.where()}, outside training; every committed "
-                            "checkpoint and export is kept. Run the same command again to "
-                            "continue.")
+        self.stop = StopRequested(f"stopped by {name}{self.where()}, outside training; every "
+                                  "committed checkpoint and export is kept. Run the same command "
+                                  "again to continue.")
+        raise self.stop
+
+    def stopped(self, exc: BaseException) -> StopRequested | None:
+        """The stop that `exc` is, or that it wraps: raised inside a library's callback (pydantic
+        calling a serializer), StopRequested can reach the caller as another error."""
+        return exc if isinstance(exc, StopRequested) else self.stop
 
 
 def stopped_in_training(signal_name: str, epoch: int, batch: int, step: int,
