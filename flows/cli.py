@@ -308,6 +308,7 @@ def grace_seconds(config: TrainConfig | SweepConfig) -> float:
 
 def format_summary(summary: dict) -> str:
     """A few lines a person reads after a run: where it stands and what it made."""
+    from ckptflow.core.manifest import checkpoint_cost, read_manifest
     from ckptflow.stages.evaluate import describe
 
     t, e = summary["training"], summary["evaluation"]
@@ -331,6 +332,9 @@ def format_summary(summary: dict) -> str:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in x["metrics"].items())
         lines.append(f"  {x['format']:<13} {x['path']:<28} {x['bytes']:>10,} bytes  {scores}  "
                      f"max |diff| {x['max_abs_diff']:.1e}")
+    if t["batches_trained"] and (cost := checkpoint_cost({"attempts": [read_manifest(
+            summary["run_dir"])["training"]["attempts"][-1]]})):
+        lines.append(f"checkpoints: {cost}")
     lines.append(f"manifest: {os.path.join(summary['run_dir'], 'manifest.json')}")
     return "\n".join(lines)
 

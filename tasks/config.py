@@ -67,10 +67,18 @@ class TrainConfig(BaseModel):
         "allows (0: only at epoch ends).")] = 16
     checkpoint_budget: Annotated[float, Field(
         ge=0.0, le=1.0,
-        description="Most share of training time that mid-epoch checkpoints may take: after a "
-        "save that took t seconds, the next mid-epoch save waits t / budget seconds (0: no "
-        "limit, save exactly every N batches). One device only: under a strategy every worker must "
-        "save at the same batch, so saves come exactly every N batches.")] = 0.02
+        description="Most share of training time that mid-epoch checkpoints may keep training "
+        "waiting: after a save that stalled training t seconds, the next mid-epoch save waits "
+        "t / budget seconds (0: no limit, save exactly every N batches). One device only: under "
+        "a strategy every worker must save at the same batch, so saves come exactly every N "
+        "batches.")] = 0.02
+    background_checkpoints: Annotated[bool, Field(
+        description="Commit checkpoints on a background thread: training waits only for a copy "
+        "of the state in memory, and for the previous commit if it is still being written. One "
+        "device only (under a strategy every save is written as training waits).")] = True
+    epoch_keras_files: Annotated[bool, Field(
+        description="Also write the tutorial's cp-EEEE.weights.h5 and cp-EEEE.keras into each "
+        "epoch-end checkpoint (resuming reads only the TF checkpoint beside them).")] = True
     stop_grace_seconds: Annotated[float, Field(
         gt=0, le=3600,
         description="On SIGTERM or SIGINT, training finishes the current batch, commits a "

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import numpy as np
 import pytest
 from conftest import weights_digest
 
-from ckptflow.core.checkpoints import COMMIT, CheckpointStore, rng_variables
+from ckptflow.core.checkpoints import COMMIT, CheckpointStore, CheckpointWriteError, rng_variables
 from ckptflow.tutorial.model import create_model
 
 
@@ -101,3 +102,64 @@ def test_commit_record_lists_every_file_with_its_hash(tmp_path):
     commit = json.loads((checkpoint.path / COMMIT).read_text())
     assert set(commit["files"]) == {p.name for p in checkpoint.path.iterdir()} - {COMMIT}
     assert all(len(h) == 64 for h in commit["files"].values())
+
+
+def test_a_snapshot_keeps_the_state_it_was_taken_at_while_training_goes_on(tmp_path):
+    """Snapshot at a batch boundary, train on (weights, optimizer, dropout RNG and the tf.data
+    iterator all move), then commit on another thread: the checkpoint and its Keras files hold
+    the state of the snapshot, as `save` at that moment would have."""
+    import tensorflow as tf
+
+    model = _trained_model(batches=3)
+    rng = np.random.default_rng(1)
+    x, y = rng.random((64, 784), dtype=np.float32), rng.integers(0, 10, 64)
+    pipeline = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64, seed=3).batch(8).repeat()
+    iterator = iter(pipeline)
+    store = CheckpointStore(tmp_path)
+    snapshot = store.snapshot(model, _state(3, epoch=1), epoch_end=True, extra={"data": iterator})
+    digest, trainable = weights_digest(model), [w.numpy() for w in model.trainable_weights]
+    expected_next = next(iterator)  # what the snapshot's iterator yields next
+    for _ in range(4):
+        model.train_on_batch(*next(iterator))
+    assert weights_digest(model) != digest and int(model.optimizer.iterations) == 7
+
+    shell = create_model(units=16, seed=5)  # the Keras files are written from another model
+    committed = []
+    writer = threading.Thread(target=lambda: committed.append(
+        store.commit(snapshot, keras_model=lambda: shell)))
+    writer.start()
+    writer.join()
+    [checkpoint] = committed
+    assert store.verify(checkpoint) is None and store.latest() == checkpoint
+    fresh, fresh_iterator = create_model(units=16, seed=99), iter(pipeline)
+    state = store.restore(checkpoint, fresh, extra={"data": fresh_iterator})
+    assert state["marker"] == 3 and int(fresh.optimizer.iterations) == 3
+    assert weights_digest(fresh) == digest
+    for a, b in zip(next(fresh_iterator), expected_next, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    from_h5 = create_model(units=16, seed=98)
+    from_h5.load_weights(checkpoint.path / "cp-0001.weights.h5")
+    for a, b in zip(from_h5.trainable_weights, trainable, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+    import keras
+
+    assert int(keras.models.load_model(checkpoint.path / "cp-0001.keras").optimizer.iterations) == 3
+
+
+def test_a_failed_background_commit_is_raised_on_the_training_thread(tmp_path):
+    from ckptflow.core.background_commit import BackgroundCommits
+
+    model = _trained_model(batches=1)
+    store = CheckpointStore(tmp_path / "checkpoints")
+    commits = BackgroundCommits(store, keras_model=lambda: None)
+    first = []
+    commits.submit(store.snapshot(model, _state(1, batch=1), epoch_end=False), then=first.append)
+    commits.wait()
+    assert commits.latest.step == 1 and first == [commits.latest] and commits.committed == 1
+    assert commits.bytes_written == sum(p.stat().st_size for p in commits.latest.path.iterdir())
+    (tmp_path / "a-file").write_text("")
+    store.directory = tmp_path / "a-file" / "checkpoints"  # cannot be created: the write fails
+    commits.submit(store.snapshot(model, _state(2, batch=2), epoch_end=False), then=first.append)
+    with pytest.raises(CheckpointWriteError, match="writing checkpoint .*cp-0000-b000002 failed"):
+        commits.wait()
+    assert commits.latest.step == 1 and len(first) == 1 and commits.committed == 1

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -93,6 +94,12 @@ def test_a_full_disk_fails_the_save_keeps_every_checkpoint_and_the_rerun_is_bit_
 
     def fill_disk(state):
         if state.step == full_after and not before:
+            # the save of this step is committed in the background: the disk fills up once it
+            # is in (the TF index, its last write, names it)
+            index, deadline = checkpoints / "checkpoint", time.monotonic() + 60
+            while f'"{committed}/train_state"' not in (index.read_text() if index.exists() else ""):
+                assert time.monotonic() < deadline, f"{committed} was not committed"
+                time.sleep(0.01)
             before.update(tree_digest(checkpoints))
             leave = 256 * 1024  # half of the ~600 KB file that is to fail
             if fails == "cp-0002":  # after the TF files, which fit: as large as the last ones

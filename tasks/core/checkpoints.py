@@ -9,31 +9,38 @@ Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-
   iterator (position, shuffle buffer and RNG);
 - `state.json`: epoch, batch, optimizer iterations, history, best score, the settings that
   define the run, and the data hash;
-- at epoch ends, the tutorial's two Keras files: `cp-EEEE.weights.h5` (weights only) and
-  `cp-EEEE.keras` (full model with optimizer state);
+- at epoch ends (unless turned off), the tutorial's two Keras files: `cp-EEEE.weights.h5`
+  (weights only) and `cp-EEEE.keras` (full model with optimizer state), for people and tools
+  that read Keras files; resuming reads only the TF checkpoint;
 - `COMMIT.json`, written last: the SHA-256 of every other file.
 
-A checkpoint is written under a temporary name, fsynced and renamed into place, so a crash leaves
-either no checkpoint or a complete one. `latest()` returns the newest checkpoint whose commit
-record matches its files and skips (with a warning) any that does not. Old checkpoints are removed
-only after a newer one is committed. `checkpoints/checkpoint` is kept current, so the tutorial's
+A checkpoint is taken in two phases: `snapshot` holds the state in memory as it is at a batch
+boundary (copy-on-write reads: about a memory copy), `commit` writes it under a temporary name,
+hashing each file as it is written (the Keras files, which Keras writes itself, just after),
+fsyncs it and renames it into place, so a crash leaves either no checkpoint or a complete one.
+`commit` may run on another thread while training goes on (`ckptflow.core.background_commit`).
+`latest()` returns the newest checkpoint whose commit record matches its files and skips (with a
+warning) any that does not. Old checkpoints are removed only after a newer one is committed. `checkpoints/checkpoint` is kept current, so the tutorial's
 `tf.train.latest_checkpoint("RUN_DIR/checkpoints")` finds the newest one too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ckptflow.core.errors import BadInputError, WriteFailed, tf_write_errors, write_failed
 from ckptflow.core.files import atomic_write_bytes, discard, fsync_dir, publish, sha256_file
+from ckptflow.core.tf_state import CapturedState, capture
 
 log = logging.getLogger("ckptflow.checkpoints")
 
@@ -45,6 +52,23 @@ _NAME = re.compile(r"^cp-(\d{4,})(?:-b(\d{6,}))?$")
 
 class CheckpointWriteError(WriteFailed):
     """A checkpoint could not be written (disk full, refused write); the previous one stands."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint taken in memory at a batch boundary, not yet committed."""
+
+    name: str
+    epoch: int
+    batch: int
+    step: int
+    epoch_end: bool
+    tf_state: CapturedState
+    state: bytes  # state.json
+    keras_values: list | None  # every model and optimizer variable, for the Keras files
+
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(self.state)
 
 
 @dataclass(frozen=True)
@@ -93,39 +117,72 @@ class CheckpointStore:
     `extra` (to save and restore) names more trackable objects to hold beside the model, such
     as `{"metrics": model.metrics_variables, "data": iterator}`.
 
+    `save` does it all on the calling thread. A training loop that must not wait for the disk
+    calls `snapshot` at a batch boundary (the state in memory, about a memory copy) and `commit`
+    on another thread (write, hash, fsync, publish) while training goes on.
+
     Args:
         directory: where checkpoints live; created if missing.
         keep: int >= 1, how many committed checkpoints to keep. Defaults to 5.
+        keras_files: whether epoch-end checkpoints also hold the tutorial's `.weights.h5` and
+            `.keras` files (resuming reads only the TF checkpoint). Defaults to True.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 5):
+    def __init__(self, directory: str | Path, keep: int = 5, keras_files: bool = True):
         if keep < 1:
             raise BadInputError(f"keep must be at least 1. Received: keep={keep}.")
         self.directory = Path(directory)
         self.keep = keep
+        self.keras_files = keras_files
 
     # --- public interface ----------------------------------------------------------------------
 
     def save(self, model, state: dict[str, Any], epoch_end: bool,
              extra: dict[str, Any] | None = None) -> Checkpoint:
-        """Commit a checkpoint of `model` (weights, optimizer, RNG), `extra` and `state`; prune
-        old ones."""
-        import tensorflow as tf
+        """Commit a checkpoint of `model` (weights, optimizer, RNG), `extra` and `state` now, on
+        this thread; prune old ones."""
+        snapshot = self.snapshot(model, state, epoch_end, extra, keras_copy=False)
+        return self.commit(snapshot, keras_model=lambda: model)
 
-        epoch, batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+    def snapshot(self, model, state: dict[str, Any], epoch_end: bool,
+                 extra: dict[str, Any] | None = None, keras_copy: bool = True) -> Snapshot:
+        """Take a checkpoint in memory: what `commit` writes, as it is now (about a memory copy).
+
+        With `keras_copy`, an epoch end's snapshot also holds the value of every model and
+        optimizer variable, for `commit` to write the Keras files from another model.
+        """
+        keras = epoch_end and self.keras_files and keras_copy
+        return Snapshot(
+            name=checkpoint_name(int(state["epoch"]), int(state["batch"])),
+            epoch=int(state["epoch"]), batch=int(state["batch"]), step=int(state["step"]),
+            epoch_end=epoch_end, tf_state=capture(_trackables(model, extra)),
+            state=json.dumps(state, indent=2).encode(),
+            keras_values=[_read(v) for v in _keras_variables(model)] if keras else None)
+
+    def commit(self, snapshot: Snapshot, keras_model: Callable[[], Any] | None = None
+               ) -> Checkpoint:
+        """Write, hash, fsync and publish `snapshot` atomically; prune old checkpoints. Safe on
+        another thread than training's.
+
+        Args:
+            snapshot: from `snapshot`.
+            keras_model: at an epoch end (when the store writes the Keras files), returns the
+                model to write them from: the snapshotted model itself, or a model of the same
+                architecture that is given the snapshot's `keras_values` first.
+        """
         write_errors = (OSError, *tf_write_errors())
-        name = checkpoint_name(epoch, batch)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        name = snapshot.name
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-            tf.train.Checkpoint(**_trackables(model, extra)).write(str(tmp / TF_PREFIX))
-            (tmp / STATE).write_text(json.dumps(state, indent=2))
-            if epoch_end:
-                model.save_weights(tmp / f"{name}.weights.h5")
-                model.save(tmp / f"{name}.keras")
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-            commit = {"name": name, "epoch": epoch, "batch": batch, "step": step, "files": files}
+            files = {n: digest for n, (digest, _) in
+                     snapshot.tf_state.write(tmp, TF_PREFIX).items()}
+            files[STATE] = _write_hashing(tmp / STATE, snapshot.state)
+            if snapshot.epoch_end and self.keras_files:
+                files.update(_write_keras_files(keras_model(), snapshot, tmp))
+            commit = {"name": name, "epoch": snapshot.epoch, "batch": snapshot.batch,
+                      "step": snapshot.step, "files": dict(sorted(files.items()))}
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
             publish(tmp, self.directory / name)  # fsyncs every file, then renames
         except write_errors as exc:
@@ -138,7 +195,8 @@ class CheckpointStore:
         except BaseException:
             discard(tmp)
             raise
-        checkpoint = Checkpoint(self.directory / name, epoch, batch, step)
+        checkpoint = Checkpoint(self.directory / name, snapshot.epoch, snapshot.batch,
+                                snapshot.step)
         self._prune(newest=checkpoint)
         self._update_tf_index()
         return checkpoint
@@ -237,6 +295,43 @@ def write_tf_index(directory: Path, prefixes: list[str]) -> None:
     lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
     lines += [f'all_model_checkpoint_paths: "{p}"' for p in prefixes]
     atomic_write_bytes(Path(directory) / "checkpoint", ("\n".join(lines) + "\n").encode())
+
+
+def _keras_variables(model) -> list:
+    """What the Keras files hold: the model's variables and its optimizer's."""
+    return [*model.variables, *model.optimizer.variables]
+
+
+def _read(variable):
+    """The variable's value now (a copy-on-write read: later updates do not change it)."""
+    import tensorflow as tf
+
+    return tf.identity(variable.value)
+
+
+def _write_keras_files(model, snapshot: Snapshot, directory: Path) -> dict[str, str]:
+    """The tutorial's `cp-EEEE.weights.h5` and `cp-EEEE.keras`, written by Keras (and hashed
+    after it, as Keras writes them itself) from `model`, given the snapshot's values first."""
+    if snapshot.keras_values is not None:
+        variables = _keras_variables(model)
+        if len(variables) != len(snapshot.keras_values):
+            raise RuntimeError(f"the model for the Keras files has {len(variables)} variables, "
+                               f"the snapshot {len(snapshot.keras_values)}")
+        for variable, value in zip(variables, snapshot.keras_values, strict=True):
+            variable.assign(value)
+    paths = [directory / f"{snapshot.name}.weights.h5", directory / f"{snapshot.name}.keras"]
+    model.save_weights(paths[0])
+    model.save(paths[1])
+    return {p.name: sha256_file(p) for p in paths}
+
+
+def _write_hashing(path: Path, data: bytes) -> str:
+    """Write `data` to `path` (fsynced); its SHA-256."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
 
 
 def _trackables(model, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -63,6 +63,8 @@ def discard(path: Path) -> None:
     a deleted file that is still open keeps its space.
     """
     path = Path(path)
+    if not path.exists() and not path.is_symlink():  # never made (the write failed before)
+        return
     files = [path] if path.is_file() else list(path.rglob("*"))
     for file in (f for f in files if f.is_file() and not f.is_symlink()):
         try:

@@ -103,3 +103,19 @@ def code_version() -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def checkpoint_cost(training: dict[str, Any]) -> str | None:
+    """What checkpoints cost the run, over the training attempts that recorded it (one line), or
+    None when none did (a run trained under a strategy, or by an older ckptflow)."""
+    costs = [a["checkpoints"] for a in training.get("attempts", []) if a.get("checkpoints")]
+    seconds = sum(c["training_seconds"] for c in costs)
+    if not costs or not seconds:
+        return None
+    waited = sum(c["waited_seconds"] for c in costs)
+    committed, deferred = sum(c["committed"] for c in costs), sum(c["deferred"] for c in costs)
+    written = sum(c["bytes_written"] for c in costs)
+    how = "in the background" if all(c["background"] for c in costs) else "as training waited"
+    return (f"checkpointing cost {waited / seconds:.1%} of training: it waited {waited:.2f} s of "
+            f"{seconds:.2f} s; {committed} checkpoints committed {how}, {written / 1e6:,.1f} MB "
+            f"written, {deferred} mid-epoch saves put off by the time budget")

@@ -10,9 +10,9 @@ from collections.abc import Callable
 class SavePolicy:
     """When to commit a mid-epoch checkpoint: every `every_batches` batches, within a time budget.
 
-    A save that took t seconds defers the next mid-epoch save until t / `budget` seconds have
-    passed, so checkpoints take at most about `budget` of the training time however slow the disk
-    or large the model (CheckFreq's idea). At 60,000 images a checkpoint every 16 batches would
+    A save that kept training waiting t seconds defers the next mid-epoch save until t / `budget`
+    seconds have passed, so checkpoints stall training at most about `budget` of its time however
+    slow the disk or large the model (CheckFreq's idea). At 60,000 images a checkpoint every 16 batches would
     otherwise be 117 saves an epoch. A budget of 0 saves exactly every `every_batches` batches.
     Epoch ends are always saved, and count against the budget too.
 
@@ -28,14 +28,19 @@ class SavePolicy:
         self.budget = budget
         self.clock = clock
         self._not_before = -math.inf
+        self.deferred = 0  # saves the cadence asked for and the budget put off
 
     def due(self, batch: int, steps: int) -> bool:
         """Whether to save after `batch` batches of an epoch of `steps` batches."""
         if not self.every_batches or batch % self.every_batches or batch >= steps:
             return False
-        return self.clock() >= self._not_before
+        if self.clock() < self._not_before:
+            self.deferred += 1
+            return False
+        return True
 
     def saved(self, seconds: float) -> None:
-        """Record a committed save that took `seconds`."""
+        """Record a save that kept training waiting `seconds` (with background commits, the
+        snapshot and any wait for the previous commit; else the whole write)."""
         if self.budget:
             self._not_before = self.clock() + seconds / self.budget

@@ -12,7 +12,13 @@ from pydantic import BaseModel
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.files import atomic_write_bytes, sha256_file
-from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from ckptflow.core.manifest import (
+    artifact_entry,
+    checkpoint_cost,
+    read_manifest,
+    set_artifacts,
+    update_manifest,
+)
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, load_snapshot
@@ -115,5 +121,7 @@ def evaluate_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointR
                f"| untrained | model/initial.keras | {describe(record.untrained_metrics)} |\n"
                f"| trained ({record.epoch} epochs) | {record.checkpoint} | "
                f"{describe(record.test_metrics)} |\n")
+    if cost := checkpoint_cost(read_manifest(config.run_dir).get("training", {})):
+        summary += f"\nTraining: {cost}.\n"
     publish_evaluation(config.run_dir, evaluation_rows(record), summary)
     return record

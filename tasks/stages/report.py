@@ -16,7 +16,7 @@ from prefect import task
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.files import atomic_write_bytes, clear_abandoned_writes
-from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts
+from ckptflow.core.manifest import artifact_entry, checkpoint_cost, read_manifest, set_artifacts
 from ckptflow.core.run_dir import RunDir
 from ckptflow.stages.evaluate import describe
 
@@ -97,6 +97,7 @@ def _markdown(run: RunDir, manifest: dict, history) -> str:
         + ", ".join(f"{k}={v}" for k, v in model.get("identity", {}).items()),
         f"- **Training**: {training.get('epoch')} epochs, {training.get('step')} optimizer steps; "
         + (f"this run resumed from `{resumed}`" if resumed else "this run started from scratch"),
+        *([f"- **Checkpoints**: {cost}"] if (cost := checkpoint_cost(training)) else []),
         f"- **Test**: {_metrics_text(evaluation, 'test')} "
         f"(untrained model: {_metrics_text(evaluation, 'untrained')})",
         f"- **Code**: `{manifest.get('code_version')}`, TensorFlow "

@@ -4,17 +4,25 @@ Each batch is `model.train_function(iterator)`, the very step `fit` runs, on an 
 knows where training stands (`ckptflow.training.batches`): Keras 3 `fit` cannot start an epoch
 mid-way, nor continue a tf.data iterator. The epoch's metrics are the model's metric objects,
 reset when an epoch starts and saved in every checkpoint, so the history a resumed run writes
-is the one an uninterrupted run writes. A SIGTERM or SIGINT ends training after the current
-batch; a checkpoint is committed there.
+is the one an uninterrupted run writes. Checkpoints are snapshots in memory at a batch boundary,
+committed on a background thread while the next batches train (`BackgroundCommits`); what an
+epoch end leaves beside its checkpoint (history, TensorBoard, log line) follows once that
+checkpoint is committed. A SIGTERM or SIGINT ends training after the current batch; a
+checkpoint is committed there.
 """
 
 from __future__ import annotations
 
+import copy
+import time
+
 from ckptflow.config import TrainConfig
-from ckptflow.core.checkpoints import CheckpointStore
+from ckptflow.core.background_commit import BackgroundCommits
+from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
+from ckptflow.core.models import ModelSource
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.save_policy import SavePolicy
-from ckptflow.core.snapshot import DataRecord
+from ckptflow.core.snapshot import DataRecord, example_rows
 from ckptflow.training.faults import maybe_io_error_at_step
 from ckptflow.training.setup import (
     BatchCallback,
@@ -48,27 +56,41 @@ class OneDeviceLoop:
     def __init__(self, run: RunDir, config: TrainConfig, data: DataRecord,
                  on_epoch_end: EpochCallback | None, on_batch_end: BatchCallback | None):
         self.run, self.config, self.on_batch_end = run, config, on_batch_end
-        self.store = CheckpointStore(run.checkpoints, keep=config.keep_checkpoints)
+        self.store = CheckpointStore(run.checkpoints, keep=config.keep_checkpoints,
+                                     keras_files=config.epoch_keras_files)
         self.start = start_training(run, config, data)
         self.model, self.batches = self.start.model, self.start.batches
-        self.state, self.arrays, self.latest = self.start.state, self.start.arrays, self.start.resumed
+        self.state, self.arrays = self.start.state, self.start.arrays
+        self.commits = BackgroundCommits(
+            self.store, ModelSource.from_identity(config.identity()).factory(
+                *example_rows(self.arrays)),
+            background=config.background_checkpoints, latest=self.start.resumed)
         self.trackables = training_trackables(self.model, self.batches)
         self.outputs = EpochOutputs(run, config, self.state, on_epoch_end)
         self.policy = SavePolicy(config.save_every_batches, config.checkpoint_budget)
+        self.waited = 0.0  # seconds training waited on checkpoints
         self.model.make_train_function()
 
+    @property
+    def latest(self) -> Checkpoint | None:
+        """The newest committed checkpoint."""
+        return self.commits.latest
+
     def train(self) -> TrainRecord:
+        started = time.perf_counter()
         try:
             with GracefulStop(self.config.stop_grace_seconds) as stop:
                 while self.state.epoch < self.config.epochs:
                     self.train_rest_of_epoch(stop)
                     if stop.requested:
-                        self.stop_here(stop.requested)
+                        self.stop_here(stop.requested, started)
                     self.close_epoch()
-        finally:  # also when the attempt fails: no events file left open
+                self.wait_for_commits()
+        finally:  # also when the attempt fails: the commit in flight lands, no events file open
+            self.commits.close()
             self.outputs.close()
         record = finish_training(self.run, self.config, self.store, self.start, self.state,
-                                 self.latest)
+                                 self.latest, checkpoints=self.costs(started))
         if stop.requested:  # during the last epoch's close: training is complete, stop now
             raise stopped_after_training(stop.requested, record.checkpoint)
         return record
@@ -84,6 +106,7 @@ class OneDeviceLoop:
             state.advance(state.batch + 1, state.step + 1)
             if self.policy.due(state.batch, steps):
                 self.save(epoch_end=False)
+            self.commits.poll()
             if self.on_batch_end is not None:
                 self.on_batch_end(state)
             maybe_io_error_at_step(self.run, self.config, state.step)
@@ -98,22 +121,45 @@ class OneDeviceLoop:
                                   batch_size=max(256, self.config.batch_size), verbose=0,
                                   return_dict=True)
         row = self.state.close_epoch(train, {k: float(v) for k, v in val.items()})
-        self.save(epoch_end=True)
-        self.outputs.epoch_committed(self.state, row, self.latest.name)
+        closed = copy.deepcopy(self.state)  # as the epoch's checkpoint holds it
+        self.save(epoch_end=True, then=lambda checkpoint: self.outputs.epoch_committed(
+            closed, row, checkpoint.name))
 
-    def save(self, epoch_end: bool) -> None:
-        """Commit a checkpoint of where training is, and tell the policy how long it took."""
+    def save(self, epoch_end: bool, then=None) -> None:
+        """Snapshot where training is and hand it to the commits; tell the policy how long
+        training waited (the snapshot, and the previous commit if it was still being written)."""
         started = self.policy.clock()
-        self.latest = self.store.save(self.model, self.state.to_json(), epoch_end=epoch_end,
-                                      extra=self.trackables)
-        self.policy.saved(self.policy.clock() - started)
+        snapshot = self.store.snapshot(self.model, self.state.to_json(), epoch_end=epoch_end,
+                                       extra=self.trackables,
+                                       keras_copy=self.config.background_checkpoints)
+        self.commits.submit(snapshot, then=then, training_model=self.model)
+        waited = self.policy.clock() - started
+        self.waited += waited
+        self.policy.saved(waited)
 
-    def stop_here(self, signal_name: str) -> None:
+    def wait_for_commits(self) -> None:
+        started = time.perf_counter()
+        self.commits.wait()
+        self.waited += time.perf_counter() - started
+
+    def costs(self, started: float) -> dict:
+        """What checkpoints cost this attempt, for the manifest."""
+        seconds = time.perf_counter() - started
+        return {"training_seconds": round(seconds, 3), "waited_seconds": round(self.waited, 3),
+                "cost": round(self.waited / seconds, 4) if seconds else 0.0,
+                "committed": self.commits.committed, "deferred": self.policy.deferred,
+                "bytes_written": self.commits.bytes_written,
+                "background": self.config.background_checkpoints}
+
+    def stop_here(self, signal_name: str, started: float) -> None:
         """Commit the batch reached (unless just committed), record the stop, raise StopRequested."""
+        self.wait_for_commits()
         if self.latest is None or self.latest.step != self.state.step:
             self.save(epoch_end=False)
+            self.wait_for_commits()
         checkpoint = self.run.relative(self.latest.path)
         finish_training(self.run, self.config, self.store, self.start, self.state, self.latest,
-                        stopped={"signal": signal_name, "checkpoint": checkpoint})
+                        stopped={"signal": signal_name, "checkpoint": checkpoint},
+                        checkpoints=self.costs(started))
         raise stopped_in_training(signal_name, self.state.epoch, self.state.batch,
                                   self.state.step, checkpoint)
