@@ -47,9 +47,11 @@ def test_the_save_policy_keeps_mid_epoch_saves_within_the_time_budget():
     assert not policy.due(8, steps=12)
     now[0] = 25.0
     assert policy.due(8, steps=12) and not policy.due(9, steps=12)
+    # the previous checkpoint still being written: put off, not waited for
+    assert not policy.due(8, steps=12, busy=True) and policy.deferred == 2
     unlimited = SavePolicy(every_batches=4, budget=0.0, clock=lambda: now[0])
     unlimited.saved(100.0)
-    assert unlimited.due(4, steps=12)
+    assert unlimited.due(4, steps=12) and unlimited.due(4, steps=12, busy=True)  # it waits
     assert not SavePolicy(every_batches=0, budget=0.0).due(4, steps=12)
 
 

@@ -20,7 +20,8 @@ hashing each file as it is written (the Keras files, which Keras writes itself, 
 fsyncs it and renames it into place, so a crash leaves either no checkpoint or a complete one.
 `commit` may run on another thread while training goes on (`ckptflow.core.background_commit`).
 `latest()` returns the newest checkpoint whose commit record matches its files and skips (with a
-warning) any that does not. Old checkpoints are removed only after a newer one is committed. `checkpoints/checkpoint` is kept current, so the tutorial's
+warning) any that does not. Old checkpoints are removed only after a newer one is committed.
+`checkpoints/checkpoint` is kept current, so the tutorial's
 `tf.train.latest_checkpoint("RUN_DIR/checkpoints")` finds the newest one too.
 """
 

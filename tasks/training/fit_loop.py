@@ -104,7 +104,7 @@ class OneDeviceLoop:
         while state.batch < steps and not stop.requested:
             self.model.train_function(iterator)
             state.advance(state.batch + 1, state.step + 1)
-            if self.policy.due(state.batch, steps):
+            if self.policy.due(state.batch, steps, busy=self.commits.busy()):
                 self.save(epoch_end=False)
             self.commits.poll()
             if self.on_batch_end is not None:
