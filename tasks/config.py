@@ -67,9 +67,10 @@ class TrainConfig(BaseModel):
         "allows (0: only at epoch ends).")] = 16
     checkpoint_budget: Annotated[float, Field(
         ge=0.0, le=1.0,
-        description="Most share of training time that mid-epoch checkpoints may keep training "
-        "waiting: after a save that stalled training t seconds, the next mid-epoch save waits "
-        "t / budget seconds (0: no limit, save exactly every N batches). One device only: under "
+        description="Most share of training time that mid-epoch checkpoints may cost: after a "
+        "save that cost t seconds (training waiting for it, plus its background commit's CPU "
+        "time), the next mid-epoch save waits t / budget seconds, and one due while a commit is "
+        "in flight is put off (0: no limit, save exactly every N batches). One device only: under "
         "a strategy every worker must save at the same batch, so saves come exactly every N "
         "batches.")] = 0.02
     background_checkpoints: Annotated[bool, Field(

@@ -10,6 +10,8 @@ from conftest import small_config, tree_digest, weights_digest
 
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError, InjectedFailure
+from ckptflow.core.files import size_of
+from ckptflow.core.manifest import checkpoint_cost, read_manifest
 from ckptflow.core.resume_point import find_resume_point
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.save_policy import SavePolicy
@@ -36,6 +38,15 @@ def test_fresh_training_counts_epochs_batches_and_optimizer_steps(tmp_path):
     names = [c.name for c in CheckpointStore(tmp_path / "checkpoints").all()]
     assert names == ["cp-0000-b000006", "cp-0001", "cp-0001-b000003", "cp-0001-b000006",
                      "cp-0002"]
+    # the attempt's checkpoint cost: 6 committed in the background, what each wrote counted
+    costs = read_manifest(tmp_path)["training"]["attempts"][-1]["checkpoints"]
+    assert costs["committed"] == 6 and costs["deferred"] == 0 and costs["background"]
+    kept = sum(size_of(c.path) for c in CheckpointStore(tmp_path / "checkpoints").all())
+    assert kept < costs["bytes_written"] < 2 * kept  # one more, smaller, was pruned
+    assert 0 < costs["waited_seconds"] < costs["training_seconds"]
+    assert costs["cost"] == round(costs["waited_seconds"] / costs["training_seconds"], 4)
+    assert checkpoint_cost(read_manifest(tmp_path)["training"]).startswith(
+        f"checkpointing cost {costs['cost']:.1%} of training: it waited")
 
 
 def test_the_save_policy_keeps_mid_epoch_saves_within_the_time_budget():
@@ -52,6 +63,15 @@ def test_the_save_policy_keeps_mid_epoch_saves_within_the_time_budget():
     unlimited = SavePolicy(every_batches=4, budget=0.0, clock=lambda: now[0])
     unlimited.saved(100.0)
     assert unlimited.due(4, steps=12) and unlimited.due(4, steps=12, busy=True)  # it waits
+    # a save's stall and then its background commit's CPU time add up: 2 x 0.1 s / 0.05 = 4 s
+    now[0] = 100.0
+    charged = SavePolicy(every_batches=4, budget=0.05, clock=lambda: now[0])
+    charged.saved(0.1)
+    charged.saved(0.1)
+    now[0] = 103.9
+    assert not charged.due(4, steps=12)
+    now[0] = 104.0
+    assert charged.due(4, steps=12)
     assert not SavePolicy(every_batches=0, budget=0.0).due(4, steps=12)
 
 
@@ -62,6 +82,7 @@ def test_the_default_budget_skips_mid_epoch_saves_that_would_cost_too_much(tmp_p
     # mid-epoch save (batch 3) the budget defers the rest; the epoch end is always saved
     names = [c.name for c in CheckpointStore(tmp_path / "checkpoints").all()]
     assert names == ["cp-0000-b000003", "cp-0001"]
+    assert read_manifest(tmp_path)["training"]["attempts"][-1]["checkpoints"]["deferred"] == 1
 
 
 def test_more_epochs_continue_from_the_latest_checkpoint(tmp_path):

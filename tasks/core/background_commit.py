@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +50,9 @@ class BackgroundCommits:
         self.latest = latest
         self.committed = 0
         self.bytes_written = 0
+        self.cpu_seconds = 0.0  # of the commits made on the writer thread
         self._thread: threading.Thread | None = None
-        self._outcome: Checkpoint | BaseException | None = None
+        self._outcome: tuple[Checkpoint | BaseException, float] | None = None
         self._then: Then | None = None
 
     def submit(self, snapshot: Snapshot, then: Then | None = None,
@@ -59,7 +61,8 @@ class BackgroundCommits:
         here when not `background` (`training_model` writes the Keras files then)."""
         self.wait()
         if not self.background:
-            self._finished(self.store.commit(snapshot, keras_model=lambda: training_model), then)
+            self._finished(self.store.commit(snapshot, keras_model=lambda: training_model),
+                           then, cpu=0.0)
             return
         if snapshot.keras_values is not None and self._keras_model is None:
             self._keras_model = self._keras_model_factory()
@@ -81,11 +84,11 @@ class BackgroundCommits:
         if self._thread is None:
             return
         self._thread.join()
-        self._thread, outcome, self._outcome = None, self._outcome, None
+        self._thread, (outcome, cpu), self._outcome = None, self._outcome, None
         then, self._then = self._then, None
         if isinstance(outcome, BaseException):
             raise outcome
-        self._finished(outcome, then)
+        self._finished(outcome, then, cpu)
 
     def close(self) -> None:
         """As the attempt ends on an error: let the commit in flight finish, say if it failed."""
@@ -94,15 +97,18 @@ class BackgroundCommits:
         except Exception as exc:  # the attempt's own error is the one that propagates
             log.warning("the checkpoint being committed as training failed was not: %s", exc)
 
-    def _finished(self, checkpoint: Checkpoint, then: Then | None) -> None:
+    def _finished(self, checkpoint: Checkpoint, then: Then | None, cpu: float) -> None:
         self.latest = checkpoint
         self.committed += 1
+        self.cpu_seconds += cpu
         self.bytes_written += size_of(checkpoint.path)
         if then is not None:
             then(checkpoint)
 
     def _commit(self, snapshot: Snapshot) -> None:
+        started = time.thread_time()
         try:
-            self._outcome = self.store.commit(snapshot, keras_model=lambda: self._keras_model)
+            outcome = self.store.commit(snapshot, keras_model=lambda: self._keras_model)
         except BaseException as exc:  # handed to the training thread
-            self._outcome = exc
+            outcome = exc
+        self._outcome = (outcome, time.thread_time() - started)

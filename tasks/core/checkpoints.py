@@ -16,8 +16,8 @@ Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-
 
 A checkpoint is taken in two phases: `snapshot` holds the state in memory as it is at a batch
 boundary (copy-on-write reads: about a memory copy), `commit` writes it under a temporary name,
-hashing each file as it is written (the Keras files, which Keras writes itself, just after),
-fsyncs it and renames it into place, so a crash leaves either no checkpoint or a complete one.
+hashing each file from the page cache as soon as it is written, fsyncs it and renames it into
+place, so a crash leaves either no checkpoint or a complete one.
 `commit` may run on another thread while training goes on (`ckptflow.core.background_commit`).
 `latest()` returns the newest checkpoint whose commit record matches its files and skips (with a
 warning) any that does not. Old checkpoints are removed only after a newer one is committed.
@@ -40,7 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from ckptflow.core.errors import BadInputError, WriteFailed, tf_write_errors, write_failed
-from ckptflow.core.files import atomic_write_bytes, discard, fsync_dir, publish, sha256_file
+from ckptflow.core.files import (
+    atomic_write_bytes,
+    discard,
+    fsync_dir,
+    publish,
+    sha256_and_fsync,
+    sha256_file,
+)
 from ckptflow.core.tf_state import CapturedState, capture
 
 log = logging.getLogger("ckptflow.checkpoints")
@@ -177,8 +184,7 @@ class CheckpointStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-            files = {n: digest for n, (digest, _) in
-                     snapshot.tf_state.write(tmp, TF_PREFIX).items()}
+            files = snapshot.tf_state.write(tmp, TF_PREFIX)
             files[STATE] = _write_hashing(tmp / STATE, snapshot.state)
             if snapshot.epoch_end and self.keras_files:
                 files.update(_write_keras_files(keras_model(), snapshot, tmp))
@@ -311,19 +317,22 @@ def _read(variable):
 
 
 def _write_keras_files(model, snapshot: Snapshot, directory: Path) -> dict[str, str]:
-    """The tutorial's `cp-EEEE.weights.h5` and `cp-EEEE.keras`, written by Keras (and hashed
-    after it, as Keras writes them itself) from `model`, given the snapshot's values first."""
+    """The tutorial's `cp-EEEE.weights.h5` and `cp-EEEE.keras`, written by Keras from `model`
+    (given the snapshot's values first) and hashed from the page cache."""
     if snapshot.keras_values is not None:
         variables = _keras_variables(model)
         if len(variables) != len(snapshot.keras_values):
-            raise RuntimeError(f"the model for the Keras files has {len(variables)} variables, "
-                               f"the snapshot {len(snapshot.keras_values)}")
+            raise RuntimeError(
+                f"cannot write {snapshot.name}'s Keras files: a second model of the architecture "
+                f"has {len(variables)} variables, the trained one {len(snapshot.keras_values)} "
+                "(variables made after the model was built?). Pass --no-epoch-keras-files, or "
+                "--no-background-checkpoints to write them from the trained model itself.")
         for variable, value in zip(variables, snapshot.keras_values, strict=True):
             variable.assign(value)
     paths = [directory / f"{snapshot.name}.weights.h5", directory / f"{snapshot.name}.keras"]
     model.save_weights(paths[0])
     model.save(paths[1])
-    return {p.name: sha256_file(p) for p in paths}
+    return {p.name: sha256_and_fsync(p) for p in paths}
 
 
 def _write_hashing(path: Path, data: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -21,6 +22,21 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_and_fsync(path: Path) -> str:
+    """SHA-256 of a file this process has just written, then fsync it.
+
+    Read through a memory map of the page cache: no copy into Python, no read from the disk.
+    Only for files nobody else truncates meanwhile (a truncated mapping faults).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                digest.update(mapped)
+        os.fsync(f.fileno())
     return digest.hexdigest()
 
 

@@ -10,10 +10,11 @@ from collections.abc import Callable
 class SavePolicy:
     """When to commit a mid-epoch checkpoint: every `every_batches` batches, within a time budget.
 
-    A save that kept training waiting t seconds defers the next mid-epoch save until t / `budget`
-    seconds have passed, so checkpoints stall training at most about `budget` of its time however
-    slow the disk or large the model (CheckFreq's idea); with a budget, a save due while the
-    previous checkpoint is still being written in the background is put off too. At 60,000
+    A save that cost training t seconds (the time it waited, plus the CPU time of a background
+    commit) defers the next mid-epoch save until t / `budget` seconds have passed, so checkpoints
+    cost at most about `budget` of the training time however slow the disk or large the model
+    (CheckFreq's idea); a save due while the previous checkpoint is still being written in the
+    background is put off too. At 60,000
     images a checkpoint every 16 batches would otherwise be 117 saves an epoch. A budget of 0
     saves exactly every `every_batches` batches (waiting for the previous commit if need be).
     Epoch ends are always saved, and count against the budget too.
@@ -44,7 +45,8 @@ class SavePolicy:
         return True
 
     def saved(self, seconds: float) -> None:
-        """Record a save that kept training waiting `seconds` (with background commits, the
-        snapshot and any wait for the previous commit; else the whole write)."""
+        """Charge `seconds` a save cost training: what training waited for it (a snapshot, a
+        commit in flight, or the whole write), and the CPU time its background commit used,
+        which the training threads lose on a busy machine. Charges add up."""
         if self.budget:
-            self._not_before = self.clock() + seconds / self.budget
+            self._not_before = max(self._not_before, self.clock()) + seconds / self.budget

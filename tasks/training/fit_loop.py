@@ -17,7 +17,7 @@ import copy
 import time
 
 from ckptflow.config import TrainConfig
-from ckptflow.core.background_commit import BackgroundCommits
+from ckptflow.core.background_commit import BackgroundCommits, Then
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.models import ModelSource
 from ckptflow.core.run_dir import RunDir
@@ -68,7 +68,8 @@ class OneDeviceLoop:
         self.trackables = training_trackables(self.model, self.batches)
         self.outputs = EpochOutputs(run, config, self.state, on_epoch_end)
         self.policy = SavePolicy(config.save_every_batches, config.checkpoint_budget)
-        self.waited = 0.0  # seconds training waited on checkpoints
+        self.started, self.waited = 0.0, 0.0  # when training began; seconds it waited on saves
+        self.charged_cpu = 0.0  # background commits' CPU seconds charged to the policy so far
         self.model.make_train_function()
 
     @property
@@ -77,20 +78,20 @@ class OneDeviceLoop:
         return self.commits.latest
 
     def train(self) -> TrainRecord:
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         try:
             with GracefulStop(self.config.stop_grace_seconds) as stop:
                 while self.state.epoch < self.config.epochs:
                     self.train_rest_of_epoch(stop)
                     if stop.requested:
-                        self.stop_here(stop.requested, started)
+                        self.stop_here(stop.requested)
                     self.close_epoch()
                 self.wait_for_commits()
         finally:  # also when the attempt fails: the commit in flight lands, no events file open
             self.commits.close()
             self.outputs.close()
         record = finish_training(self.run, self.config, self.store, self.start, self.state,
-                                 self.latest, checkpoints=self.costs(started))
+                                 self.latest, checkpoints=self.costs())
         if stop.requested:  # during the last epoch's close: training is complete, stop now
             raise stopped_after_training(stop.requested, record.checkpoint)
         return record
@@ -107,6 +108,7 @@ class OneDeviceLoop:
             if self.policy.due(state.batch, steps, busy=self.commits.busy()):
                 self.save(epoch_end=False)
             self.commits.poll()
+            self.charge_background_cpu()
             if self.on_batch_end is not None:
                 self.on_batch_end(state)
             maybe_io_error_at_step(self.run, self.config, state.step)
@@ -125,7 +127,7 @@ class OneDeviceLoop:
         self.save(epoch_end=True, then=lambda checkpoint: self.outputs.epoch_committed(
             closed, row, checkpoint.name))
 
-    def save(self, epoch_end: bool, then=None) -> None:
+    def save(self, epoch_end: bool, then: Then | None = None) -> None:
         """Snapshot where training is and hand it to the commits; tell the policy how long
         training waited (the snapshot, and the previous commit if it was still being written)."""
         started = self.policy.clock()
@@ -136,22 +138,32 @@ class OneDeviceLoop:
         waited = self.policy.clock() - started
         self.waited += waited
         self.policy.saved(waited)
+        self.charge_background_cpu()
+
+    def charge_background_cpu(self) -> None:
+        """Charge the policy with the CPU time of the commits finished since last asked: on a
+        busy machine, training loses it."""
+        spent, self.charged_cpu = self.commits.cpu_seconds - self.charged_cpu, self.commits.cpu_seconds
+        if spent:
+            self.policy.saved(spent)
 
     def wait_for_commits(self) -> None:
+        """Until the commit in flight is in (training waits: counted)."""
         started = time.perf_counter()
         self.commits.wait()
         self.waited += time.perf_counter() - started
 
-    def costs(self, started: float) -> dict:
+    def costs(self) -> dict:
         """What checkpoints cost this attempt, for the manifest."""
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - self.started
         return {"training_seconds": round(seconds, 3), "waited_seconds": round(self.waited, 3),
                 "cost": round(self.waited / seconds, 4) if seconds else 0.0,
+                "commit_cpu_seconds": round(self.commits.cpu_seconds, 3),
                 "committed": self.commits.committed, "deferred": self.policy.deferred,
                 "bytes_written": self.commits.bytes_written,
                 "background": self.config.background_checkpoints}
 
-    def stop_here(self, signal_name: str, started: float) -> None:
+    def stop_here(self, signal_name: str) -> None:
         """Commit the batch reached (unless just committed), record the stop, raise StopRequested."""
         self.wait_for_commits()
         if self.latest is None or self.latest.step != self.state.step:
@@ -160,6 +172,6 @@ class OneDeviceLoop:
         checkpoint = self.run.relative(self.latest.path)
         finish_training(self.run, self.config, self.store, self.start, self.state, self.latest,
                         stopped={"signal": signal_name, "checkpoint": checkpoint},
-                        checkpoints=self.costs(started))
+                        checkpoints=self.costs())
         raise stopped_in_training(signal_name, self.state.epoch, self.state.batch,
                                   self.state.step, checkpoint)
