@@ -51,7 +51,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # A small run: 256 images, 8 batches an epoch, 3 epochs, a checkpoint every 2 batches (no time
 # budget; each commit runs in the background while the next 2 batches train, so the bound on
-# lost work is 3 batches).
+# lost work is 4 batches: a kill as the next save waits for the commit still in flight).
 DRILL_CONFIG = dict(data="bundled", train_samples=256, test_samples=128, batch_size=32,
                     save_every_batches=2, checkpoint_budget=0.0, epochs=3, units=64, seed=11,
                     keep_checkpoints=3)
@@ -852,9 +852,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def training_ok(report: DrillReport) -> bool:
-    """Every round bit-identical and finished, no corrupt load, fewer lost than two intervals
-    (a commit runs in the background while the next interval trains; after a SIGTERM, none)."""
-    allowed = 0 if report.signal == "SIGTERM" else 2 * report.save_every_batches - 1
+    """Every round bit-identical and finished, no corrupt load, at most two intervals lost (a
+    commit runs in the background while the next interval trains; after a SIGTERM, none)."""
+    allowed = 0 if report.signal == "SIGTERM" else 2 * report.save_every_batches
     return (report.bit_identical_rounds == report.rounds == report.finished_rounds
             and report.corrupt_checkpoints_loaded == 0 and report.max_batches_lost <= allowed)
 

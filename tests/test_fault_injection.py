@@ -29,8 +29,8 @@ def test_twenty_random_sigkills_end_bit_identical_with_no_corrupt_load(tmp_path)
     assert report["corrupt_checkpoints_loaded"] == 0 and report["corrupt_committed_seen"] == 0
     assert report["resumed_from_checkpoint"] >= 10
     # a checkpoint is committed in the background while the next N batches train, so a kill can
-    # find the newest one still being written: fewer than 2N batches lost
-    assert report["max_batches_lost"] < 2 * report["save_every_batches"]
+    # find the newest one still being written as the next is due: at most 2N batches lost
+    assert report["max_batches_lost"] <= 2 * report["save_every_batches"]
     # Not compared with the recorded drill's reference weights: another machine trained other
     # bits from the same code (05f1925a... against the recorded 28ad47a1...), so only this
     # machine's uninterrupted run is the reference.
@@ -50,7 +50,7 @@ def test_a_tf_data_pipeline_killed_mid_epoch_resumes_bit_identical(tmp_path):
     assert report["finished_rounds"] == report["bit_identical_rounds"] == report["rounds"] >= 1
     assert report["corrupt_checkpoints_loaded"] == 0 and report["corrupt_committed_seen"] == 0
     assert report["resumed_from_checkpoint"] >= 3
-    assert report["max_batches_lost"] < 2 * report["save_every_batches"] == 4
+    assert report["max_batches_lost"] <= 2 * report["save_every_batches"] == 4
 
 
 def test_killed_exports_and_reports_never_pass_verify_half_written(tmp_path):
