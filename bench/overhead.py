@@ -79,7 +79,7 @@ FULL = {
     "train": dict(train=60000, test=10000, units=512, epochs=1, rounds=1),
     "sweep": dict(sizes=[1000, 10000, 60000], units=[512, 2048], epochs=1, rounds=1),
     "resume": dict(train=60000, test=10000, units=512, rounds=2),
-    "lost": dict(train=10000, test=1000, units=512, epochs=3, kills=2, max_delay=8.0),
+    "lost": dict(train=30000, test=1000, units=512, epochs=3, kills=3, max_delay=8.0),
     "warm": [dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=3,
                   variants=["plain", "ckptflow", "ckptflow_warm"])],
 }
