@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from overhead import synthetic_mnist  # bench/, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 VARIANTS = ("every8", "epoch_end", "every8_sync", "every8_budget", "plain")
@@ -51,24 +53,6 @@ SIZES = {512: 8192, 8192: 4000, 65536: 1024}
 BATCH, EPOCHS, TEST = 64, 2, 512
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
-def synthetic_npz(path: Path, n_train: int) -> Path:
-    """A seeded MNIST-shaped .npz (uint8 28x28 images, 10 separable classes)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    templates = rng.random((10, 784))
-
-    def split(n):
-        y = rng.integers(0, 10, n)
-        x = np.clip(templates[y] * 160 + rng.normal(0, 60, (n, 784)), 0, 255)
-        return x.astype(np.uint8).reshape(n, 28, 28), y.astype(np.uint8)
-
-    x_train, y_train = split(n_train)
-    x_test, y_test = split(TEST)
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
 
 
 def _cpu() -> float:
@@ -272,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ckptflow-bench-") as work:
         work = Path(work)
-        data = {u: synthetic_npz(work / f"data-{u}.npz", SIZES[u]) for u in sizes}
+        data = {u: synthetic_mnist(work / f"data-{u}.npz", SIZES[u], TEST) for u in sizes}
         for round_ in range(args.rounds):
             for units in sizes:
                 order = VARIANTS if round_ % 2 == 0 else tuple(reversed(VARIANTS))

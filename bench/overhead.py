@@ -263,6 +263,25 @@ def measure(cmd: list[str], env: dict, log_path: Path, timeout: float = 3600) ->
 
 # --- the harness --------------------------------------------------------------------------------
 
+def synthetic_mnist(path: Path, n_train: int, n_test: int) -> Path:
+    """Write a seeded MNIST-shaped .npz (uint8 28x28 images, 10 separable classes) to `path`,
+    laid out like Keras' mnist.npz; nothing is downloaded."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    templates = rng.random((10, 784))
+
+    def split(n):
+        y = rng.integers(0, 10, n)
+        x = np.clip(templates[y] * 160 + rng.normal(0, 60, (n, 784)), 0, 255)
+        return x.astype(np.uint8).reshape(n, 28, 28), y.astype(np.uint8)
+
+    x_train, y_train = split(n_train)
+    x_test, y_test = split(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
 class Bench:
     """Commands, environment and scratch space shared by the experiments."""
 
@@ -287,21 +306,9 @@ class Bench:
 
     def data(self, n_train: int) -> Path:
         """A seeded synthetic MNIST-shaped .npz (uint8 28x28 images, 10 separable classes)."""
-        import numpy as np
-
         path = self.work / f"synthetic-{n_train}.npz"
         if not path.exists():
-            rng = np.random.default_rng(0)
-            templates = rng.random((10, 784))
-
-            def split(n):
-                y = rng.integers(0, 10, n)
-                x = np.clip(templates[y] * 160 + rng.normal(0, 60, (n, 784)), 0, 255)
-                return x.astype(np.uint8).reshape(n, 28, 28), y.astype(np.uint8)
-
-            x_train, y_train = split(n_train)
-            x_test, y_test = split(10000)
-            np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+            synthetic_mnist(path, n_train, n_test=10000)
         return path
 
     def before(self, variant: str) -> Path:
