@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,25 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     assert "SIGTERM again: stopping at once" in result.stderr
     assert not (tmp_path / "run" / "checkpoints" / "cp-0001-b000003").exists()
+
+
+def test_a_stop_swallowed_outside_training_is_raised_as_its_scope_ends():
+    """A signal outside training raises where the main thread is; code there that swallows every
+    error (logging's handleError, in CI) must not make the run carry on as if none came."""
+    from ckptflow.core.errors import StopRequested
+    from ckptflow.training.stop import StopOnSignal
+
+    carried_on, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StopRequested, match="stopped by SIGTERM during a test, outside training"):
+        with StopOnSignal(30.0, where=lambda: " during a test"):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here...
+            except Exception:
+                pass  # ...and this swallows it
+            carried_on.append(True)
+    assert carried_on  # the code after the swallow ran; the scope's end raised the stop
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
 
 
 @pytest.mark.timeout(900)

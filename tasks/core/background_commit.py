@@ -51,6 +51,7 @@ class BackgroundCommits:
         self.committed = 0
         self.bytes_written = 0
         self.cpu_seconds = 0.0  # of the commits made on the writer thread
+        self.then_seconds = 0.0  # spent in `then` callbacks (epoch outputs, not checkpoints)
         self._thread: threading.Thread | None = None
         self._outcome: tuple[Checkpoint | BaseException, float] | None = None
         self._then: Then | None = None
@@ -103,7 +104,11 @@ class BackgroundCommits:
         self.cpu_seconds += cpu
         self.bytes_written += size_of(checkpoint.path)
         if then is not None:
-            then(checkpoint)
+            started = time.perf_counter()
+            try:
+                then(checkpoint)
+            finally:
+                self.then_seconds += time.perf_counter() - started
 
     def _commit(self, snapshot: Snapshot) -> None:
         started = time.thread_time()

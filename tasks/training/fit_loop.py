@@ -130,12 +130,13 @@ class OneDeviceLoop:
     def save(self, epoch_end: bool, then: Then | None = None) -> None:
         """Snapshot where training is and hand it to the commits; tell the policy how long
         training waited (the snapshot, and the previous commit if it was still being written)."""
-        started = self.policy.clock()
+        started, callbacks = self.policy.clock(), self.commits.then_seconds
         snapshot = self.store.snapshot(self.model, self.state.to_json(), epoch_end=epoch_end,
                                        extra=self.trackables,
                                        keras_copy=self.config.background_checkpoints)
         self.commits.submit(snapshot, then=then, training_model=self.model)
-        waited = self.policy.clock() - started
+        # not the previous epoch's outputs (history, TensorBoard, the progress artifact)
+        waited = self.policy.clock() - started - (self.commits.then_seconds - callbacks)
         self.waited += waited
         self.policy.saved(waited)
         self.charge_background_cpu()
@@ -148,10 +149,10 @@ class OneDeviceLoop:
             self.policy.saved(spent)
 
     def wait_for_commits(self) -> None:
-        """Until the commit in flight is in (training waits: counted)."""
-        started = time.perf_counter()
+        """Until the commit in flight is in (training waits: counted, its epoch outputs not)."""
+        started, callbacks = time.perf_counter(), self.commits.then_seconds
         self.commits.wait()
-        self.waited += time.perf_counter() - started
+        self.waited += time.perf_counter() - started - (self.commits.then_seconds - callbacks)
 
     def costs(self) -> dict:
         """What checkpoints cost this attempt, for the manifest."""

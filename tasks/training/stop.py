@@ -6,7 +6,8 @@ flag; the training loop sees it after the current batch, commits a checkpoint th
 StopRequested, so a rerun loses no batch. Outside training (`StopOnSignal`: start-up, evaluate,
 export) there is no batch to finish, so the first signal raises StopRequested where the main
 thread is: `finally` blocks run (the temporary Prefect server stops, temporary files go) instead
-of the process dying where it stands. A second signal, or a stop that has not finished within
+of the process dying where it stands; if code there swallows it, it is raised again as the scope
+ends. A second signal, or a stop that has not finished within
 `grace_seconds`, ends the process at once with the signal's usual status (128 + its number).
 """
 
@@ -95,6 +96,13 @@ class StopOnSignal(_SignalScope):
         super().__init__(grace_seconds)
         self.where = where
         self.stop: StopRequested | None = None
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        super().__exit__(exc_type, exc, traceback)
+        if exc is None and self.stop is not None:
+            # Raised where the signal found the main thread, the stop was swallowed there (a
+            # logging handler reports errors in its own emit and goes on): it ends the scope.
+            raise self.stop
 
     def on_first(self, name: str) -> None:
         log.warning("%s%s: stopping (within %.0f s; a second signal stops at once)", name,
