@@ -75,9 +75,6 @@ class Snapshot:
     state: bytes  # state.json
     keras_values: list | None  # every model and optimizer variable, for the Keras files
 
-    def state_dict(self) -> dict[str, Any]:
-        return json.loads(self.state)
-
 
 @dataclass(frozen=True)
 class Checkpoint:
