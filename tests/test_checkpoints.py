@@ -163,3 +163,8 @@ def test_a_failed_background_commit_is_raised_on_the_training_thread(tmp_path):
     with pytest.raises(CheckpointWriteError, match="writing checkpoint .*cp-0000-b000002 failed"):
         commits.wait()
     assert commits.latest.step == 1 and len(first) == 1 and commits.committed == 1
+    # as an attempt fails: close lets the commit in flight land and counts it, runs no `then`
+    store.directory = tmp_path / "checkpoints"
+    commits.submit(store.snapshot(model, _state(3, batch=3), epoch_end=False), then=first.append)
+    commits.close()
+    assert commits.latest.step == 3 and store.latest().step == 3 and len(first) == 1

@@ -82,21 +82,29 @@ class BackgroundCommits:
 
     def wait(self) -> None:
         """Block until no commit is in flight; raise the error of the one that was, if it failed."""
-        if self._thread is None:
-            return
-        self._thread.join()
-        self._thread, (outcome, cpu), self._outcome = None, self._outcome, None
-        then, self._then = self._then, None
+        outcome, then, cpu = self._join()
         if isinstance(outcome, BaseException):
             raise outcome
-        self._finished(outcome, then, cpu)
+        if outcome is not None:
+            self._finished(outcome, then, cpu)
 
     def close(self) -> None:
-        """As the attempt ends on an error: let the commit in flight finish, say if it failed."""
-        try:
-            self.wait()
-        except Exception as exc:  # the attempt's own error is the one that propagates
-            log.warning("the checkpoint being committed as training failed was not: %s", exc)
+        """As the attempt ends on an error (the one that propagates): let the commit in flight
+        finish and count it, or say that it failed; its `then` is not run (a rerun writes the
+        history again)."""
+        outcome, _, cpu = self._join()
+        if isinstance(outcome, BaseException):
+            log.warning("the checkpoint being committed as training failed was not: %s", outcome)
+        elif outcome is not None:
+            self._finished(outcome, None, cpu)
+
+    def _join(self) -> tuple[Checkpoint | BaseException | None, Then | None, float]:
+        if self._thread is None:
+            return None, None, 0.0
+        self._thread.join()
+        (outcome, cpu), then = self._outcome, self._then
+        self._thread, self._outcome, self._then = None, None, None
+        return outcome, then, cpu
 
     def _finished(self, checkpoint: Checkpoint, then: Then | None, cpu: float) -> None:
         self.latest = checkpoint

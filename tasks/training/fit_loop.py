@@ -14,11 +14,12 @@ checkpoint is committed there.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.background_commit import BackgroundCommits, Then
-from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
+from ckptflow.core.checkpoints import Checkpoint, CheckpointStore, CheckpointWriteError
 from ckptflow.core.models import ModelSource
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.save_policy import SavePolicy
@@ -34,7 +35,14 @@ from ckptflow.training.setup import (
     start_training,
     training_trackables,
 )
-from ckptflow.training.stop import GracefulStop, stopped_after_training, stopped_in_training
+from ckptflow.training.stop import (
+    GracefulStop,
+    stopped_after_training,
+    stopped_in_training,
+    stopped_without_checkpoint,
+)
+
+log = logging.getLogger("ckptflow.train")
 
 
 def train_on_one_device(run: RunDir, config: TrainConfig, data: DataRecord,
@@ -81,14 +89,16 @@ class OneDeviceLoop:
         self.started = time.perf_counter()
         try:
             with GracefulStop(self.config.stop_grace_seconds) as stop:
-                while self.state.epoch < self.config.epochs:
-                    self.train_rest_of_epoch(stop)
-                    if stop.requested:
-                        self.stop_here(stop.requested)
-                    self.close_epoch()
-                self.wait_for_commits()
-        finally:  # also when the attempt fails: the commit in flight lands, no events file open
-            self.commits.close()
+                try:
+                    while self.state.epoch < self.config.epochs:
+                        self.train_rest_of_epoch(stop)
+                        if stop.requested:
+                            self.stop_here(stop.requested)
+                        self.close_epoch()
+                    self.wait_for_commits()
+                finally:  # when the attempt fails: the commit in flight lands (a signal meanwhile
+                    self.commits.close()  # only sets the flag: still inside GracefulStop)
+        finally:  # no events file left open
             self.outputs.close()
         record = finish_training(self.run, self.config, self.store, self.start, self.state,
                                  self.latest, checkpoints=self.costs())
@@ -165,11 +175,22 @@ class OneDeviceLoop:
                 "background": self.config.background_checkpoints}
 
     def stop_here(self, signal_name: str) -> None:
-        """Commit the batch reached (unless just committed), record the stop, raise StopRequested."""
-        self.wait_for_commits()
-        if self.latest is None or self.latest.step != self.state.step:
-            self.save(epoch_end=False)
+        """Commit the batch reached (unless just committed), record the stop, raise StopRequested.
+
+        A commit in flight that failed (a full disk) does not turn the stop into a retried
+        error; if the stop's own checkpoint cannot be written either, the stop says so."""
+        try:
             self.wait_for_commits()
+        except CheckpointWriteError as exc:
+            log.warning("%s; committing the batch reached instead", exc)
+        if self.latest is None or self.latest.step != self.state.step:
+            try:
+                self.save(epoch_end=False)
+                self.wait_for_commits()
+            except CheckpointWriteError as exc:
+                raise stopped_without_checkpoint(signal_name, self.state.step, exc,
+                                                 self.latest and self.run.relative(
+                                                     self.latest.path)) from exc
         checkpoint = self.run.relative(self.latest.path)
         finish_training(self.run, self.config, self.store, self.start, self.state, self.latest,
                         stopped={"signal": signal_name, "checkpoint": checkpoint},

@@ -131,3 +131,12 @@ def stopped_after_training(signal_name: str, checkpoint: str) -> StopRequested:
     return StopRequested(f"stopped by {signal_name} as training ended; its last checkpoint "
                          f"{checkpoint} is committed. Run the same command again to evaluate and "
                          "export.")
+
+
+def stopped_without_checkpoint(signal_name: str, step: int, error: Exception,
+                               last: str | None) -> StopRequested:
+    """The error for a stop whose own checkpoint could not be written (a full disk)."""
+    since = f"from {last}, the last committed checkpoint" if last else "from the start"
+    return StopRequested(f"stopped by {signal_name} at optimizer step {step}, but its checkpoint "
+                         f"could not be written: {error} Run the same command again to continue "
+                         f"{since}.")
