@@ -56,9 +56,13 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
             resume_from_latest_task(config, data.data_sha256)
             trained = train_task(config, data)
             start_loader()  # verify's loader process imports TensorFlow during evaluate and export
+            signals.raise_if_stopped()  # a stop swallowed inside a stage ends the run before the next
             evaluation = evaluate_task(config, data, trained.checkpoint_ref())
+            signals.raise_if_stopped()
             exports = export_task(config, data, trained.checkpoint_ref())
+            signals.raise_if_stopped()
             report = report_task(config)
+            signals.raise_if_stopped()
             verified = verify_task(config)
     except Exception as exc:  # SIGTERM/SIGINT (or Cancel); in training, a checkpoint committed
         if (stop := signals.stopped(exc)) is None:

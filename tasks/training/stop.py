@@ -102,15 +102,20 @@ class StopOnSignal(_SignalScope):
         if exc is None and self.stop is not None:
             # Raised where the signal found the main thread, the stop was swallowed there (a
             # logging handler reports errors in its own emit and goes on): it ends the scope.
-            raise self.stop
+            self.raise_if_stopped()
 
     def on_first(self, name: str) -> None:
-        log.warning("%s%s: stopping (within %.0f s; a second signal stops at once)", name,
-                    self.where(), self.grace_seconds)
+        # No logging here: the signal may have found the main thread inside a log handler's
+        # write, and writing again from the handler breaks that stream.
         self.stop = StopRequested(f"stopped by {name}{self.where()}, outside training; every "
                                   "committed checkpoint and export is kept. Run the same command "
                                   "again to continue.")
         raise self.stop
+
+    def raise_if_stopped(self) -> None:
+        """Between stages: raise a stop that code inside the last one swallowed."""
+        if self.stop is not None:
+            raise self.stop
 
     def stopped(self, exc: BaseException) -> StopRequested | None:
         """The stop that `exc` is, or that it wraps: raised inside a library's callback (pydantic
