@@ -16,8 +16,10 @@ from prefect import flow  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
+from ckptflow.orchestration.deployment_allowlist import check_deployment_sweep  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
+from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
 from ckptflow.stages.sweep import (  # noqa: E402
     dask_task_runner,
     failed_row,
@@ -46,6 +48,8 @@ def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
 def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 (frozen)
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
     route_logs_to_prefect()
+    with no_flow_retry_on_bad_input():
+        check_deployment_sweep(sweep)  # before any point starts
     points = grid_points(sweep)
     signals = StopOnSignal(TrainConfig().stop_grace_seconds, where=current_stage)
     try:

@@ -17,6 +17,7 @@ from prefect.states import Cancelled  # noqa: E402
 from ckptflow.config import TrainConfig  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
+from ckptflow.orchestration.deployment_allowlist import check_deployment_run  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
 from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
@@ -46,24 +47,24 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     route_logs_to_prefect()
     signals = StopOnSignal(config.stop_grace_seconds, where=current_stage)
     try:
-        with signals, \
-                no_flow_retry_on_bad_input(), \
-                run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
-            mark_crashed(abandoned, config.run_dir)
-            join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
-            data = fetch_data_task(config)
-            build_model_task(config, data)
-            resume_from_latest_task(config, data.data_sha256)
-            trained = train_task(config, data)
-            start_loader()  # verify's loader process imports TensorFlow during evaluate and export
-            signals.raise_if_stopped()  # a stop swallowed inside a stage ends the run before the next
-            evaluation = evaluate_task(config, data, trained.checkpoint_ref())
-            signals.raise_if_stopped()
-            exports = export_task(config, data, trained.checkpoint_ref())
-            signals.raise_if_stopped()
-            report = report_task(config)
-            signals.raise_if_stopped()
-            verified = verify_task(config)
+        with signals, no_flow_retry_on_bad_input():
+            check_deployment_run(config)  # before anything is imported or created
+            with run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
+                mark_crashed(abandoned, config.run_dir)
+                join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
+                data = fetch_data_task(config)
+                build_model_task(config, data)
+                resume_from_latest_task(config, data.data_sha256)
+                trained = train_task(config, data)
+                start_loader()  # verify's loader process imports TensorFlow during evaluate and export
+                signals.raise_if_stopped()  # a stop swallowed inside a stage ends the run before the next
+                evaluation = evaluate_task(config, data, trained.checkpoint_ref())
+                signals.raise_if_stopped()
+                exports = export_task(config, data, trained.checkpoint_ref())
+                signals.raise_if_stopped()
+                report = report_task(config)
+                signals.raise_if_stopped()
+                verified = verify_task(config)
     except Exception as exc:  # SIGTERM/SIGINT (or Cancel); in training, a checkpoint committed
         if (stop := signals.stopped(exc)) is None:
             raise

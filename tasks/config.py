@@ -195,6 +195,15 @@ class TrainConfig(BaseModel):
             return {name: getattr(self, name) for name in TUTORIAL_PARAMS} | self.model_params
         return dict(self.model_params)
 
+    def code_refs(self) -> dict[str, str]:
+        """The functions this run imports, by kind: {"model": REF, "data": REF (a function's)}."""
+        return {"model": self.model} | ({} if self.uses_tutorial_data() else {"data": self.data})
+
+    def paths(self) -> dict[str, str]:
+        """The files and directories this run reads or writes, by parameter name."""
+        reads_file = self.uses_tutorial_data() and self.data not in DATA_SOURCES
+        return {"run_dir": self.run_dir} | ({"data": self.data} if reads_file else {})
+
     def data_request(self) -> dict[str, Any]:
         """What fetch-data is asked for, as the manifest records it (to tell a rerun's request)."""
         return data_request(self.data, self.train_samples, self.test_samples, self.seed,

@@ -40,3 +40,21 @@ def test_every_deployment_points_at_a_flow_and_valid_parameters():
 
     assert CronSchedule(cron=nightly["schedules"][0]["cron"], timezone="UTC").cron == "0 2 * * *"
     assert {d["name"] for d in spec["deployments"]} == {"train", "train-digits", "nightly", "sweep"}
+
+
+def test_every_deployments_allowlist_is_understood_and_names_functions_that_exist():
+    from ckptflow.core.user_code import check_ref
+    from ckptflow.orchestration.deployment_allowlist import allowlist_of
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        job_variables = deployment["work_pool"].get("job_variables", {})
+        allow = allowlist_of(deployment["name"], deployment["parameters"], job_variables, REPO)
+        assert REPO / "runs" in allow.roots
+        for kind, refs in job_variables.get("ckptflow_allow", {}).items():
+            for ref in refs if kind != "roots" else ():
+                check_ref(ref, kind)  # found in the checkout, as the worker will look for it
+                allow.check_ref(kind, ref)
+    digits = next(d for d in spec["deployments"] if d["name"] == "train-digits")
+    assert digits["work_pool"]["job_variables"]["ckptflow_allow"]["model"] == [
+        "examples/diabetes_regression/model.py:build"]

@@ -328,6 +328,84 @@ def test_a_failed_deployment_run_retried_resumes_from_its_checkpoint(failed_then
     assert "epoch 1/4: loss" not in logs.split("resuming from cp-0002")[-1]
 
 
+def _start_and_wait(stack: Stack, runs: dict[str, tuple[str, dict]]) -> dict:
+    """Start each named run (deployment, parameters) through Prefect's client, as any runner
+    could; each flow run once final."""
+    with _client(stack) as client:
+        ids = {name: client.create_flow_run_from_deployment(
+            client.read_deployment_by_name(deployment).id, parameters=parameters).id
+            for name, (deployment, parameters) in runs.items()}
+    return {name: _wait_final(stack, flow_run_id) for name, flow_run_id in ids.items()}
+
+
+def test_a_run_may_use_only_the_code_and_paths_its_deployment_allows(stack, tmp_path):
+    """Runs created through Prefect's client with only their parameters changed, as anyone allowed
+    to start a run could: code and paths outside what the deployment allows are refused before
+    anything runs (no retry); allowed runs on the same worker, created after them, complete."""
+    token = secrets.token_hex(4)
+    marks = {kind: tmp_path / f"{kind}-ran" for kind in ("model", "data")}
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = REPO / "runs" / f"server-test-link-{token}"
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(outside)
+    escape = REPO.parent.parent / f"server-test-escape-{token}"
+    refused = {  # name -> (deployment, parameters, the parameter named, what it received)
+        "model": ("train-pipeline/train", {"config": {
+            "model": "subprocess:getoutput", "model_params": {"cmd": f"touch {marks['model']}"}}},
+            "model", "subprocess:getoutput"),
+        "data": ("train-pipeline/train", {"config": {
+            "data": "subprocess:getoutput", "data_params": {"cmd": f"touch {marks['data']}"}}},
+            "data", "subprocess:getoutput"),
+        "absolute": ("train-pipeline/train", {"config": {"run_dir": str(tmp_path / "elsewhere")}},
+                     "run_dir", str(tmp_path / "elsewhere")),
+        "dotdot": ("train-pipeline/train", {"config": {"run_dir": f"../../{escape.name}"}},
+                   "run_dir", f"../../{escape.name}"),
+        "symlink": ("train-pipeline/train", {"config": {"run_dir": f"runs/{link.name}/x"}},
+                    "run_dir", f"runs/{link.name}/x"),
+        "unlisted": ("train-pipeline/train-digits", {"config": {  # digits' data, as a model
+            "model": "examples/digits_cnn/data.py:load", "data": "examples/digits_cnn/data.py:load"}},
+            "model", "examples/digits_cnn/data.py:load"),
+        "scheduler": ("sweep/sweep", {"sweep": {"dask_address": "tcp://127.0.0.1:9"}},
+                      "dask_address", "tcp://127.0.0.1:9"),
+    }
+    small = {**SMALL, "epochs": 1, "formats": ["keras"]}
+    allowed = {  # the deployment's own functions, and the one its allowlist adds
+        "digits": {"run_dir": f"runs/server-test-digits-{token}", "epochs": 1, "formats": ["keras"],
+                   "model": "examples/digits_cnn/model.py:build",
+                   "data": "examples/digits_cnn/data.py:load"},
+        "diabetes": {"run_dir": f"runs/server-test-diabetes-{token}", "epochs": 1,
+                     "formats": ["keras"], "model": "examples/diabetes_regression/model.py:build",
+                     "data": "examples/diabetes_regression/data.py:load"},
+        "tutorial": {**small, "run_dir": f"runs/server-test-allowed-{token}"},
+    }
+    try:
+        runs = _start_and_wait(stack, {name: (deployment, parameters)
+                                       for name, (deployment, parameters, *_) in refused.items()})
+        runs |= _start_and_wait(stack, {  # after the refused runs, on the same worker
+            name: ("train-pipeline/train" if name == "tutorial" else "train-pipeline/train-digits",
+                   {"config": config}) for name, config in allowed.items()})
+        for name, (deployment, _, parameter, received) in refused.items():
+            run = runs[name]
+            assert run.state.is_failed(), (name, run.state)
+            assert run.run_count == 1 and run.empirical_policy.retries == 0, (name, run.run_count)
+            what = "is not allowed by" if parameter != "run_dir" else "is outside what"
+            assert f"{parameter} {received!r} {what} deployment {deployment}" in run.state.message
+            assert "Traceback" not in _logs(stack, str(run.id))
+        assert not any(mark.exists() for mark in marks.values())
+        assert not (tmp_path / "elsewhere").exists() and not escape.exists()
+        assert list(outside.iterdir()) == []
+        for name, config in allowed.items():
+            run = runs[name]
+            assert run.state.is_completed(), f"{name}: {run.state}\n{_logs(stack, str(run.id))[-3000:]}"
+            manifest = json.loads((REPO / config["run_dir"] / "manifest.json").read_text())
+            assert manifest["training"]["epoch"] == 1
+    finally:
+        link.unlink()
+        for config in allowed.values():
+            shutil.rmtree(REPO / config["run_dir"], ignore_errors=True)
+
+
 def test_cancel_commits_the_batch_reached_and_the_next_run_loses_none(stack):
     """Cancel, as the UI's button does it (the flow run set Cancelling): the worker sends
     SIGTERM, training commits the batch it reached, and the run ends Cancelled, not Crashed."""

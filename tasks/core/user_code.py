@@ -122,19 +122,33 @@ def _source_file(where: str, ref: str, what: str) -> Path | None:
                                 "a path to an existing .py file, or package.module:function.")
         return path
     _cwd_on_path()
-    try:
-        spec = importlib.util.find_spec(where)
-    except (ImportError, ValueError) as exc:  # a parent package that is missing
-        spec, error = None, exc
-    else:
-        error = None
+    spec = _find_spec(where)
     if spec is None:
-        raise BadInputError(f"{what} {ref}: no module named {where!r}"
-                            + (f" ({first_line(error)})" if error else "")
-                            + ". Install it, run from the folder that holds it, or give "
-                            "path/to/file.py:function.")
+        raise BadInputError(f"{what} {ref}: no module named {where!r}. Install it, run from the "
+                            "folder that holds it, or give path/to/file.py:function.")
     origin = spec.origin
     return Path(origin) if origin and origin.endswith(".py") else None
+
+
+def _find_spec(name: str):
+    """`name`'s module spec, found as `import` would find it but with no module run
+    (`importlib.util.find_spec` imports a dotted name's parent packages first)."""
+    spec, search = None, None
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        part = ".".join(parts[:depth])
+        module = sys.modules.get(part)
+        if module is not None:
+            spec, search = module.__spec__, getattr(module, "__path__", None)
+            continue
+        if search is None and depth > 1:  # the parent is a module, not a package
+            return None
+        spec = next((found for finder in sys.meta_path if hasattr(finder, "find_spec")
+                     and (found := finder.find_spec(part, search)) is not None), None)
+        if spec is None:
+            return None
+        search = spec.submodule_search_locations
+    return spec
 
 
 def _import_module(name: str):
