@@ -55,9 +55,10 @@ def _json_object(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptflow",
-        description="Train the TensorFlow 'Save and load models' MNIST model under Prefect "
-        "without losing work: checkpoints every N batches and every epoch, resume from the "
-        "latest valid checkpoint, evaluation, and an export in every format.",
+        description="Train a Keras model (the TensorFlow 'Save and load models' tutorial's MNIST "
+        "classifier by default, or your own) under Prefect without losing work: checkpoints "
+        "every N batches and every epoch, resume from the latest valid checkpoint, evaluation, "
+        "and an export in every format.",
         epilog="Run the same command again to resume an unfinished run, or to be told it is "
         "complete. Exit status: 0 done; 1 failed, and running the same command again resumes "
         "it; 2 bad input or a condition to fix first (the one-line message says what), nothing "
