@@ -89,7 +89,7 @@ def floor_and_limit(run_dir: str, checkpoint: str) -> dict:
 
     from ckptflow.core.checkpoints import CheckpointStore
     from ckptflow.core.files import size_of
-    from ckptflow.stages.resume import restore_model
+    from ckptflow.core.restore import restore_model
 
     model = restore_model(run_dir, checkpoint)
     state = [v.numpy() for v in [*model.variables, *model.optimizer.variables]]

@@ -138,7 +138,7 @@ def _child_digest(fd: int, run_dir: Path) -> None:
     import hashlib
 
     from ckptflow.core.checkpoints import CheckpointStore
-    from ckptflow.stages.resume import restore_model
+    from ckptflow.core.restore import restore_model
 
     latest = CheckpointStore(RunDir(run_dir).checkpoints).latest()
     model = restore_model(run_dir, latest.path.relative_to(run_dir).as_posix())
@@ -423,8 +423,8 @@ def _child_inspect(fd: int, run_dir: Path, expected: dict[str, Path], save_to: P
 
     from ckptflow.core.formats import FORMATS
     from ckptflow.core.manifest import read_manifest
+    from ckptflow.core.restore import fresh_model_factory
     from ckptflow.core.snapshot import TEST_SPLITS, load_snapshot
-    from ckptflow.stages.resume import fresh_model_factory
 
     run = RunDir(run_dir)
     manifest = read_manifest(run)

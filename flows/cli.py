@@ -310,7 +310,7 @@ def grace_seconds(config: TrainConfig | SweepConfig) -> float:
 def format_summary(summary: dict) -> str:
     """A few lines a person reads after a run: where it stands and what it made."""
     from ckptflow.core.manifest import checkpoint_cost, read_manifest
-    from ckptflow.stages.evaluate import describe
+    from ckptflow.core.models import describe_metrics
 
     t, e = summary["training"], summary["evaluation"]
     if t["batches_trained"] == 0:
@@ -326,7 +326,8 @@ def format_summary(summary: dict) -> str:
         f"training: {status}",
         f"test accuracy: {e['test_accuracy']:.2%} (untrained model: {e['untrained_accuracy']:.2%})"
         if e.get("test_accuracy") is not None else
-        f"test: {describe(e['test_metrics'])} (untrained model: {describe(e['untrained_metrics'])})",
+        f"test: {describe_metrics(e['test_metrics'])} "
+        f"(untrained model: {describe_metrics(e['untrained_metrics'])})",
         "exports (each loaded back and compared with the trained model):",
     ]
     for x in summary["exports"]:

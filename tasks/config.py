@@ -9,12 +9,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ckptflow.core.models import TUTORIAL_MODEL, TUTORIAL_PARAMS
+from ckptflow.core.user_code import is_ref
+
 DATA_SOURCES = ("auto", "keras", "bundled")
-# The built-in default model; kept equal to ckptflow.core.models.TUTORIAL_MODEL (checked by a test).
-TUTORIAL_MODEL = "ckptflow.tutorial.model:create_model"
-TUTORIAL_PARAMS = ("units", "dropout", "learning_rate")  # the tutorial model's own options
 TUTORIAL_DATA_FIELDS = ("train_samples", "test_samples")  # the tutorial data's own options
-_REF = re.compile(r"^[^:]+:[A-Za-z_]\w*$")  # package.module:function or path/to/file.py:function
 # Kept equal to ckptflow.core.formats.FORMATS (checked by a test); here so --help imports no NumPy.
 FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
@@ -23,7 +22,9 @@ Strategy = Literal["default", "mirrored", "multi-worker"]
 # Settings that define the tutorial model and its training trajectory (as run directories have
 # always recorded them). On resume they come from the checkpoint; a different value is refused
 # rather than silently mixed into the run. A user's model adds its REF and params.
-IDENTITY_FIELDS = ("units", "dropout", "learning_rate", "batch_size", "seed")
+IDENTITY_FIELDS = (*TUTORIAL_PARAMS, "batch_size", "seed")
+# Everything that makes one run what it is: the model, the data and the fields above.
+RUN_FIELDS = ("model", "model_params", *IDENTITY_FIELDS, "data", "data_params", *TUTORIAL_DATA_FIELDS)
 
 
 class TrainConfig(BaseModel):
@@ -133,7 +134,7 @@ class TrainConfig(BaseModel):
     @field_validator("data")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value in DATA_SOURCES or value.lower().endswith(DATA_FILE_SUFFIXES) or _REF.match(value):
+        if value in DATA_SOURCES or value.lower().endswith(DATA_FILE_SUFFIXES) or is_ref(value):
             return value
         raise ValueError(
             f"unknown data source. Received: data={value!r}. Expected package.module:function, "
@@ -143,7 +144,7 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        if _REF.match(value):
+        if is_ref(value):
             return value
         raise ValueError(f"not a REF. Received: model={value!r}. Expected "
                          "package.module:function or path/to/file.py:function")
@@ -240,7 +241,7 @@ def _changed(config: BaseModel, name: str) -> bool:
 
 def is_tutorial_data(source: str) -> bool:
     """Whether `source` names the tutorial's MNIST (a source or a file), not a data function."""
-    return not _REF.match(source)
+    return not is_ref(source)
 
 
 def data_request(source: str, train_samples: int, test_samples: int, seed: int,
@@ -265,9 +266,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "invalid parameters: " + "; ".join(parts)
 
 
-# Set per point by the grid; the sweep's shared settings may not name them.
-GRID_FIELDS = ("units", "dropout", "learning_rate")
-NOT_SHARED = (*GRID_FIELDS, "run_dir", "strategy")
+# Set per point by the sweep (its grid is the tutorial model's options by default): not shared.
+NOT_SHARED = (*TUTORIAL_PARAMS, "run_dir", "strategy")
 
 
 class SweepConfig(BaseModel):
@@ -296,7 +296,7 @@ class SweepConfig(BaseModel):
     workers: Annotated[int, Field(gt=0, le=256, description="Processes of the local Dask cluster "
                                   "(ignored with dask_address).")] = 2
 
-    @field_validator("units", "dropout", "learning_rate")
+    @field_validator(*TUTORIAL_PARAMS)
     @classmethod
     def _distinct(cls, values: list) -> list:
         if len(set(values)) != len(values):
@@ -316,7 +316,7 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _grid_or_lists(self) -> SweepConfig:
-        named = [f for f in GRID_FIELDS if _changed(self, f)]
+        named = [f for f in TUTORIAL_PARAMS if _changed(self, f)]
         if self.grid is not None and named:
             raise ValueError(f"--{named[0].replace('_', '-')} and --grid both set the grid. "
                              f"Put {named[0]} into --grid instead")

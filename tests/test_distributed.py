@@ -24,8 +24,8 @@ from conftest import REPO, small_config
 
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.manifest import read_manifest
+from ckptflow.core.restore import restore_model
 from ckptflow.stages.prepare import prepare_run
-from ckptflow.stages.resume import restore_model
 from ckptflow.training.stage import train_with_checkpoints
 
 DRIVER = str(REPO / "tests" / "distributed_driver.py")

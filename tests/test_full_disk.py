@@ -25,11 +25,11 @@ from ckptflow.core.errors import WriteFailed, is_transient
 from ckptflow.core.files import atomic_write_json, sha256_path
 from ckptflow.core.formats import FORMATS
 from ckptflow.core.manifest import read_manifest
+from ckptflow.core.restore import restore_model
 from ckptflow.core.resume_point import checkpoint_ref
 from ckptflow.core.run_dir import RunDir
 from ckptflow.stages.export import export_each_format, export_task, intact_exports
 from ckptflow.stages.prepare import prepare_run
-from ckptflow.stages.resume import restore_model
 from ckptflow.training.stage import train_task, train_with_checkpoints
 
 DISK_SIZE = "24m"  # a run of small_config with its exports and their staging copies: ~15 MiB

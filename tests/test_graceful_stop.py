@@ -28,7 +28,7 @@ from conftest import small_config, weights_digest
 from ckptflow.core.errors import StopRequested
 from ckptflow.core.manifest import read_manifest
 from ckptflow.stages.prepare import prepare_run
-from ckptflow.stages.resume import restore_model
+from ckptflow.core.restore import restore_model
 from ckptflow.training.stage import train_with_checkpoints
 
 run_dir, step, signals = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

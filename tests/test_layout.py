@@ -19,7 +19,7 @@ ROOTS = {"ckptflow": REPO / "tasks", "ckptflow.flows": REPO / "flows"}
 # What each layer may import of ckptflow; anything else is a violation. Listed bottom up.
 ALLOWED = {
     "ckptflow.core": {"ckptflow.core"},
-    "ckptflow.config": set(),
+    "ckptflow.config": {"ckptflow.core"},
     "ckptflow.tutorial": {"ckptflow.core", "ckptflow.tutorial"},
     "ckptflow.orchestration": {"ckptflow.core", "ckptflow.config", "ckptflow.orchestration"},
     "ckptflow.stages": {"ckptflow.core", "ckptflow.config", "ckptflow.tutorial",
@@ -139,3 +139,22 @@ def test_importing_the_library_changes_no_environment_variable_and_no_logger():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["changed"] == []
     assert report["loggers"] == {"ckptflow": [logging.NOTSET, 0], "tensorflow": logging.NOTSET}
+
+
+# Stages share through core, not through each other; only these run other stages in order.
+STAGE_RUNNERS = {"ckptflow.stages.prepare", "ckptflow.stages.sweep"}
+
+
+def test_no_stage_imports_another_stage():
+    known = modules()
+    problems = []
+    for module, path in known.items():
+        if layer_of(module) != "ckptflow.stages" or module in STAGE_RUNNERS:
+            continue
+        for target, names, line in imports(path):
+            imported = [f"{target}.{n}" for n in names if f"{target}.{n}" in known] or [target]
+            problems += [f"{path.relative_to(REPO)}:{line}: {module} imports {dependency}"
+                         for dependency in imported
+                         if layer_of(dependency) == "ckptflow.stages" and dependency != module
+                         and dependency != "ckptflow.stages"]
+    assert not problems, "\n".join(problems)

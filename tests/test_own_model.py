@@ -17,13 +17,13 @@ from conftest import REPO, tree_digest, weights_digest
 from ckptflow.config import TrainConfig
 from ckptflow.core.errors import BadInputError, InjectedIOError
 from ckptflow.core.manifest import read_manifest
+from ckptflow.core.restore import restore_model
 from ckptflow.core.run_dir import RunDir
 from ckptflow.stages.build_model import build_model_stage
 from ckptflow.stages.export import export_each_format
 from ckptflow.stages.fetch_data import fetch_data
 from ckptflow.stages.preflight import check_request
 from ckptflow.stages.prepare import prepare_run
-from ckptflow.stages.resume import restore_model
 from ckptflow.training.stage import train_with_checkpoints
 
 EXAMPLES = REPO / "examples"
@@ -276,14 +276,6 @@ def test_each_bad_model_or_data_is_one_error_naming_the_ref_and_the_fix(tmp_path
     text = str(caught.value)
     assert "\n" not in text and (values["model"] in text or values["data"] in text)
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_the_tutorial_model_is_named_alike_by_the_config_and_the_core():
-    from ckptflow import config
-    from ckptflow.core import models
-
-    assert config.TUTORIAL_MODEL == models.TUTORIAL_MODEL == TrainConfig().model
-    assert config.TUTORIAL_PARAMS == models.TUTORIAL_PARAMS
 
 
 def test_tutorial_options_with_an_own_model_are_refused():

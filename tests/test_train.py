@@ -12,12 +12,12 @@ from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError, InjectedFailure
 from ckptflow.core.files import size_of
 from ckptflow.core.manifest import checkpoint_cost, read_manifest
+from ckptflow.core.restore import restore_model
 from ckptflow.core.resume_point import find_resume_point
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.save_policy import SavePolicy
 from ckptflow.stages.build_model import build_model_stage
 from ckptflow.stages.prepare import prepare_run
-from ckptflow.stages.resume import restore_model
 from ckptflow.training.stage import train_with_checkpoints
 
 

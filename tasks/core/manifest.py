@@ -119,3 +119,10 @@ def checkpoint_cost(training: dict[str, Any]) -> str | None:
     return (f"checkpointing cost {waited / seconds:.1%} of training: it waited {waited:.2f} s of "
             f"{seconds:.2f} s; {committed} checkpoints committed {how}, {written / 1e6:,.1f} MB "
             f"written, {deferred} mid-epoch saves put off by the time budget")
+
+
+def export_hashes(manifest: dict) -> dict[str, str]:
+    """Format → SHA-256 of each export the manifest lists: what a report written now describes,
+    so verify can tell a report from before the exports were written again."""
+    return {a["format"]: a["sha256"] for a in manifest.get("artifacts", [])
+            if a.get("kind") == "export"}

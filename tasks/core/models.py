@@ -17,7 +17,7 @@ from typing import Any
 from ckptflow.core.errors import BadInputError, first_line
 from ckptflow.core.user_code import call, resolve
 
-# Kept equal to ckptflow.config.TUTORIAL_MODEL (checked by a test).
+# The built-in model, and the options of its own that TrainConfig has as fields.
 TUTORIAL_MODEL = "ckptflow.tutorial.model:create_model"
 TUTORIAL_PARAMS = ("units", "dropout", "learning_rate")
 
@@ -153,3 +153,8 @@ def _shapes(value) -> str:
         return ", ".join(f"{k}: {tuple(getattr(v, 'shape', ()))[1:]}" for k, v in value.items())
     return f"per-example shape {tuple(getattr(value, 'shape', ()))[1:]}"
 
+
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """`accuracy 91.20%, loss 0.3012` (accuracy as a percentage, the rest as numbers)."""
+    return ", ".join(f"{k} {v:.2%}" if k == "accuracy" else f"{k} {v:.4g}"
+                     for k, v in sorted(metrics.items(), key=lambda kv: kv[0] != "accuracy"))

@@ -15,9 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ckptflow.config import DATA_SOURCES, TUTORIAL_MODEL, SweepConfig, TrainConfig, grid_points
+from ckptflow.config import DATA_SOURCES, SweepConfig, TrainConfig, grid_points
 from ckptflow.core.allowlist import DEFAULT_ROOT, JOB_VARIABLE, Allowlist
 from ckptflow.core.errors import BadInputError
+from ckptflow.core.models import TUTORIAL_MODEL
 
 _KINDS = ("model", "data")
 

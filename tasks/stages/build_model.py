@@ -27,9 +27,9 @@ class ModelRecord(BaseModel):
     sha256: str
     parameters: int
     identity: dict
-    fingerprint: str | None = None  # of the architecture and compile settings (older runs: none)
-    weight_shapes: list[list[int]] | None = None
-    metrics: list[str] | None = None  # the compiled metrics' names (accuracy, mae, ...)
+    fingerprint: str  # of the architecture and compile settings
+    weight_shapes: list[list[int]]
+    metrics: list[str]  # the compiled metrics' names (accuracy, mae, ...)
 
 
 def build_model_stage(run_dir: str | Path, identity: dict, data: DataRecord) -> ModelRecord:
@@ -48,9 +48,7 @@ def build_model_stage(run_dir: str | Path, identity: dict, data: DataRecord) -> 
     print_ = fingerprint(model)
     check_same_architecture(run, recorded, print_)
     if recorded and path.exists() and sha256_file(path) == recorded["sha256"]:
-        if recorded.get("fingerprint"):
-            return ModelRecord(**recorded)
-        recorded = None  # a run from before fingerprints: record them now
+        return ModelRecord(**recorded)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         tmp = path.with_name(f".{path.name}.tmp.keras")

@@ -19,13 +19,14 @@ from ckptflow.core.manifest import (
     set_artifacts,
     update_manifest,
 )
+from ckptflow.core.models import describe_metrics
+from ckptflow.core.restore import fresh_model_factory, restore_model
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, load_snapshot
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
-from ckptflow.stages.resume import fresh_model_factory, restore_model
 
 log = logging.getLogger("ckptflow.evaluate")
 
@@ -80,15 +81,10 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     update_manifest(run, evaluation={**record.model_dump(),
                                      "commit_sha256": checkpoint.commit_sha256,
                                      "csv_sha256": sha256_file(run.evaluation)})
-    log.info("untrained model: %s; trained (%s, epoch %d): %s", describe(record.untrained_metrics),
-             checkpoint.path, checkpoint.epoch, describe(record.test_metrics))
+    log.info("untrained model: %s; trained (%s, epoch %d): %s",
+             describe_metrics(record.untrained_metrics), checkpoint.path, checkpoint.epoch,
+             describe_metrics(record.test_metrics))
     return record
-
-
-def describe(metrics: dict[str, float]) -> str:
-    """`accuracy 91.20%, loss 0.3012` (accuracy as a percentage, the rest as numbers)."""
-    return ", ".join(f"{k} {v:.2%}" if k == "accuracy" else f"{k} {v:.4g}"
-                     for k, v in sorted(metrics.items(), key=lambda kv: kv[0] != "accuracy"))
 
 
 def _sha_or_none(path: Path) -> str | None:
@@ -118,9 +114,9 @@ def evaluate_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointR
     record = evaluate(config.run_dir, data, checkpoint)
     summary = (f"## {config.run_dir}: evaluation\n\n"
                f"| model | checkpoint | test metrics |\n|---|---|---|\n"
-               f"| untrained | model/initial.keras | {describe(record.untrained_metrics)} |\n"
+               f"| untrained | model/initial.keras | {describe_metrics(record.untrained_metrics)} |\n"
                f"| trained ({record.epoch} epochs) | {record.checkpoint} | "
-               f"{describe(record.test_metrics)} |\n")
+               f"{describe_metrics(record.test_metrics)} |\n")
     if cost := checkpoint_cost(read_manifest(config.run_dir).get("training", {})):
         summary += f"\nTraining: {cost}.\n"
     publish_evaluation(config.run_dir, evaluation_rows(record), summary)

@@ -32,13 +32,13 @@ from ckptflow.core.files import (
 from ckptflow.core.formats import ExportFormat, predict_logits, select_formats
 from ckptflow.core.manifest import artifact_entry, set_artifacts, update_manifest
 from ckptflow.core.models import prediction_metrics
+from ckptflow.core.restore import fresh_model_factory, restore_model
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, load_snapshot
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
-from ckptflow.stages.resume import fresh_model_factory, restore_model
 
 log = logging.getLogger("ckptflow.export")
 

@@ -16,9 +16,15 @@ from prefect import task
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.files import atomic_write_bytes, clear_abandoned_writes
-from ckptflow.core.manifest import artifact_entry, checkpoint_cost, read_manifest, set_artifacts
+from ckptflow.core.manifest import (
+    artifact_entry,
+    checkpoint_cost,
+    export_hashes,
+    read_manifest,
+    set_artifacts,
+)
+from ckptflow.core.models import describe_metrics
 from ckptflow.core.run_dir import RunDir
-from ckptflow.stages.evaluate import describe
 
 log = logging.getLogger("ckptflow.report")
 
@@ -42,16 +48,9 @@ def write_report(run_dir: str | Path) -> str:
     checkpoint = manifest.get("training", {}).get("checkpoint")  # what the report describes
     set_artifacts(run, "report", [
         artifact_entry(run, run.report, "report", "markdown", checkpoint=checkpoint,
-                       exports=described_exports(manifest)),
+                       exports=export_hashes(manifest)),
         artifact_entry(run, run.curve, "report", "png", checkpoint=checkpoint)])
     return markdown
-
-
-def described_exports(manifest: dict) -> dict[str, str]:
-    """Format → SHA-256 of each export the manifest lists: what a report written now describes,
-    so verify can tell a report from before the exports were written again."""
-    return {a["format"]: a["sha256"] for a in manifest.get("artifacts", [])
-            if a.get("kind") == "export"}
 
 
 def training_curve_png(history) -> bytes:
@@ -139,7 +138,7 @@ def _metrics_text(evaluation: dict, which: str) -> str:
     metrics = evaluation.get(f"{which}_metrics") or {
         "accuracy": evaluation.get(f"{which}_accuracy"),
         "loss": evaluation.get("test_loss" if which == "test" else "untrained_loss")}
-    return describe({k: v for k, v in metrics.items() if v is not None})
+    return describe_metrics({k: v for k, v in metrics.items() if v is not None})
 
 
 @task(name="report", persist_result=False)

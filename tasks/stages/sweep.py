@@ -15,10 +15,11 @@ from typing import Any
 
 from prefect import task
 
-from ckptflow.config import SweepConfig, TrainConfig
+from ckptflow.config import RUN_FIELDS, SweepConfig, TrainConfig
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.manifest import read_manifest, update_manifest
+from ckptflow.core.models import TUTORIAL_PARAMS
 from ckptflow.orchestration.logs import route_logs_to_prefect
 from ckptflow.orchestration.retries import retry_options
 
@@ -32,9 +33,7 @@ def is_finished(config: TrainConfig) -> bool:
     manifest = read_manifest(Path(config.run_dir))
     done = manifest.get("parameters", {})
     same = all(done.get(k) == v for k, v in config.model_dump().items()
-               if k in ("model", "model_params", "units", "dropout", "learning_rate",
-                        "batch_size", "seed", "data", "data_params", "train_samples",
-                        "test_samples", "epochs"))
+               if k in (*RUN_FIELDS, "epochs"))
     evaluation = manifest.get("evaluation") or {}
     return same and evaluation.get("epoch", 0) >= config.epochs
 
@@ -88,7 +87,7 @@ def summary_markdown(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     def shown(value):
         return f"{value:g}" if isinstance(value, float) else str(value)
 
-    params = list(sweep.grid or ("units", "dropout", "learning_rate"))
+    params = list(sweep.grid or TUTORIAL_PARAMS)
     by_accuracy = any(r.get("test_accuracy") is not None for r in rows)
     lines = [f"# Sweep {sweep.sweep_dir}", "",
              f"{len(rows)} points, ranked by {'test accuracy' if by_accuracy else 'test loss'}. "

@@ -24,11 +24,10 @@ from ckptflow.config import TrainConfig
 from ckptflow.core.errors import BadInputError, VerificationFailed
 from ckptflow.core.files import sha256_path
 from ckptflow.core.formats import FORMATS, load_and_predict
-from ckptflow.core.manifest import read_manifest
+from ckptflow.core.manifest import export_hashes, read_manifest
 from ckptflow.core.run_dir import RunDir
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
-from ckptflow.stages.report import described_exports
 
 log = logging.getLogger("ckptflow.verify")
 
@@ -108,7 +107,7 @@ def completeness_rows(manifest: dict) -> list[VerifyRow]:
         return rows
     artifacts = manifest.get("artifacts", [])
     reports = [a for a in artifacts if a.get("kind") == "report"]
-    if problem := _report_problem(reports, of_final, described_exports(manifest)):
+    if problem := _report_problem(reports, of_final, export_hashes(manifest)):
         failed("report", "markdown", problem)
     exported = {a.get("format"): a for a in artifacts if a.get("kind") == "export"}
     requested = (manifest.get("parameters") or {}).get("formats") or [
