@@ -35,6 +35,7 @@ from ckptflow.core.models import prediction_metrics
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, load_snapshot
+from ckptflow.core.stop import raise_if_stop_requested
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
@@ -89,6 +90,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     try:
         checked = []
         for fmt in chosen:
+            raise_if_stop_requested()  # between formats: the staged ones are discarded
             _save_export(fmt, model, staging / fmt.filename, run.exports / fmt.filename)
             predictions = fmt.predict(staging / fmt.filename, x, fresh_model)
             diff = float(np.max(np.abs(predictions - reference)))

@@ -26,6 +26,7 @@ from ckptflow.core.files import sha256_path
 from ckptflow.core.formats import FORMATS, load_and_predict
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.run_dir import RunDir
+from ckptflow.core.stop import raise_if_stop_requested
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 from ckptflow.stages.report import described_exports
@@ -252,6 +253,7 @@ def _load_in_fresh_processes(snapshot: Path, identity: dict,
     at_once = max(1, min(4, os.cpu_count() or 1))
     outcomes = []
     for first in range(0, len(loads), at_once):
+        raise_if_stop_requested()  # between loads, none running
         started = []
         for name, path in loads[first:first + at_once]:
             receiver, sender = context.Pipe(duplex=False)
