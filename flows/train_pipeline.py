@@ -17,6 +17,8 @@ from prefect.states import Cancelled  # noqa: E402
 from ckptflow.config import TrainConfig  # noqa: E402
 from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
+from ckptflow.core.native_output import import_tensorflow  # noqa: E402
+from ckptflow.core.run_dir import RunDir  # noqa: E402
 from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
 from ckptflow.orchestration.deployment_allowlist import check_deployment_run  # noqa: E402
@@ -53,6 +55,8 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
             check_deployment_run(config)  # before anything is imported or created
             with run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
                 mark_crashed(abandoned, config.run_dir)
+                native_log = RunDir(config.run_dir).native_log
+                import_tensorflow(native_log)  # its start-up lines (CUDA probing) to the log
                 join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
                 raise_if_stop_requested()
                 data = fetch_data_task(config)
@@ -60,7 +64,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
                 resume_from_latest_task(config, data.data_sha256)
                 raise_if_stop_requested()
                 trained = train_task(config, data)  # reads it after every batch
-                start_loader()  # verify's loader process imports TensorFlow during evaluate and export
+                start_loader(native_log)  # verify's loader imports TensorFlow during evaluate, export
                 raise_if_stop_requested()
                 evaluation = evaluate_task(config, data, trained.checkpoint_ref())
                 raise_if_stop_requested()
