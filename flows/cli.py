@@ -266,29 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     # first-out), so it stays the last line.
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
-    from ckptflow.training.stop import StopOnSignal
+    from ckptflow.core.errors import StopRequested
+    from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested
 
-    signals = StopOnSignal(grace_seconds(config))
-    try:  # a signal before or after the flow still stops the temporary server
-        with signals, \
+    try:  # a signal only sets a flag: read before and after the flow, which reads it too
+        with StopOnSignal(grace_seconds(config)), \
                 ad_hoc_server() as wait_until_ready:  # a temporary one starts as the flow loads
             if args.command == "sweep":
                 from ckptflow.flows.sweep import sweep_flow as run_flow
             else:
                 from ckptflow.flows.train_pipeline import train_pipeline as run_flow
             wait_until_ready()
+            raise_if_stop_requested()
             state = run_flow(config, return_state=True)
             if state.is_cancelled():  # stopped by a signal, its checkpoint committed
                 last_words.append(f"ckptflow: {state.message}")
                 return EXIT_STOPPED
-            result = state.result()  # the flow's own exception, if it failed
+            result = state.result()  # the flow's own exception, if it failed; a signal
+            # from here on finds the work done: the run ends as it is, status 0
     except BadInputError as exc:
         last_words.append(f"ckptflow: error: {exc}")
         return EXIT_BAD_INPUT
+    except StopRequested as exc:
+        last_words.append(f"ckptflow: {exc}")
+        return EXIT_STOPPED
     except Exception as exc:
-        if (stop := signals.stopped(exc)) is not None:
-            last_words.append(f"ckptflow: {stop}")
-            return EXIT_STOPPED
         last_words.append(f"ckptflow: run failed: {type(exc).__name__}: {exc}. Run the same "
                           "command again to resume from the latest checkpoint.")
         return EXIT_FAILED

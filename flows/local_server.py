@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ckptflow.core.errors import BadInputError
+from ckptflow.core.stop import raise_if_stop_requested
 
 
 def _free_port() -> int:
@@ -193,6 +194,7 @@ def temporary_server() -> Iterator[Callable[[], None]]:
     def wait_until_ready() -> None:
         deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
         while server.process.poll() is None and time.monotonic() < deadline:
+            raise_if_stop_requested()  # a stop at start-up ends the wait (the server stops)
             if _healthy(url):
                 server.keep_up(f"temporary server on port {port}")
                 return

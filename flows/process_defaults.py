@@ -6,7 +6,10 @@ and deployment runs), never at the import of a library module:
   2-core machine, and nothing is sent to Prefect's analytics;
 - TensorFlow's C++ start-up lines (CUDA probing on a CPU machine) and tf.function retracing
   notices (each freshly loaded model being checked) drown the run's own logs; errors that
-  matter still surface as Python exceptions.
+  matter still surface as Python exceptions. absl's lines ("All log messages before
+  absl::InitializeLog()", CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL: a run sends them, with the
+  converters' and verify's loader processes' output, to its logs/native.log
+  (`ckptflow.core.native_output`).
 A value the user sets in the environment wins.
 """
 

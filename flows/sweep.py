@@ -16,6 +16,8 @@ from prefect import flow  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import SweepConfig, TrainConfig, grid_points  # noqa: E402
+from ckptflow.core.errors import StopRequested  # noqa: E402
+from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested  # noqa: E402
 from ckptflow.orchestration.deployment_allowlist import check_deployment_sweep  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
@@ -26,7 +28,6 @@ from ckptflow.stages.sweep import (  # noqa: E402
     sweep_point_task,
     sweep_summary_task,
 )
-from ckptflow.training.stop import StopOnSignal  # noqa: E402
 
 
 @flow(name="sweep-points", flow_run_name="points of {sweep.sweep_dir}", persist_result=False,
@@ -36,6 +37,9 @@ def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
     futures = sweep_point_task.map(points)
     rows = []
     for config, future in zip(points, futures, strict=True):
+        while not future.wrapped_future.done():  # a stop is read every second
+            raise_if_stop_requested()
+            future.wait(timeout=1.0)
         future.wait()
         state = future.state
         rows.append(future.result() if state.is_completed() else failed_row(config, state.message))
@@ -51,15 +55,13 @@ def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 
     with no_flow_retry_on_bad_input():
         check_deployment_sweep(sweep)  # before any point starts
     points = grid_points(sweep)
-    signals = StopOnSignal(TrainConfig().stop_grace_seconds, where=current_stage)
-    try:
-        with signals:
+    try:  # a signal only sets a flag, read while the points run and before the summary
+        with StopOnSignal(TrainConfig().stop_grace_seconds, where=current_stage):
             rows = train_points.with_options(task_runner=dask_task_runner(sweep))(sweep, points)
+            raise_if_stop_requested()
             sweep_summary_task(sweep, rows)
-    except Exception as exc:  # SIGTERM/SIGINT: each point keeps its committed checkpoints
-        if (stop := signals.stopped(exc)) is None:
-            raise
-        return Cancelled(message=str(stop))
+    except StopRequested as exc:  # each point keeps its committed checkpoints
+        return Cancelled(message=str(exc))
     failed = [r["point"] for r in rows if r["status"] == "failed"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(rows)} points failed ({', '.join(failed)}); "

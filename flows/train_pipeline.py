@@ -15,7 +15,11 @@ from prefect import flow  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
 from ckptflow.config import TrainConfig  # noqa: E402
+from ckptflow.core.errors import StopRequested  # noqa: E402
 from ckptflow.core.lock import run_dir_lock  # noqa: E402
+from ckptflow.core.native_output import import_tensorflow  # noqa: E402
+from ckptflow.core.run_dir import RunDir  # noqa: E402
+from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested  # noqa: E402
 from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  # noqa: E402
 from ckptflow.orchestration.deployment_allowlist import check_deployment_run  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
@@ -29,7 +33,6 @@ from ckptflow.stages.report import report_task  # noqa: E402
 from ckptflow.stages.resume import resume_from_latest_task  # noqa: E402
 from ckptflow.stages.verify import start_loader, verify_task  # noqa: E402
 from ckptflow.training.stage import join_cluster_task, train_task  # noqa: E402
-from ckptflow.training.stop import StopOnSignal  # noqa: E402
 
 
 @flow(name="train-pipeline", flow_run_name="train {config.run_dir}", retries=1,
@@ -42,33 +45,36 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     A failed run retried (by Prefect or by running it again on the same run directory) continues
     from the latest committed checkpoint; finished stages are skipped. One run at a time holds
     the run directory. A SIGTERM or SIGINT ends the run Cancelled: during training after
-    committing a checkpoint of the batch reached, elsewhere at once (what was committed stays).
+    committing a checkpoint of the batch reached, elsewhere at the next stage boundary or safe
+    point inside a stage (what was committed stays).
     """
     route_logs_to_prefect()
-    signals = StopOnSignal(config.stop_grace_seconds, where=current_stage)
-    try:
-        with signals, no_flow_retry_on_bad_input():
+    try:  # a signal only sets a flag; it is read between stages and inside the long ones
+        with StopOnSignal(config.stop_grace_seconds, where=current_stage), \
+                no_flow_retry_on_bad_input():
             check_deployment_run(config)  # before anything is imported or created
             with run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
                 mark_crashed(abandoned, config.run_dir)
+                native_log = RunDir(config.run_dir).native_log
+                import_tensorflow(native_log)  # its start-up lines (CUDA probing) to the log
                 join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
+                raise_if_stop_requested()
                 data = fetch_data_task(config)
                 build_model_task(config, data)
                 resume_from_latest_task(config, data.data_sha256)
-                trained = train_task(config, data)
-                start_loader()  # verify's loader process imports TensorFlow during evaluate and export
-                signals.raise_if_stopped()  # a stop swallowed inside a stage ends the run before the next
+                raise_if_stop_requested()
+                trained = train_task(config, data)  # reads it after every batch
+                start_loader(native_log)  # verify's loader imports TensorFlow during evaluate, export
+                raise_if_stop_requested()
                 evaluation = evaluate_task(config, data, trained.checkpoint_ref())
-                signals.raise_if_stopped()
-                exports = export_task(config, data, trained.checkpoint_ref())
-                signals.raise_if_stopped()
+                raise_if_stop_requested()
+                exports = export_task(config, data, trained.checkpoint_ref())  # and between formats
+                raise_if_stop_requested()
                 report = report_task(config)
-                signals.raise_if_stopped()
-                verified = verify_task(config)
-    except Exception as exc:  # SIGTERM/SIGINT (or Cancel); in training, a checkpoint committed
-        if (stop := signals.stopped(exc)) is None:
-            raise
-        return Cancelled(message=str(stop))
+                raise_if_stop_requested()
+                verified = verify_task(config)  # and between files
+    except StopRequested as exc:  # in training, after committing the batch reached
+        return Cancelled(message=str(exc))
     return {
         "run_dir": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},

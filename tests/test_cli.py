@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,29 @@ def test_boolean_options_parse_as_flags():
     assert parser.parse_args(["run"]).deterministic is True
     assert parser.parse_args(["run", "--no-deterministic"]).deterministic is False
     assert parser.parse_args(["run", "--wait-for-lock", "30"]).wait_for_lock == 30.0
+
+
+# TensorFlow's, absl's and the converters' native lines, which a user reads as failures.
+NATIVE_NOISE = re.compile(r"absl::InitializeLog|cuInit|cudart_stub|cuda drivers|NodeDef mentions|"
+                          r"FutureWarning|XNNPACK|^[IWEF]\d{4} \d\d:\d\d|saving your model as an HDF5",
+                          re.MULTILINE)
+
+
+def test_a_run_prints_its_own_lines_and_the_native_output_goes_to_the_run_log(tmp_path):
+    """Every format exported and verified (LiteRT and ONNX too), and not one native line of
+    TensorFlow, its converters or verify's loader processes on the terminal: they are in
+    logs/native.log."""
+    from ckptflow.core.formats import FORMATS
+
+    run_dir = tmp_path / "run"
+    result = run_cli("run", "--run-dir", str(run_dir), "--data", "bundled", "--train-samples",
+                     "256", "--test-samples", "128", "--units", "64", "--epochs", "1",
+                     timeout=600)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said[-3000:]
+    assert not NATIVE_NOISE.findall(said), said[-3000:]
+    verified = {r["format"] for r in json.loads(run_cli("verify", "--json", str(run_dir)).stdout)
+                if r["kind"] == "export" and r["ok"]}
+    assert verified == {f.name for f in FORMATS.values() if not f.missing()} == set(FORMATS)
+    native = (run_dir / "logs" / "native.log").read_text()
+    assert NATIVE_NOISE.search(native), native[-3000:]  # TensorFlow's start-up lines at least

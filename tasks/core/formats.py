@@ -24,6 +24,7 @@ import numpy as np
 
 from ckptflow.core.checkpoints import write_tf_index
 from ckptflow.core.errors import BadInputError
+from ckptflow.core.native_output import send_native_output_to
 
 ModelFactory = Callable[[], object]  # a fresh, compiled keras.Model of the run's architecture
 Predict = Callable[[Path, np.ndarray, ModelFactory], np.ndarray]
@@ -209,10 +210,12 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
 )}
 
 
-def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict) -> None:
+def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict,
+                     native_log: str) -> None:
     """In a fresh process (verify's): load one export with its own runtime, predict the test set,
     score the predictions with the model's compiled metrics, and send the outcome (or the error,
-    in one line) through `sender`."""
+    in one line) through `sender`. What the runtimes print natively goes to `native_log`."""
+    send_native_output_to(Path(native_log))
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
     from ckptflow.core.models import ModelSource, prediction_metrics
     from ckptflow.core.snapshot import TEST_SPLITS, example_rows, load_snapshot

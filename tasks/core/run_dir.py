@@ -87,6 +87,11 @@ class RunDir:
         return self.root / "tensorboard"
 
     @property
+    def native_log(self) -> Path:
+        """What TensorFlow, the converters and verify's loader processes print natively."""
+        return self.root / "logs" / "native.log"
+
+    @property
     def faults(self) -> Path:
         """Markers of fault drills that fired (each fires once per run directory)."""
         return self.root / "faults"

@@ -32,10 +32,12 @@ from ckptflow.core.files import (
 from ckptflow.core.formats import ExportFormat, predict_logits, select_formats
 from ckptflow.core.manifest import artifact_entry, set_artifacts, update_manifest
 from ckptflow.core.models import prediction_metrics
+from ckptflow.core.native_output import native_output_to
 from ckptflow.core.restore import fresh_model_factory, restore_model
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, load_snapshot
+from ckptflow.core.stop import raise_if_stop_requested
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 from ckptflow.orchestration.retries import retry_options
@@ -78,30 +80,33 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     if reusable is not None and [r.format for r in reusable] == names:
         log.info("exports of %s already on disk and unchanged: reusing them", checkpoint.path)
         return reusable
-    model = restore_model(run, checkpoint.path)
-    fresh_model = fresh_model_factory(run, model_identity(run, checkpoint))
-    scorer = fresh_model()  # its compiled metrics score each export's predictions
-    reference = predict_logits(model, x)
-    # Every file is written and checked in one staging directory first; only when all of them
-    # pass do they (and the reference they were checked against) replace the previous set.
-    staging = run.exports / f".tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        checked = []
-        for fmt in chosen:
-            _save_export(fmt, model, staging / fmt.filename, run.exports / fmt.filename)
-            predictions = fmt.predict(staging / fmt.filename, x, fresh_model)
-            diff = float(np.max(np.abs(predictions - reference)))
-            if not diff <= fmt.tolerance:
-                raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
-                                   f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
-            checked.append((fmt, prediction_metrics(scorer, y, predictions), diff))
-        atomic_write_bytes(staging / run.reference.name, _npy_bytes(reference))
-        for fmt, _, _ in checked:
-            publish(staging / fmt.filename, run.exports / fmt.filename)
-        publish(staging / run.reference.name, run.reference)
-    finally:
-        discard(staging)
+    # The converters and runtimes print natively (LiteRT's XNNPACK line, tf2onnx's warnings):
+    with native_output_to(run.native_log):  # to the run's log, not the terminal
+        model = restore_model(run, checkpoint.path)
+        fresh_model = fresh_model_factory(run, model_identity(run, checkpoint))
+        scorer = fresh_model()  # its compiled metrics score each export's predictions
+        reference = predict_logits(model, x)
+        # Every file is written and checked in one staging directory first; only when all of them
+        # pass do they (and the reference they were checked against) replace the previous set.
+        staging = run.exports / f".tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            checked = []
+            for fmt in chosen:
+                raise_if_stop_requested()  # between formats: the staged ones are discarded
+                _save_export(fmt, model, staging / fmt.filename, run.exports / fmt.filename)
+                predictions = fmt.predict(staging / fmt.filename, x, fresh_model)
+                diff = float(np.max(np.abs(predictions - reference)))
+                if not diff <= fmt.tolerance:
+                    raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
+                                       f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
+                checked.append((fmt, prediction_metrics(scorer, y, predictions), diff))
+            atomic_write_bytes(staging / run.reference.name, _npy_bytes(reference))
+            for fmt, _, _ in checked:
+                publish(staging / fmt.filename, run.exports / fmt.filename)
+            publish(staging / run.reference.name, run.reference)
+        finally:
+            discard(staging)
     records = []
     for fmt, metrics, diff in checked:
         entry = artifact_entry(run, run.exports / fmt.filename, "export", fmt.name)

@@ -10,10 +10,12 @@ files are also inspected with h5py for every trainable weight's shape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,9 @@ from ckptflow.core.errors import BadInputError, VerificationFailed
 from ckptflow.core.files import sha256_path
 from ckptflow.core.formats import FORMATS, load_and_predict
 from ckptflow.core.manifest import export_hashes, read_manifest
+from ckptflow.core.native_output import last_lines, native_output_to
 from ckptflow.core.run_dir import RunDir
+from ckptflow.core.stop import raise_if_stop_requested
 from ckptflow.orchestration.caching import cache_while_present
 from ckptflow.orchestration.results import result_record
 
@@ -211,7 +215,7 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
     snapshot = safe_path(run_dir, (manifest.get("data") or {}).get("path", "data/mnist.npz"))
     identity = manifest["model"]["identity"]
     shapes = manifest["model"].get("weight_shapes") or tutorial_weight_shapes(identity)
-    loads = []
+    loads, native_log = [], _native_log(run_dir)
     for row, entry, path in exports:
         fmt = FORMATS.get(entry["format"])
         if fmt is None:
@@ -223,9 +227,12 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
         else:
             loads.append((row, entry, fmt, path))
     for (row, entry, fmt, _), outcome in zip(loads, _load_in_fresh_processes(
-            snapshot, identity, [(fmt.name, path) for _, _, fmt, path in loads]), strict=True):
+            snapshot, identity, [(fmt.name, path) for _, _, fmt, path in loads], native_log),
+            strict=True):
         if "error" in outcome:
             row.ok, row.problem = False, outcome["error"]
+            log.warning("loading %s failed (%s); the last lines of %s:\n%s", row.path,
+                        row.problem, native_log, last_lines(native_log))
             continue
         predictions = outcome["predictions"]
         row.load_seconds = round(outcome["seconds"], 3)
@@ -243,19 +250,23 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
                                           f"from the recorded {recorded[differs[0]]}")
 
 
-def _load_in_fresh_processes(snapshot: Path, identity: dict,
-                             loads: list[tuple[str, Path]]) -> list[dict]:
+def _load_in_fresh_processes(snapshot: Path, identity: dict, loads: list[tuple[str, Path]],
+                             native_log: Path) -> list[dict]:
     """Each (format, path) loaded and run in its own fresh process, one per core (at most 4)
-    at a time; one outcome per load, in order: predictions or an error."""
+    at a time; one outcome per load, in order: predictions or an error. What the processes
+    print natively goes to `native_log`."""
     context = _loader_context()
+    start_loader(native_log)
     at_once = max(1, min(4, os.cpu_count() or 1))
     outcomes = []
     for first in range(0, len(loads), at_once):
+        raise_if_stop_requested()  # between loads, none running
         started = []
         for name, path in loads[first:first + at_once]:
             receiver, sender = context.Pipe(duplex=False)
             child = context.Process(target=load_and_predict,
-                                    args=(sender, name, str(path), str(snapshot), identity))
+                                    args=(sender, name, str(path), str(snapshot), identity,
+                                          str(native_log)))
             child.start()
             sender.close()
             started.append((receiver, child))
@@ -281,14 +292,28 @@ def _loader_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def start_loader() -> None:
-    """Start the loading process now, so its TensorFlow import (~10 s here) overlaps the
-    stages before verify instead of delaying verify. Started after training, not before, so
-    that it does not take a core from training."""
+def start_loader(native_log: Path | None = None) -> None:
+    """Start the loading process now (if not yet), so its TensorFlow import (~10 s here)
+    overlaps the stages before verify instead of delaying verify. Started after training, not
+    before, so that it does not take a core from training. What it prints natively (its import
+    of TensorFlow) goes to `native_log`, if given."""
     from multiprocessing import forkserver
 
     _loader_context()
-    forkserver.ensure_running()
+    with native_output_to(native_log) if native_log else contextlib.nullcontext():
+        forkserver.ensure_running()
+
+
+def _native_log(run_dir: Path) -> Path:
+    """The run directory's native log, or a temporary file where the run directory is read-only
+    (verify reads other people's runs)."""
+    path = RunDir(run_dir).native_log
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a"):
+            return path
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"ckptflow-verify-{os.getpid()}.log"
 
 
 def tutorial_weight_shapes(identity: dict) -> list[list[int]]:
