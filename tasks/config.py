@@ -9,13 +9,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ckptflow.core.formats import FORMAT_NAMES
 from ckptflow.core.models import TUTORIAL_MODEL, TUTORIAL_PARAMS
 from ckptflow.core.user_code import is_ref
 
 DATA_SOURCES = ("auto", "keras", "bundled")
 TUTORIAL_DATA_FIELDS = ("train_samples", "test_samples")  # the tutorial data's own options
-# Kept equal to ckptflow.core.formats.FORMATS (checked by a test); here so --help imports no NumPy.
-FORMAT_NAMES = ("tf_checkpoint", "weights_h5", "keras", "h5", "saved_model", "litert", "onnx")
 DATA_FILE_SUFFIXES = (".npz", ".csv", ".csv.gz")
 Strategy = Literal["default", "mirrored", "multi-worker"]
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ckptflow.config import FORMAT_NAMES
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import sha256_path
 from ckptflow.core.formats import FORMATS, ExportFormat, select_formats
@@ -159,10 +158,6 @@ def test_formats_with_missing_packages_are_skipped_with_a_message():
         select_formats(["future"], registry)
     with pytest.raises(BadInputError, match="Unrecognized format"):
         select_formats(["gguf"], registry)
-
-
-def test_config_knows_exactly_the_registered_formats():
-    assert FORMAT_NAMES == tuple(FORMATS)
 
 
 def test_a_deleted_reference_makes_the_exports_stale(copied_run):

@@ -19,15 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ckptflow.core.checkpoints import write_tf_index
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.native_output import send_native_output_to
 
+if TYPE_CHECKING:
+    import numpy as np
+
 ModelFactory = Callable[[], object]  # a fresh, compiled keras.Model of the run's architecture
-Predict = Callable[[Path, np.ndarray, ModelFactory], np.ndarray]
+Predict = Callable[[Path, "np.ndarray", ModelFactory], "np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def predict_logits(model, x, chunk: int = 4096) -> np.ndarray:
     For a few thousand rows this is ~10x faster than `model.predict`, which traces a new
     function for every freshly loaded model; exports are compared on these outputs.
     """
+    import numpy as np
+
     rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     return np.concatenate([np.asarray(model(rows_of(x, i, i + chunk), training=False))
                            for i in range(0, rows, chunk)])
@@ -148,6 +152,7 @@ def _predict_legacy_h5(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> 
 def _predict_saved_model(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
     """`serve`, the `serving_default` signature and `keras.layers.TFSMLayer` must all agree."""
     import keras
+    import numpy as np
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))  # keep a reference: its variables die with it
@@ -177,6 +182,7 @@ def _predict_litert(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.
 
 
 def _predict_onnx(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
+    import numpy as np
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -208,6 +214,7 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "onnxruntime InferenceSession (CPU)", tolerance=5e-5,
                  requires=("onnxruntime", "onnx", "tf2onnx"), multi_input=False),
 )}
+FORMAT_NAMES = tuple(FORMATS)
 
 
 def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict,
@@ -215,6 +222,8 @@ def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict
     """In a fresh process (verify's): load one export with its own runtime, predict the test set,
     score the predictions with the model's compiled metrics, and send the outcome (or the error,
     in one line) through `sender`. What the runtimes print natively goes to `native_log`."""
+    import numpy as np
+
     send_native_output_to(Path(native_log))
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
     from ckptflow.core.models import ModelSource, prediction_metrics
