@@ -147,24 +147,26 @@ def test_a_snapshot_keeps_the_state_it_was_taken_at_while_training_goes_on(tmp_p
 
 
 def test_a_failed_background_commit_is_raised_on_the_training_thread(tmp_path):
-    from ckptflow.core.background_commit import BackgroundCommits
+    from ckptflow.core.checkpoint_saves import CheckpointSaves, SavePolicy
 
     model = _trained_model(batches=1)
     store = CheckpointStore(tmp_path / "checkpoints")
-    commits = BackgroundCommits(store, keras_model=lambda: None)
+    saves = CheckpointSaves(store, SavePolicy(every_batches=1, budget=0.0))
     first = []
-    commits.submit(store.snapshot(model, _state(1, batch=1), epoch_end=False), then=first.append)
-    commits.wait()
-    assert commits.latest.step == 1 and first == [commits.latest] and commits.committed == 1
-    assert commits.bytes_written == sum(p.stat().st_size for p in commits.latest.path.iterdir())
+    saves.save(model, _state(1, batch=1), epoch_end=False, then=first.append)
+    saves.wait()
+    assert saves.latest.step == 1 and first == [saves.latest] and saves.committed == 1
+    assert saves.bytes_written == sum(p.stat().st_size for p in saves.latest.path.iterdir())
     (tmp_path / "a-file").write_text("")
     store.directory = tmp_path / "a-file" / "checkpoints"  # cannot be created: the write fails
-    commits.submit(store.snapshot(model, _state(2, batch=2), epoch_end=False), then=first.append)
+    saves.save(model, _state(2, batch=2), epoch_end=False, then=first.append)
     with pytest.raises(CheckpointWriteError, match="writing checkpoint .*cp-0000-b000002 failed"):
-        commits.wait()
-    assert commits.latest.step == 1 and len(first) == 1 and commits.committed == 1
+        saves.wait()
+    assert saves.latest.step == 1 and len(first) == 1 and saves.committed == 1
     # as an attempt fails: close lets the commit in flight land and counts it, runs no `then`
     store.directory = tmp_path / "checkpoints"
-    commits.submit(store.snapshot(model, _state(3, batch=3), epoch_end=False), then=first.append)
-    commits.close()
-    assert commits.latest.step == 3 and store.latest().step == 3 and len(first) == 1
+    saves.save(model, _state(3, batch=3), epoch_end=False, then=first.append)
+    saves.close()
+    assert saves.latest.step == 3 and store.latest().step == 3 and len(first) == 1
+    costs = saves.costs()
+    assert (costs["committed"], costs["background"], costs["deferred"]) == (2, True, 0)

@@ -2,7 +2,7 @@
 
 Each strategy run is compared with one-device training on the same global batch. Dropout is off
 in these comparisons: with it, each replica draws its own slice's mask from the same RNG state,
-so the trajectories differ by design (see ckptflow.training.strategy_loop). What remains is float32
+so the trajectories differ by design (see ckptflow.training.replicas). What remains is float32
 summation order, hence a tolerance instead of bit-identity.
 """
 

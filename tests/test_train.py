@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from conftest import small_config, tree_digest, weights_digest
 
+from ckptflow.core.checkpoint_saves import SavePolicy
 from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError, InjectedFailure
 from ckptflow.core.files import size_of
@@ -15,7 +16,6 @@ from ckptflow.core.manifest import checkpoint_cost, read_manifest
 from ckptflow.core.restore import restore_model
 from ckptflow.core.resume_point import find_resume_point
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.save_policy import SavePolicy
 from ckptflow.stages.build_model import build_model_stage
 from ckptflow.stages.prepare import prepare_run
 from ckptflow.training.stage import train_with_checkpoints
@@ -199,3 +199,38 @@ def test_no_deterministic_really_leaves_op_determinism_off(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "False", "True", "True"]
+
+
+def test_a_model_built_mid_training_leaves_the_global_generators_alone(tmp_path):
+    import random
+
+    import numpy as np
+    from conftest import REPO
+    from keras.src.random.seed_generator import global_seed_generator
+
+    from ckptflow.core.models import ModelSource
+
+    config = small_config(tmp_path, epochs=1)
+    sides = [  # the tutorial's model, and one whose layers draw their seeds from `random`
+        (ModelSource.from_identity(config.identity()), np.zeros((2, 784), "float32"),
+         np.zeros(2, "int64")),
+        (ModelSource(f"{REPO}/examples/diabetes_regression/model.py:build", seed=7),
+         np.zeros((2, 10), "float32"), np.zeros(2, "float32"))]
+
+    def generators():
+        numpy_state = np.random.get_state()
+        return (random.getstate(), numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:],
+                global_seed_generator().state.numpy().tolist())
+
+    unchanged = []
+
+    def mid_training(state) -> None:
+        if state.step == 2:
+            random.random(), np.random.rand(), global_seed_generator().next()  # as other code may
+            before = generators()
+            for source, x, y in sides:
+                source.build(x, y)
+            unchanged.append(generators() == before)
+
+    train_with_checkpoints(tmp_path, config, prepare_run(config), on_batch_end=mid_training)
+    assert unchanged == [True]

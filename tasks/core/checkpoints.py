@@ -18,7 +18,7 @@ A checkpoint is taken in two phases: `snapshot` holds the state in memory as it 
 boundary (copy-on-write reads: about a memory copy), `commit` writes it under a temporary name,
 hashing each file from the page cache as soon as it is written, fsyncs it and renames it into
 place, so a crash leaves either no checkpoint or a complete one.
-`commit` may run on another thread while training goes on (`ckptflow.core.background_commit`).
+`commit` may run on another thread while training goes on (`ckptflow.core.checkpoint_saves`).
 `latest()` returns the newest checkpoint whose commit record matches its files and skips (with a
 warning) any that does not. Old checkpoints are removed only after a newer one is committed.
 `checkpoints/checkpoint` is kept current, so the tutorial's

@@ -1,4 +1,4 @@
-"""A run's model, built from the function its identity names: seeded, checked, built, fingerprinted.
+"""A run's model, built from the function its identity names: checked, built, fingerprinted.
 
 The identity a run records says which function makes its model: a user's `{"model": REF,
 "model_params": {...}, ...}`, or, for the tutorial (the fields run directories have always
@@ -9,8 +9,10 @@ flows through ckptflow unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +24,20 @@ TUTORIAL_MODEL = "ckptflow.tutorial.model:create_model"
 TUTORIAL_PARAMS = ("units", "dropout", "learning_rate")
 
 
+def evaluation_batch_size(train_batch_size: int = 0) -> int:
+    """Rows per batch when a model is evaluated on the test set: 256 (fast on a CPU), or the
+    training batch size when larger."""
+    return max(256, train_batch_size)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy, TensorFlow and Keras; with `deterministic`, make TensorFlow ops
     deterministic.
 
-    Op determinism is process-wide and cannot be switched off again in the same process, so only
-    training asks for it (`--no-deterministic` then really runs without it).
+    Called where a run starts what follows its seed (training, the initial model, a data
+    function), never by building a model. Op determinism is process-wide and cannot be switched
+    off again in the same process, so only training asks for it (`--no-deterministic` then
+    really runs without it).
     """
     import keras
     import tensorflow as tf
@@ -52,30 +62,45 @@ class ModelSource:
             return cls(identity["model"], dict(identity.get("model_params") or {}), identity["seed"])
         return cls(TUTORIAL_MODEL, {k: identity[k] for k in TUTORIAL_PARAMS}, identity["seed"])
 
-    def build(self, x_sample, y_sample, deterministic: bool = False):
-        """A fresh model: seeded, called with the params, checked to be a compiled keras.Model,
-        and built on `x_sample` with its optimizer and metrics, so a checkpoint can be restored
-        into it and its loss and metrics are known to take `y_sample`.
+    def build(self, x_sample, y_sample):
+        """A fresh model: called with the params, checked to be a compiled keras.Model, and built
+        on `x_sample` with its optimizer and metrics, so a checkpoint can be restored into it and
+        its loss and metrics are known to take `y_sample`. Python's and NumPy's generators are
+        left as they were (a model built mid-training must not move them): call
+        `seed_everything` first where the initial weights should follow the seed.
         """
         import keras
 
         function = resolve(self.ref, "--model")
-        seed_everything(self.seed, deterministic)
-        model = call(function, self.ref, "--model", self.params, optional={"seed": self.seed})
-        if not isinstance(model, keras.Model):
-            raise BadInputError(f"--model {self.ref} returned {type(model).__name__}, not a "
-                                "keras.Model. Return the model itself.")
-        if not getattr(model, "compiled", False) or model.optimizer is None:
-            raise BadInputError(f"--model {self.ref} returned an uncompiled model. Call "
-                                "model.compile(optimizer=..., loss=..., metrics=[...]) before "
-                                "returning it.")
-        _build(model, self.ref, x_sample, y_sample)
+        with _generators_restored():  # unseeded layers draw their seeds from them
+            model = call(function, self.ref, "--model", self.params, optional={"seed": self.seed})
+            if not isinstance(model, keras.Model):
+                raise BadInputError(f"--model {self.ref} returned {type(model).__name__}, not a "
+                                    "keras.Model. Return the model itself.")
+            if not getattr(model, "compiled", False) or model.optimizer is None:
+                raise BadInputError(f"--model {self.ref} returned an uncompiled model. Call "
+                                    "model.compile(optimizer=..., loss=..., metrics=[...]) "
+                                    "before returning it.")
+            _build(model, self.ref, x_sample, y_sample)
         return model
 
     def factory(self, x_sample, y_sample):
         """A function of no arguments that builds a fresh model (what weights-only formats load
         into)."""
         return lambda: self.build(x_sample, y_sample)
+
+
+@contextlib.contextmanager
+def _generators_restored():
+    """Python's and NumPy's global random states as they were before the block."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _build(model, ref: str, x_sample, y_sample) -> None:

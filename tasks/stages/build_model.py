@@ -12,7 +12,7 @@ from ckptflow.config import TrainConfig
 from ckptflow.core.files import publish, sha256_file
 from ckptflow.core.identity import check_same_architecture, check_same_model
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
-from ckptflow.core.models import ModelSource, fingerprint, metric_names, weight_shapes
+from ckptflow.core.models import ModelSource, fingerprint, metric_names, seed_everything, weight_shapes
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import TEST_SPLITS, DataRecord, example_rows, load_snapshot
 from ckptflow.orchestration.retries import retry_options
@@ -44,7 +44,9 @@ def build_model_stage(run_dir: str | Path, identity: dict, data: DataRecord) -> 
     recorded = read_manifest(run).get("model")
     check_same_model(run, recorded, identity)  # whether or not the file is still there
     sample = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
-    model = ModelSource.from_identity(identity).build(*example_rows(sample))
+    source = ModelSource.from_identity(identity)
+    seed_everything(source.seed, deterministic=False)  # the initial weights follow the seed
+    model = source.build(*example_rows(sample))
     print_ = fingerprint(model)
     check_same_architecture(run, recorded, print_)
     if recorded and path.exists() and sha256_file(path) == recorded["sha256"]:

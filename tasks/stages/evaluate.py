@@ -19,7 +19,7 @@ from ckptflow.core.manifest import (
     set_artifacts,
     update_manifest,
 )
-from ckptflow.core.models import describe_metrics
+from ckptflow.core.models import describe_metrics, evaluation_batch_size
 from ckptflow.core.restore import fresh_model_factory, restore_model
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
@@ -64,7 +64,7 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     results = {}
     for name, model in (("untrained", untrained), ("trained", restore_model(run, checkpoint.path))):
         results[name] = {k: float(v) for k, v in model.evaluate(
-            x, y, batch_size=256, verbose=0, return_dict=True).items()}
+            x, y, batch_size=evaluation_batch_size(), verbose=0, return_dict=True).items()}
     trained, baseline = results["trained"], results["untrained"]
     record = EvaluationRecord(
         checkpoint=checkpoint.path, epoch=checkpoint.epoch, test_loss=trained["loss"],

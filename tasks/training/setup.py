@@ -1,7 +1,8 @@
-"""What both training loops share: start a run (fresh or resumed), close epochs, finish with a record.
+"""What every training attempt shares: start a run (fresh or resumed), close epochs, finish with a record.
 
-`start_training` checks the data snapshot, finds the resume point, builds the run's model (the
-tutorial's or a user's) and its batch source, and either loads the untrained weights or restores
+`start_training` checks the data snapshot, finds the resume point, seeds the process's random
+generators (the one place training does), builds the run's model (the tutorial's or a user's)
+and its batch source, and either loads the untrained weights or restores
 the latest checkpoint. `EpochOutputs` writes what an epoch leaves beside its checkpoint (history
 CSV, TensorBoard, log line). `finish_training` writes the history and the manifest and returns
 the stage's `TrainRecord`.
@@ -24,7 +25,7 @@ from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.datasets import training_pipeline
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
-from ckptflow.core.models import ModelSource
+from ckptflow.core.models import ModelSource, seed_everything
 from ckptflow.core.resume_point import CheckpointRef, find_resume_point
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import Arrays, DataRecord, example_rows, load_verified
@@ -82,13 +83,13 @@ def optimizer_step(model) -> int:
 
 def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=None,
                    announce: bool = True) -> TrainingStart:
-    """Build the run's model (in `strategy`'s scope, if given) and batches, and put them where
+    """Seed, build the run's model (in `strategy`'s scope, if given) and batches, and put them where
     training continues: the untrained weights for a new run, or everything the latest valid
     checkpoint holds (weights, optimizer, RNG, the epoch's metrics, the pipeline's position)."""
     arrays = load_verified(run.root / data.path, data)
+    seed_everything(config.seed, config.deterministic)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = ModelSource.from_identity(config.identity()).build(
-            *example_rows(arrays), deterministic=config.deterministic)
+        model = ModelSource.from_identity(config.identity()).build(*example_rows(arrays))
     batches = batch_source(config, data, arrays)
     point = find_resume_point(run, config.identity(), data.data_sha256)
     if point is None:

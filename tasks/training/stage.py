@@ -13,7 +13,7 @@ from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.training.cluster import describe_worker, is_chief, strategy_for, wait_for_chief
-from ckptflow.training.fit_loop import train_on_one_device
+from ckptflow.training.loop import train_on_one_device
 from ckptflow.training.setup import BatchCallback, EpochCallback, TrainRecord
 
 
@@ -36,7 +36,7 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
         on_batch_end: called with the state after every batch (progress, fault drills).
     """
     if config.strategy != "default":  # tf.distribute only when asked for
-        from ckptflow.training.strategy_loop import train_with_strategy
+        from ckptflow.training.replicas import train_with_strategy
 
         return train_with_strategy(run_dir, config, data, on_epoch_end, on_batch_end)
     with run_dir_lock(run_dir, config.wait_for_lock):
@@ -53,7 +53,7 @@ def run_worker(config: TrainConfig, wait_seconds: float) -> dict:
         raise BadInputError("this process is the chief (TF_CONFIG task index 0); start it with "
                             "`ckptflow run --strategy multi-worker`, and the others with "
                             "`ckptflow worker`.")
-    from ckptflow.training.strategy_loop import train_with_strategy
+    from ckptflow.training.replicas import train_with_strategy
 
     return train_with_strategy(config.run_dir, config, wait_for_chief(config, wait_seconds))
 

@@ -10,8 +10,6 @@ import random
 
 import keras
 
-from ckptflow.core.models import seed_everything
-
 # MNIST pixel statistics after scaling to [0, 1].
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -43,19 +41,17 @@ class Standardize(keras.layers.Layer):
 
 
 def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1e-3,
-                 seed: int = 42, deterministic: bool = False) -> keras.Model:
+                 seed: int = 42) -> keras.Model:
     """The tutorial's `create_model()`: Standardize → Dense(units, relu) → Dropout → Dense(10),
     compiled.
+
+    Every seed comes from `seed` (the global generators are neither read nor seeded), so the same
+    seed gives the same model wherever and whenever it is built.
 
     Example:
         model = create_model(units=64)
         logits = model(np.zeros((1, 784), "float32"))
-
-    Args:
-        deterministic: also enable TensorFlow op determinism (process-wide). Defaults to False;
-            training passes its `deterministic` setting.
     """
-    seed_everything(seed, deterministic)
     # The seeds Keras would draw for unseeded initializers right after set_random_seed(seed), but
     # from a private generator: another thread drawing from the process-wide `random` (Dask's,
     # Prefect's) in between would otherwise change the initial weights.

@@ -1,0 +1,208 @@
+"""One handle on a run's checkpoint saves (Orbax's CheckpointManager holds its async state):
+when (SavePolicy), in the background (CheckFreq's snapshot, then persist), and at what cost."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ckptflow.core.checkpoints import Checkpoint, CheckpointStore, Snapshot
+from ckptflow.core.files import size_of
+
+log = logging.getLogger("ckptflow.checkpoints")
+
+Then = Callable[[Checkpoint], None]
+
+
+class SavePolicy:
+    """When to commit a mid-epoch checkpoint: every `every_batches` batches, within a time budget.
+
+    A save that cost training t seconds (the time it waited, plus the CPU time of a background
+    commit) defers the next mid-epoch save until t / `budget` seconds have passed, so checkpoints
+    cost at most about `budget` of the training time however slow the disk or large the model
+    (CheckFreq's idea); a save due while the previous checkpoint is still being written in the
+    background is put off too. At 60,000 images a checkpoint every 16 batches would otherwise be
+    117 saves an epoch. A budget of 0 saves exactly every `every_batches` batches (waiting for
+    the previous commit if need be). Epoch ends are always saved, and count against the budget.
+
+    Example:
+        policy = SavePolicy(every_batches=16, budget=0.02)
+        if policy.due(batch, steps, busy=a_commit_is_in_flight):
+            policy.saved(seconds_training_waited)
+    """
+
+    def __init__(self, every_batches: int, budget: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_batches = every_batches
+        self.budget = budget
+        self.clock = clock
+        self._not_before = -math.inf
+        self.deferred = 0  # saves the cadence asked for and the budget put off
+
+    def due(self, batch: int, steps: int, busy: bool = False) -> bool:
+        """Whether to save after `batch` batches of an epoch of `steps` batches. `busy`: the
+        previous checkpoint is still being written; with a budget, this save is put off rather
+        than make training wait for the disk."""
+        if not self.every_batches or batch % self.every_batches or batch >= steps:
+            return False
+        if self.clock() < self._not_before or (busy and self.budget):
+            self.deferred += 1
+            return False
+        return True
+
+    def saved(self, seconds: float) -> None:
+        """Charge `seconds` a save cost training: what training waited for it (a snapshot, a
+        commit in flight, or the whole write), and the CPU time its background commit used,
+        which the training threads lose on a busy machine. Charges add up."""
+        if self.budget:
+            self._not_before = max(self._not_before, self.clock()) + seconds / self.budget
+
+
+class CheckpointSaves:
+    """Saves a training run's checkpoints as `policy` allows, at most one commit in flight on a
+    writer thread, and counts what they cost: the seconds training waited, the writer's CPU
+    seconds (both charged to the policy), checkpoints committed and bytes written.
+
+    Example:
+        saves = CheckpointSaves(store, SavePolicy(every_batches=16, budget=0.02), build_model)
+        if saves.due(batch, steps):
+            saves.save(model, state, epoch_end=False)  # returns once snapshotted
+        saves.poll()  # at each batch boundary; saves.wait() before a stop or the end
+
+    A commit's error (a full disk) is raised on the training thread by the next `save`, `poll`
+    or `wait`, the previous checkpoint standing. `then` (history, logs, callbacks of an epoch
+    end) runs on the training thread once its checkpoint is committed, never before, and its
+    time is not counted as a checkpoint's.
+
+    Args:
+        store: where checkpoints are committed.
+        policy: when a mid-epoch save is due.
+        keras_model: builds a model of the run's architecture for the epoch ends' Keras files
+            (the training model keeps changing while they are written); called once, on the
+            training thread, at the first epoch end (Keras' settings are per thread).
+        extra: trackables every checkpoint holds beside the model. Defaults to none.
+        background: False commits on the training thread in `save`, the Keras files from the
+            training model itself. Defaults to True.
+        latest: the newest committed checkpoint so far (the one training resumed from).
+    """
+
+    def __init__(self, store: CheckpointStore, policy: SavePolicy,
+                 keras_model: Callable[[], Any] | None = None, extra: dict | None = None,
+                 background: bool = True, latest: Checkpoint | None = None):
+        self.store, self.policy, self.background, self.extra = store, policy, background, extra
+        self._keras_model_factory, self._keras_model = keras_model, None
+        self.latest, self.committed, self.bytes_written = latest, 0, 0
+        self.cpu_seconds = 0.0  # of the commits made on the writer thread
+        self._charged_cpu = 0.0  # of cpu_seconds, what the policy has been charged
+        self._waited = 0.0  # seconds training waited on saves
+        self._then_seconds = 0.0  # spent in `then` callbacks (epoch outputs, not checkpoints)
+        self._started = time.perf_counter()
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Checkpoint | BaseException, float] | None = None
+        self._then: Then | None = None
+
+    def due(self, batch: int, steps: int) -> bool:
+        """Whether the policy wants a mid-epoch save after `batch` of `steps` batches."""
+        return self.policy.due(batch, steps, busy=self._thread is not None and self._thread.is_alive())
+
+    def save(self, model, state: dict[str, Any], epoch_end: bool, then: Then | None = None) -> None:
+        """Snapshot `model` and `state` now and commit them (in the background, after the commit
+        in flight). What training waited (the snapshot, a commit still being written) is
+        charged to the policy; the previous epoch's `then` is not."""
+        started, then_before = self.policy.clock(), self._then_seconds
+        snapshot = self.store.snapshot(model, state, epoch_end=epoch_end, extra=self.extra,
+                                       keras_copy=self.background)
+        self._finish_commit()
+        if self.background:
+            self._start_commit(snapshot, then)
+        else:
+            self._finished(self.store.commit(snapshot, keras_model=lambda: model), then, cpu=0.0)
+        waited = self.policy.clock() - started - (self._then_seconds - then_before)
+        self._waited += waited
+        self.policy.saved(waited)
+        self._charge_cpu()
+
+    def poll(self) -> None:
+        """At a batch boundary: a finished commit's `then`, or its error; charge its CPU time
+        (on a busy machine, training loses it)."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._finish_commit()
+        self._charge_cpu()
+
+    def wait(self) -> None:
+        """Until the commit in flight is in (training waits: counted, its `then` not)."""
+        started, then_before = time.perf_counter(), self._then_seconds
+        self._finish_commit()
+        self._waited += time.perf_counter() - started - (self._then_seconds - then_before)
+
+    def close(self) -> None:
+        """As the attempt ends on an error (the one that propagates): let the commit in flight
+        finish and count it, or say that it failed; its `then` is not run (a rerun writes the
+        history again)."""
+        outcome, _, cpu = self._join()
+        if isinstance(outcome, BaseException):
+            log.warning("the checkpoint being committed as training failed was not: %s", outcome)
+        elif outcome is not None:
+            self._finished(outcome, None, cpu)
+
+    def costs(self) -> dict:
+        """What checkpoints cost this attempt, for the manifest."""
+        seconds = time.perf_counter() - self._started
+        return {"training_seconds": round(seconds, 3), "waited_seconds": round(self._waited, 3),
+                "cost": round(self._waited / seconds, 4) if seconds else 0.0,
+                "commit_cpu_seconds": round(self.cpu_seconds, 3),
+                "committed": self.committed, "deferred": self.policy.deferred,
+                "bytes_written": self.bytes_written, "background": self.background}
+
+    def _charge_cpu(self) -> None:
+        spent, self._charged_cpu = self.cpu_seconds - self._charged_cpu, self.cpu_seconds
+        if spent:
+            self.policy.saved(spent)
+
+    def _start_commit(self, snapshot: Snapshot, then: Then | None) -> None:
+        if snapshot.keras_values is not None and self._keras_model is None:
+            self._keras_model = self._keras_model_factory()
+        self._then = then
+        self._thread = threading.Thread(target=self._commit, args=(snapshot,),
+                                        name=f"ckptflow-commit-{snapshot.name}", daemon=True)
+        self._thread.start()
+
+    def _finish_commit(self) -> None:
+        """Block until no commit is in flight; raise the error of the one that was, if it failed."""
+        outcome, then, cpu = self._join()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is not None:
+            self._finished(outcome, then, cpu)
+
+    def _join(self) -> tuple[Checkpoint | BaseException | None, Then | None, float]:
+        if self._thread is None:
+            return None, None, 0.0
+        self._thread.join()
+        (outcome, cpu), then = self._outcome, self._then
+        self._thread, self._outcome, self._then = None, None, None
+        return outcome, then, cpu
+
+    def _finished(self, checkpoint: Checkpoint, then: Then | None, cpu: float) -> None:
+        self.latest = checkpoint
+        self.committed += 1
+        self.cpu_seconds += cpu
+        self.bytes_written += size_of(checkpoint.path)
+        if then is not None:
+            started = time.perf_counter()
+            try:
+                then(checkpoint)
+            finally:
+                self._then_seconds += time.perf_counter() - started
+
+    def _commit(self, snapshot: Snapshot) -> None:
+        started = time.thread_time()
+        try:
+            outcome = self.store.commit(snapshot, keras_model=lambda: self._keras_model)
+        except BaseException as exc:  # handed to the training thread
+            outcome = exc
+        self._outcome = (outcome, time.thread_time() - started)
