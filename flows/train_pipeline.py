@@ -55,8 +55,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
             check_deployment_run(config)  # before anything is imported or created
             with run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
                 mark_crashed(abandoned, config.run_dir)
-                native_log = RunDir(config.run_dir).native_log
-                import_tensorflow(native_log)  # its start-up lines (CUDA probing) to the log
+                import_tensorflow()  # its native start-up lines (CUDA probing) off the terminal
                 join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
                 raise_if_stop_requested()
                 data = fetch_data_task(config)
@@ -64,7 +63,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
                 resume_from_latest_task(config, data.data_sha256)
                 raise_if_stop_requested()
                 trained = train_task(config, data)  # reads it after every batch
-                start_loader(native_log)  # verify's loader imports TensorFlow during evaluate, export
+                start_loader(RunDir(config.run_dir).native_log)  # imports TensorFlow during evaluate, export
                 raise_if_stop_requested()
                 evaluation = evaluate_task(config, data, trained.checkpoint_ref())
                 raise_if_stop_requested()

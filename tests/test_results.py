@@ -153,7 +153,8 @@ def test_tampered_results_are_recomputed_never_executed(tmp_path):
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}):
         for _ in range(2):  # the second run finds every output, so every cached stage writes one
             train_pipeline(config)
-        assert {task_states(train_pipeline(config, return_state=True))[t] for t in cached} == {"Cached"}
+        third = task_states(train_pipeline(config, return_state=True))
+        assert {third[t] for t in cached} == {"Cached"}, third
         records = cache_records(home)
         assert len(records) >= 3 and {r["serializer"]["type"] for r in records} == {"ckptflow-records"}
         assert pickled_results(home) == []
@@ -170,7 +171,7 @@ def test_tampered_results_are_recomputed_never_executed(tmp_path):
         rewritten = [r for r in cache_records(home) if r["serializer"] == {"type": "ckptflow-records"}]
         assert len(rewritten) >= 3  # the reruns' fresh records (older keys keep the tampered ones)
         again = task_states(train_pipeline(config, return_state=True))
-        assert {again[t] for t in cached} == {"Cached"}
+        assert {again[t] for t in cached} == {"Cached"}, again
     assert not marker.exists()
 
 

@@ -106,9 +106,11 @@ def _now() -> str:
 
 
 def checkpoint_cost(training: dict[str, Any]) -> str | None:
-    """What checkpoints cost the run, over the training attempts that recorded it (one line), or
-    None when none did (a run trained under a strategy, or by an older ckptflow)."""
-    costs = [a["checkpoints"] for a in training.get("attempts", []) if a.get("checkpoints")]
+    """What checkpoints cost the run, over the attempts that trained and recorded it (one line),
+    or None when none did (a run trained under a strategy). An attempt that found the run
+    complete adds nothing, so the report of a finished run stays byte for byte the same."""
+    costs = [a["checkpoints"] for a in training.get("attempts", [])
+             if a.get("checkpoints") and a.get("batches_trained")]
     seconds = sum(c["training_seconds"] for c in costs)
     if not costs or not seconds:
         return None

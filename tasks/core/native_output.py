@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,10 +58,13 @@ def native_output_to(path: Path) -> Iterator[None]:
                       first_line(failed), path, last_lines(path))
 
 
-def import_tensorflow(native_log: Path) -> None:
-    """Import TensorFlow now (if not yet), its native start-up lines into `native_log`."""
+def import_tensorflow() -> None:
+    """Import TensorFlow now (if not yet), its native start-up lines (CUDA probing, absl) into a
+    temporary file that is shown only if the import fails: no run directory is written for them
+    (bad input found later must leave an existing one as it was)."""
     if "tensorflow" not in sys.modules:
-        with native_output_to(native_log):
+        with tempfile.TemporaryDirectory(prefix="ckptflow-import-") as folder, \
+                native_output_to(Path(folder) / "native.log"):
             import tensorflow  # noqa: F401
 
 
