@@ -13,7 +13,7 @@ from conftest import REPO
 from ckptflow.config import SweepConfig, TrainConfig, grid_points
 from ckptflow.core.allowlist import Allowlist, NotAllowedError
 from ckptflow.core.errors import BadInputError
-from ckptflow.orchestration.deployment_allowlist import allowlist_of
+from ckptflow.orchestration.deployment_allowlist import allowlist_of, check_config
 
 DIGITS = {"model": "examples/digits_cnn/model.py:build", "data": "examples/digits_cnn/data.py:load"}
 
@@ -24,10 +24,7 @@ def _train(**config) -> dict:
 
 def _refused(allow: Allowlist, config: TrainConfig) -> NotAllowedError | None:
     try:
-        for kind, ref in config.code_refs().items():
-            allow.check_ref(kind, ref)
-        for parameter, path in config.paths().items():
-            allow.check_path(parameter, path)
+        check_config(allow, config)
     except NotAllowedError as exc:
         return exc
     return None

@@ -26,7 +26,7 @@ _KINDS = ("model", "data")
 def check_deployment_run(config: TrainConfig) -> None:
     """In a deployment run, refuse a REF or a path its deployment does not allow."""
     if (allow := deployment_allowlist()) is not None:
-        _check(allow, config)
+        check_config(allow, config)
 
 
 def check_deployment_sweep(sweep: SweepConfig) -> None:
@@ -36,7 +36,7 @@ def check_deployment_sweep(sweep: SweepConfig) -> None:
     allow.check_path("sweep_dir", sweep.sweep_dir)
     allow.check_dask_address(sweep.dask_address)
     for config in grid_points(sweep):
-        _check(allow, config)
+        check_config(allow, config)
 
 
 def deployment_allowlist() -> Allowlist | None:
@@ -73,7 +73,8 @@ def allowlist_of(name: str, parameters: dict[str, Any], job_variables: dict[str,
     return Allowlist(name, refs=refs, roots=roots, workdir=workdir, dask_addresses=dask)
 
 
-def _check(allow: Allowlist, config: TrainConfig) -> None:
+def check_config(allow: Allowlist, config: TrainConfig) -> None:
+    """Refuse the first function or path of `config` that `allow` does not allow."""
     for kind, ref in config.code_refs().items():
         allow.check_ref(kind, ref)
     for parameter, path in config.paths().items():
