@@ -165,10 +165,20 @@ def run_verify(run_dir: str, as_json: bool) -> int:
 def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
     from ckptflow.core.errors import BadInputError, StopRequested, first_line
-    from ckptflow.training.stage import run_worker as train_along
+    from ckptflow.training import cluster
+    from ckptflow.training.replicas import train_with_strategy
 
     try:
-        done = train_along(config, wait_for_chief)
+        if config.strategy != "multi-worker":
+            raise BadInputError(f"ckptflow worker joins a multi-worker run. Received: "
+                                f"strategy={config.strategy!r}. Expected: --strategy multi-worker.")
+        strategy = cluster.strategy_for(config.strategy, config.peer_timeout_seconds)  # before any TF op
+        if cluster.is_chief(strategy):
+            raise BadInputError("this process is the chief (TF_CONFIG task index 0); start it with "
+                                "`ckptflow run --strategy multi-worker`, and the others with "
+                                "`ckptflow worker`.")
+        done = train_with_strategy(config.run_dir, config,
+                                   cluster.wait_for_chief(config, wait_for_chief))
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
