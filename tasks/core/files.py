@@ -105,17 +105,12 @@ def fsync_dir(path: Path) -> None:
 def fsync_tree(path: Path) -> None:
     """fsync every file and directory under `path`, so a later rename publishes complete data."""
     path = Path(path)
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        return
-    for p in sorted(path.rglob("*"), reverse=True):
+    for p in [*sorted(path.rglob("*"), reverse=True), path]:  # children before their directory
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         elif p.is_dir():
             fsync_dir(p)
-    fsync_dir(path)
 
 
 def current_umask() -> int:

@@ -64,10 +64,15 @@ def describe_tf_config() -> str:
             f"({', '.join(workers)})")
 
 
+def _resolver(strategy):
+    """The strategy's cluster resolver, or None for one process (mirrored, default)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver if resolver is not None and resolver.task_type else None
+
+
 def worker_count(strategy) -> int:
     """How many processes share the strategy's replicas (1 for mirrored)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
+    if (resolver := _resolver(strategy)) is None:
         return 1
     return sum(len(tasks) for tasks in resolver.cluster_spec().as_dict().values())
 
@@ -92,18 +97,14 @@ def check_tf_config() -> None:
 
 def is_chief(strategy) -> bool:
     """True for the one process that commits checkpoints and writes the run directory."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
+    if (resolver := _resolver(strategy)) is None or resolver.task_type == "chief":
         return True
     return (resolver.task_type == "worker" and resolver.task_id == 0
             and "chief" not in resolver.cluster_spec().as_dict())
 
 
 def describe_worker(strategy) -> str:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
+    if (resolver := _resolver(strategy)) is None:
         return "one process"
     workers = len(resolver.cluster_spec().as_dict().get("worker", []))
     return f"{resolver.task_type} {resolver.task_id} of {workers} workers"
