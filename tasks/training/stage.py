@@ -21,10 +21,7 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
                            on_batch_end: BatchCallback | None = None) -> TrainRecord:
     """Train until `config.epochs` epochs are done, continuing from the latest valid checkpoint.
 
-    Checkpoints are committed at every epoch end and every `config.save_every_batches` batches,
-    as `config.checkpoint_budget` allows (see SavePolicy). With the same seed, a run stopped and
-    resumed any number of times ends with the same weights as a run that was never stopped.
-    Holds the run directory's lock while it trains.
+    A run stopped and resumed any number of times ends with the weights of a run never stopped.
 
     Example:
         data = prepare_run(config)
