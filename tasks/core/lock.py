@@ -38,17 +38,10 @@ class RunDirBusy(BadInputError):
 @contextmanager
 def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0,
                  note: dict | None = None) -> Iterator[dict | None]:
-    """Hold the run directory exclusively; wait up to `wait_seconds` for another holder.
+    """Hold the run directory exclusively, waiting up to `wait_seconds` (else RunDirBusy).
 
-    Yields the record of a previous holder that died holding it (killed, crashed: it never
-    released it), or None. `note` is kept in this holder's record, for whoever finds it dead.
-
-    Example:
-        with run_dir_lock("runs/demo") as abandoned:
-            train_with_checkpoints(...)
-
-    Raises:
-        RunDirBusy: another process holds it past `wait_seconds`.
+    Yields the record of a previous holder that died holding it, or None. `note` is kept in this
+    holder's record, for whoever finds it dead.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
