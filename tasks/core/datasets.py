@@ -1,11 +1,8 @@
 """A user's data, from the function `--data` names: NumPy arrays, or tf.data pipelines.
 
-The function returns either `{"x_train", "y_train", "x_test", "y_test"}` arrays (features may
-be a dict of arrays, for a multi-input model), which fetch-data snapshots whole, or
-`{"train": tf.data.Dataset, "test": tf.data.Dataset}` of unbatched `(features, label)` elements:
-the test set is read into the snapshot, the training pipeline is fingerprinted (one pass, order
-ignored, so a shuffle without a seed does not change it) and rebuilt by the training stage,
-which batches it and checkpoints its iterator.
+Arrays (`x_train`, `y_train`, `x_test`, `y_test`; features may be a dict) are snapshotted whole.
+Of `{"train", "test"}` pipelines of unbatched `(features, label)` elements the test set is
+snapshotted, the training pipeline fingerprinted and rebuilt by training.
 """
 
 from __future__ import annotations
@@ -187,8 +184,8 @@ def read_test_set(ref: str, test) -> Arrays:
 
 
 def pipeline_fingerprint(train) -> tuple[int, str]:
-    """(elements, SHA-256 of their multiset) of one pass over `train`: the same for the same
-    elements in any order, so a shuffle does not change it, and other data does."""
+    """(elements, SHA-256 of their multiset) of one pass over `train`: a shuffle without a seed
+    does not change it, other data does."""
     import tensorflow as tf
 
     total, count = 0, 0
