@@ -28,11 +28,8 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
                data_params: dict[str, Any] | None = None) -> DataRecord:
     """Load `source` (a data function's REF, or the tutorial's MNIST), validate it, snapshot it.
 
-    The snapshot is what every later stage reads: every split of the tutorial's MNIST (x flattened
-    to 784 and scaled to [0, 1], integer labels, in `data/mnist.npz`) or of a data function's
-    arrays; of a tf.data pipeline, its test set (`data/snapshot.npz`), while its training set is
-    fingerprinted and rebuilt by training. A run directory holds one data set for life: if it
-    already has other data, this refuses instead of overwriting it.
+    The snapshot is what every later stage reads (of a tf.data pipeline, its test set). A run
+    directory holds one data set for life: other data is refused, not written over it.
 
     Example:
         record = fetch_data("runs/demo", "bundled", train_samples=500, test_samples=200)
