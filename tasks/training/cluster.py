@@ -26,13 +26,9 @@ _strategies: dict[str, Any] = {}  # one per process: collective ops are configur
 
 
 def strategy_for(name: str, peer_timeout_seconds: float = 300.0):
-    """The process's tf.distribute strategy called `name`, created on first use.
-
-    Call it before TensorFlow runs any op: MultiWorkerMirroredStrategy cannot be created after
-    that ("Collective ops must be configured at program startup"), which is why the flow joins
-    the cluster before its first stage. Its creation waits for every worker in TF_CONFIG; one
-    that has not come within `peer_timeout_seconds` ends this process (PeerWatchdog).
-    """
+    """The process's tf.distribute strategy called `name`, created on first use: before any
+    TensorFlow op, as MultiWorkerMirroredStrategy requires ("Collective ops must be configured at
+    program startup")."""
     if name in _strategies:
         return _strategies[name]
     if name == "multi-worker":
@@ -111,11 +107,8 @@ def describe_worker(strategy) -> str:
 
 
 def wait_for_chief(config: TrainConfig, timeout_s: float) -> DataRecord:
-    """The chief's data record, once its fetch-data and build-model have run on this run dir.
-
-    Another worker reads the run directory only; it starts training when the chief has written
-    the data snapshot and the untrained model with the settings this worker was given.
-    """
+    """The chief's data record, once it has written the data and the model with this worker's
+    settings."""
     run_dir = RunDir(config.run_dir)
     request = config.data_request()
     deadline = time.monotonic() + timeout_s
