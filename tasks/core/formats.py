@@ -30,29 +30,17 @@ Predict = Callable[[Path, "np.ndarray", ModelFactory], "np.ndarray"]
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One export format.
+    """One export format."""
 
-    Args:
-        name: the format's name in `--formats`, the manifest and `ckptflow verify`.
-        filename: file or directory name under `exports/`.
-        save: writes `model` to a path.
-        predict: loads the path with the format's own runtime and predicts `x`.
-        loader: how it is loaded, in words, for reports.
-        tolerance: largest allowed |prediction - trained model's prediction|.
-        requires: importable modules the format needs beyond ckptflow's dependencies.
-        hdf5: the file is HDF5, so its groups and dataset shapes can be inspected with h5py.
-        multi_input: ckptflow can feed it a dict of inputs (LiteRT and ONNX: one input only).
-    """
-
-    name: str
-    filename: str
+    name: str  # in `--formats`, the manifest and `ckptflow verify`
+    filename: str  # under `exports/`
     save: Callable[[object, Path], None]
-    predict: Predict
-    loader: str
-    tolerance: float = 1e-5
-    requires: tuple[str, ...] = ()
-    hdf5: bool = False
-    multi_input: bool = True
+    predict: Predict  # loads the path with the format's own runtime and predicts `x`
+    loader: str  # how it is loaded, in words, for reports
+    tolerance: float = 1e-5  # largest allowed |prediction - trained model's prediction|
+    requires: tuple[str, ...] = ()  # modules it needs beyond ckptflow's dependencies
+    hdf5: bool = False  # its dataset shapes can be inspected with h5py
+    multi_input: bool = True  # takes a dict of inputs (LiteRT and ONNX here do not)
 
     def missing(self) -> list[str]:
         """The required modules that are not installed."""
