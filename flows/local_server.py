@@ -82,15 +82,6 @@ def unreachable(api_url: str) -> str | None:
         return str(reason)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _drain_to_server() -> None:
     """Send the run logs and events Prefect still queues to the server before it stops (else
     each late batch retries against a closed port for a minute: "Error logging to API")."""
@@ -238,4 +229,9 @@ class KeptUp:
         with self._lock:
             self._stopping.set()
             if self.process.poll() is None:
-                _stop(self.process)
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()

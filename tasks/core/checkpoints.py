@@ -85,10 +85,6 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def tf_prefix(self) -> str:
-        return str(self.path / TF_PREFIX)
-
     def read_state(self) -> dict[str, Any]:
         return json.loads((self.path / STATE).read_text())
 
@@ -182,7 +178,7 @@ class CheckpointStore:
         checkpoint = Checkpoint(self.directory / name, snapshot.epoch, snapshot.batch,
                                 snapshot.step)
         self._prune(newest=checkpoint)
-        self._update_tf_index()
+        write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in self._committed()])
         return checkpoint
 
     def latest(self) -> Checkpoint | None:
@@ -225,7 +221,8 @@ class CheckpointStore:
         """Load the checkpoint into `model` (built and compiled) and `extra`; return the state."""
         import tensorflow as tf
 
-        status = tf.train.Checkpoint(**_trackables(model, extra)).read(checkpoint.tf_prefix)
+        status = tf.train.Checkpoint(**_trackables(model, extra)).read(
+            str(checkpoint.path / TF_PREFIX))
         status.assert_existing_objects_matched()
         status.expect_partial()  # what is not asked for (a pipeline's position) stays unread
         return checkpoint.read_state()
@@ -258,11 +255,6 @@ class CheckpointStore:
             os.replace(old.path, trash)
             shutil.rmtree(trash)
         fsync_dir(self.directory)
-
-    def _update_tf_index(self) -> None:
-        kept = self._committed()
-        if kept:
-            write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in kept])
 
 
 def write_tf_index(directory: Path, prefixes: list[str]) -> None:
