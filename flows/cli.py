@@ -119,11 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_config_options(parser: argparse.ArgumentParser, fields=None, skip: tuple = (),
                         shared: bool = False) -> None:
-    """One option per typed parameter, so the CLI cannot drift from the pydantic models.
-
-    `shared` options (a sweep's settings for every point) keep no default of their own: only
-    the options given reach `settings`, the rest come from TrainConfig.
-    """
+    """One option per typed parameter, so the CLI cannot drift from the pydantic models; a
+    `shared` one (a sweep's setting) has no default, so only those given reach `settings`."""
     for name, field in (fields or TrainConfig.model_fields).items():
         if name in skip:
             continue

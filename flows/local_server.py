@@ -140,14 +140,7 @@ def ad_hoc_server() -> Iterator[Callable[[], None]]:
 
 @contextlib.contextmanager
 def temporary_server() -> Iterator[Callable[[], None]]:
-    """Start Prefect's temporary server now; yield `wait_until_ready`, call it before the flow.
-
-    Example:
-        with temporary_server() as wait_until_ready:
-            from ckptflow.flows.train_pipeline import train_pipeline  # loads while the server starts
-            wait_until_ready()
-            train_pipeline(config)
-    """
+    """Start Prefect's temporary server now; yield `wait_until_ready`, call it before the flow."""
     from prefect.logging import get_logger
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.settings import get_current_settings

@@ -150,11 +150,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _options_of_their_own_model(self) -> TrainConfig:
-        """The tutorial's options go with the tutorial's model and data, and only there.
-
-        An option counts as given when it differs from its default: a form (the Prefect UI's)
-        sends every field, defaults included.
-        """
+        """The tutorial's options go with the tutorial's model and data, and only there (given
+        means not the default: the Prefect UI's form sends every field)."""
         if not self.uses_tutorial_model():
             named = [f for f in TUTORIAL_PARAMS if _changed(self, f)]
             if named:
@@ -221,11 +218,7 @@ class TrainConfig(BaseModel):
         return value or None
 
     def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the checkpoint.
-
-        The tutorial model's are the fields run directories have always recorded; a user's
-        model is its REF and params, the batch size and the seed.
-        """
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
         if self.uses_tutorial_model():
             kwargs = self.model_kwargs()
             return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS}
