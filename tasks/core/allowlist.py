@@ -38,13 +38,8 @@ class Allowlist:
                           roots=["runs"], workdir="/srv/checkout")
         allow.check_ref("model", "subprocess:getoutput")  # raises NotAllowedError
 
-    Args:
-        deployment: the deployment's name, for messages.
-        refs: REFs allowed per kind of function (`model`, `data`).
-        roots: directories runs may use, relative to `workdir` or absolute; a path is allowed
-            when it resolves (symlinks followed) to a root or below one.
-        workdir: the deployment's working directory (where relative names start).
-        dask_addresses: Dask schedulers a sweep may send its points to.
+    A path is allowed when it resolves (symlinks followed) to one of `roots` or below one;
+    relative names start at `workdir`, the deployment's working directory.
     """
 
     deployment: str

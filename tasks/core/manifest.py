@@ -106,8 +106,8 @@ def _now() -> str:
 
 
 def checkpoint_cost(training: dict[str, Any]) -> str | None:
-    """What checkpoints cost the run, over the training attempts that recorded it (one line), or
-    None when none did (a run trained under a strategy, or by an older ckptflow)."""
+    """What checkpoints cost the run, in one line, over the training attempts that recorded it
+    (not those under a strategy), or None."""
     costs = [a["checkpoints"] for a in training.get("attempts", []) if a.get("checkpoints")]
     seconds = sum(c["training_seconds"] for c in costs)
     if not costs or not seconds:
@@ -122,7 +122,6 @@ def checkpoint_cost(training: dict[str, Any]) -> str | None:
 
 
 def export_hashes(manifest: dict) -> dict[str, str]:
-    """Format → SHA-256 of each export the manifest lists: what a report written now describes,
-    so verify can tell a report from before the exports were written again."""
+    """Format → SHA-256 of each export the manifest lists: what a report written now describes."""
     return {a["format"]: a["sha256"] for a in manifest.get("artifacts", [])
             if a.get("kind") == "export"}

@@ -186,22 +186,19 @@ def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
     row = VerifyRow(kind=entry["kind"], format=entry["format"], path=str(entry["path"]), ok=False)
     try:
         path = safe_path(run_dir, str(entry["path"]))
-        if not path.exists():
-            row.problem = "missing"
-            return row, None
-        digest = sha256_path(path)
+        digest = sha256_path(path) if path.exists() else None
     except BadInputError as exc:
         row.problem = str(exc)
-        return row, None
     except OSError as exc:  # a file or folder this user may not read
         row.problem = f"unreadable ({exc.strerror})"
-        return row, None
-    row.bytes = entry["bytes"]
-    if digest != entry["sha256"]:
-        row.problem = "SHA-256 does not match the manifest: refused, not opened"
-        return row, None
-    row.ok = True
-    return row, path
+    else:
+        if digest is None:
+            row.problem = "missing"
+        else:
+            row.bytes, row.ok = entry["bytes"], digest == entry["sha256"]
+            if not row.ok:
+                row.problem = "SHA-256 does not match the manifest: refused, not opened"
+    return row, path if row.ok else None
 
 
 def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
