@@ -276,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     from ckptflow.core.errors import StopRequested
     from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested
 
+    # A sweep's points share the default grace.
+    grace = (config if isinstance(config, TrainConfig) else TrainConfig()).stop_grace_seconds
     try:  # a signal only sets a flag: read before and after the flow, which reads it too
-        with StopOnSignal(grace_seconds(config)), \
+        with StopOnSignal(grace), \
                 ad_hoc_server() as wait_until_ready:  # a temporary one starts as the flow loads
             if args.command == "sweep":
                 from ckptflow.flows.sweep import sweep_flow as run_flow
@@ -309,11 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_summary(result))
     return 0
-
-
-def grace_seconds(config: TrainConfig | SweepConfig) -> float:
-    """How long a stop on SIGTERM may take (a sweep's points share the default)."""
-    return (config if isinstance(config, TrainConfig) else TrainConfig()).stop_grace_seconds
 
 
 def format_summary(summary: dict) -> str:

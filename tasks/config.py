@@ -333,11 +333,6 @@ class SweepConfig(BaseModel):
         return self
 
 
-def point_name(units: int, dropout: float, learning_rate: float) -> str:
-    """`units64-dropout0.2-lr0.001`: the point's run directory name."""
-    return f"units{units}-dropout{dropout:g}-lr{learning_rate:g}"
-
-
 def grid_point_name(params: dict[str, Any]) -> str:
     """`filters8-learning_rate0.001`: a `--grid` point's run directory name."""
     def text(value) -> str:
@@ -351,7 +346,7 @@ def grid_points(sweep: SweepConfig) -> list[TrainConfig]:
     """One validated TrainConfig per grid point (pydantic's error names a bad value)."""
     if sweep.grid is None:
         return [TrainConfig(**sweep.settings, units=u, dropout=d, learning_rate=lr,
-                            run_dir=str(Path(sweep.sweep_dir) / point_name(u, d, lr)))
+                            run_dir=str(Path(sweep.sweep_dir) / f"units{u}-dropout{d:g}-lr{lr:g}"))
                 for u, d, lr in itertools.product(sweep.units, sweep.dropout,
                                                   sweep.learning_rate)]
     shared = {k: v for k, v in sweep.settings.items() if k != "model_params"}
