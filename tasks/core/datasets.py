@@ -15,7 +15,7 @@ import numpy as np
 
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.models import seed_everything
-from ckptflow.core.snapshot import SPLITS, Arrays
+from ckptflow.core.snapshot import SPLITS, Arrays, data_digest
 from ckptflow.core.user_code import call, resolve
 
 PIPELINE_SPLITS = ("train", "test")
@@ -23,7 +23,8 @@ PIPELINE_SPLITS = ("train", "test")
 
 @dataclass
 class UserData:
-    """What a data function gave: arrays for every split, or a training pipeline and test arrays."""
+    """Data as loaded (the tutorial's too): arrays for every split, or a training pipeline and
+    test arrays."""
 
     arrays: Arrays
     train: Any = None  # the unbatched tf.data.Dataset, for kind "pipeline"
@@ -33,6 +34,18 @@ class UserData:
     @property
     def kind(self) -> str:
         return "arrays" if self.train is None else "pipeline"
+
+    @property
+    def train_samples(self) -> int:
+        return self.train_count if self.train_count is not None else len(self.arrays["y_train"])
+
+    def digest(self) -> str:
+        """What identifies the data: the arrays' digest, or the pipeline's training elements
+        (order ignored) with its test set."""
+        if self.kind == "arrays":
+            return data_digest(self.arrays)
+        return hashlib.sha256(f"pipeline:{self.train_count}:{self.train_fingerprint}:"
+                              f"{data_digest(self.arrays)}".encode()).hexdigest()
 
 
 def call_data_function(ref: str, params: dict[str, Any], seed: int):
