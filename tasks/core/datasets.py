@@ -86,8 +86,6 @@ def training_pipeline(ref: str, params: dict[str, Any], seed: int):
     return checked_pipelines(ref, value)[0]
 
 
-# --- arrays ---------------------------------------------------------------------------------
-
 def checked_arrays(ref: str, value: dict) -> Arrays:
     """The four splits as NumPy arrays, refused if rows, feature names or shapes disagree."""
     arrays: Arrays = {}
@@ -139,8 +137,6 @@ def _layout(x) -> dict | tuple:
         return {k: (v.shape[1:], v.dtype.str) for k, v in sorted(x.items())}
     return (x.shape[1:], x.dtype.str)
 
-
-# --- tf.data pipelines ---------------------------------------------------------------------------
 
 def checked_pipelines(ref: str, value: dict):
     """(train, test), refused unless both are tf.data.Datasets of unbatched, matching

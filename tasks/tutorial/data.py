@@ -34,8 +34,6 @@ def load_mnist(source: str, train_samples: int, test_samples: int,
     return _select(raw, train_samples, test_samples, used, seed), used, reason
 
 
-# --- sources -----------------------------------------------------------------------------------
-
 def keras_cache_path() -> Path:
     """Where the Keras loader caches mnist.npz (KERAS_HOME or ~/.keras, then datasets/)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
@@ -136,8 +134,6 @@ def _read_csv(path: Path) -> np.ndarray:
     # Integers stay integers: raw 0-255 pixels, told apart from floats already in [0, 1].
     return frame.to_numpy()
 
-
-# --- validation and split --------------------------------------------------------------------
 
 def _select(raw: Arrays | np.ndarray, n_train: int, n_test: int, source: str,
             seed: int) -> Arrays:
