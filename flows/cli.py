@@ -119,11 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_config_options(parser: argparse.ArgumentParser, fields=None, skip: tuple = (),
                         shared: bool = False) -> None:
-    """One option per typed parameter, so the CLI cannot drift from the pydantic models.
-
-    `shared` options (a sweep's settings for every point) keep no default of their own: only
-    the options given reach `settings`, the rest come from TrainConfig.
-    """
+    """One option per typed parameter, so the CLI cannot drift from the pydantic models; a
+    `shared` one (a sweep's setting) has no default, so only those given reach `settings`."""
     for name, field in (fields or TrainConfig.model_fields).items():
         if name in skip:
             continue
@@ -165,10 +162,20 @@ def run_verify(run_dir: str, as_json: bool) -> int:
 def run_worker(config: TrainConfig, wait_for_chief: float) -> int:
     """`ckptflow worker`: train along with a multi-worker run's chief, without Prefect."""
     from ckptflow.core.errors import BadInputError, StopRequested, first_line
-    from ckptflow.training.stage import run_worker as train_along
+    from ckptflow.training import cluster
+    from ckptflow.training.replicas import train_with_strategy
 
     try:
-        done = train_along(config, wait_for_chief)
+        if config.strategy != "multi-worker":
+            raise BadInputError(f"ckptflow worker joins a multi-worker run. Received: "
+                                f"strategy={config.strategy!r}. Expected: --strategy multi-worker.")
+        strategy = cluster.strategy_for(config.strategy, config.peer_timeout_seconds)  # before any TF op
+        if cluster.is_chief(strategy):
+            raise BadInputError("this process is the chief (TF_CONFIG task index 0); start it with "
+                                "`ckptflow run --strategy multi-worker`, and the others with "
+                                "`ckptflow worker`.")
+        done = train_with_strategy(config.run_dir, config,
+                                   cluster.wait_for_chief(config, wait_for_chief))
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -269,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     from ckptflow.core.errors import StopRequested
     from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested
 
+    # A sweep's points share the default grace.
+    grace = (config if isinstance(config, TrainConfig) else TrainConfig()).stop_grace_seconds
     try:  # a signal only sets a flag: read before and after the flow, which reads it too
-        with StopOnSignal(grace_seconds(config)), \
+        with StopOnSignal(grace), \
                 ad_hoc_server() as wait_until_ready:  # a temporary one starts as the flow loads
             if args.command == "sweep":
                 from ckptflow.flows.sweep import sweep_flow as run_flow
@@ -302,11 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_summary(result))
     return 0
-
-
-def grace_seconds(config: TrainConfig | SweepConfig) -> float:
-    """How long a stop on SIGTERM may take (a sweep's points share the default)."""
-    return (config if isinstance(config, TrainConfig) else TrainConfig()).stop_grace_seconds
 
 
 def format_summary(summary: dict) -> str:

@@ -1,17 +1,11 @@
 """The Prefect API of an ad-hoc run: the warm server if it is up, else a temporary one started early.
 
-`ad_hoc_server()` picks, in this order: a configured API URL (a real server, left alone); the
-warm server of `ckptflow server start` (flows/warm_server.py) if it answers with its
-credentials; else Prefect's temporary server, started by `temporary_server()`.
-
-With no API URL configured, Prefect starts a temporary server the first time a flow needs one:
-after the flow module (and TensorFlow, ~10 s here) has loaded, and only then does it spend ~10 s
-importing and starting the server. Both are single-threaded start-up work, so on two cores they
-can overlap. `temporary_server()` starts the same server (the command Prefect's
-`SubprocessASGIServer` runs) as the first thing a run does, with a random credential of its own
-(PREFECT_SERVER_API_AUTH_STRING) so no one else on the machine can drive it meanwhile, points
-this process's Prefect settings at it, and stops it when the run ends. If it does not come up,
-the run falls back to Prefect's own temporary server.
+Prefect starts its temporary server only once the flow module (and TensorFlow, ~10 s here) has
+loaded; both are single-threaded start-up work, so on two cores they can overlap.
+`temporary_server()` starts the same server (the command Prefect's `SubprocessASGIServer` runs)
+first thing, with a random credential of its own (PREFECT_SERVER_API_AUTH_STRING) so no one
+else on the machine can drive it, and stops it when the run ends. If it does not come up, the
+run falls back to Prefect's own temporary server.
 """
 
 from __future__ import annotations
@@ -88,22 +82,9 @@ def unreachable(api_url: str) -> str | None:
         return str(reason)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _drain_to_server() -> None:
-    """Send the run logs and events Prefect still queues to the server before it stops.
-
-    Prefect's own temporary server stops at interpreter exit, after these queues drain; this
-    one stops when the run returns, so it drains them first (else each late batch retries
-    against a closed port for a minute and prints "Error logging to API").
-    """
+    """Send the run logs and events Prefect still queues to the server before it stops (else
+    each late batch retries against a closed port for a minute: "Error logging to API")."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
@@ -134,11 +115,9 @@ def _use_api(url: str | None, auth: str | None = None,
 
 @contextlib.contextmanager
 def ad_hoc_server() -> Iterator[Callable[[], None]]:
-    """The Prefect API of an ad-hoc run; yields `wait_until_ready`, to call before the flow.
-
-    A configured API URL is used as it is; else the warm server (`ckptflow server start`) if it
-    answers; else Prefect's temporary server, started now (see `temporary_server`).
-    """
+    """The Prefect API of an ad-hoc run: a configured API URL; else the warm server if it
+    answers; else a temporary server, started now. Yields `wait_until_ready`, to call before the
+    flow."""
     from prefect.logging import get_logger
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.settings import get_current_settings
@@ -161,14 +140,7 @@ def ad_hoc_server() -> Iterator[Callable[[], None]]:
 
 @contextlib.contextmanager
 def temporary_server() -> Iterator[Callable[[], None]]:
-    """Start Prefect's temporary server now; yield `wait_until_ready`, call it before the flow.
-
-    Example:
-        with temporary_server() as wait_until_ready:
-            from ckptflow.flows.train_pipeline import train_pipeline  # loads while the server starts
-            wait_until_ready()
-            train_pipeline(config)
-    """
+    """Start Prefect's temporary server now; yield `wait_until_ready`, call it before the flow."""
     from prefect.logging import get_logger
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.settings import get_current_settings
@@ -217,15 +189,9 @@ def temporary_server() -> Iterator[Callable[[], None]]:
 
 
 class KeptUp:
-    """A server process started again, on the same port with the same credentials, when it
-    dies while the run still needs it (an OOM kill, a stray `kill`). Its database is a file,
-    so the run's flow and task runs are there when it is back, and Prefect's client retries
-    the requests that failed meanwhile: the run goes on instead of failing on a lost API.
-
-    Args:
-        launch: starts the process; called again for each restart.
-        restarts: at most this many restarts, so a server that cannot stay up is given up.
-    """
+    """A server process started again (by `launch`, at most `restarts` times) when it dies while
+    the run still needs it (an OOM kill, a stray `kill`). Its database is a file and Prefect's
+    client retries failed requests, so the run goes on instead of failing on a lost API."""
 
     def __init__(self, launch: Callable[[], subprocess.Popen], restarts: int = 3):
         self.launch, self.restarts = launch, restarts
@@ -256,4 +222,9 @@ class KeptUp:
         with self._lock:
             self._stopping.set()
             if self.process.poll() is None:
-                _stop(self.process)
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()

@@ -1,16 +1,10 @@
-"""Process settings ckptflow's entry points apply before TensorFlow and Prefect load.
+"""Process settings ckptflow's entry points (the CLI, the flow modules) apply before TensorFlow
+and Prefect load, never a library module's import. A value set in the environment wins.
 
-Called first by the CLI and the flow modules (the entry points of ad-hoc runs, `python flows/...py`
-and deployment runs), never at the import of a library module:
-- Prefect's temporary server can take longer than Prefect's 20 s default to come up on a busy
-  2-core machine, and nothing is sent to Prefect's analytics;
-- TensorFlow's C++ start-up lines (CUDA probing on a CPU machine) and tf.function retracing
-  notices (each freshly loaded model being checked) drown the run's own logs; errors that
-  matter still surface as Python exceptions. absl's lines ("All log messages before
-  absl::InitializeLog()", CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL: a run sends them, with the
-  converters' and verify's loader processes' output, to its logs/native.log
-  (`ckptflow.core.native_output`).
-A value the user sets in the environment wins.
+Prefect's temporary server can take longer than its 20 s default to come up on a busy 2-core
+machine. TensorFlow's C++ start-up lines and tf.function retracing notices drown the run's own
+logs (errors still surface as Python exceptions); absl's lines ignore TF_CPP_MIN_LOG_LEVEL and go
+to logs/native.log instead (`ckptflow.core.native_output`).
 """
 
 import logging

@@ -42,11 +42,9 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     """Train a Keras model (the tutorial's MNIST classifier by default, or the one `model` names,
     on the data `data` names) with checkpoints, evaluate it and export every format.
 
-    A failed run retried (by Prefect or by running it again on the same run directory) continues
-    from the latest committed checkpoint; finished stages are skipped. One run at a time holds
-    the run directory. A SIGTERM or SIGINT ends the run Cancelled: during training after
-    committing a checkpoint of the batch reached, elsewhere at the next stage boundary or safe
-    point inside a stage (what was committed stays).
+    A failed run retried, by Prefect or by running it again, continues from the latest committed
+    checkpoint and skips finished stages. A SIGTERM or SIGINT ends the run Cancelled, what was
+    committed kept.
     """
     route_logs_to_prefect()
     try:  # a signal only sets a flag; it is read between stages and inside the long ones

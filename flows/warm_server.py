@@ -1,13 +1,10 @@
 """One warm local Prefect server for ad-hoc runs: `ckptflow server start|stop|status`.
 
-Without a configured API URL, each `ckptflow run` starts Prefect's temporary server and stops
-it when the run ends (about 10 s of CPU per run here). Someone running many ad-hoc runs keeps
-one server up instead: `ckptflow server start` runs `prefect server start` on 127.0.0.1 in the
-background, detached, logging to PREFECT_HOME/ckptflow-server.log, with credentials of its own
-(PREFECT_SERVER_API_AUTH_STRING, a random string, so no one else on the machine can drive it).
-Where it is and its credentials are in PREFECT_HOME/ckptflow-server.json, readable by the user
-alone. `ckptflow run` and `ckptflow sweep` use it while it answers with those credentials
-(flows/local_server.py); otherwise they start the temporary server as before.
+A temporary server per `ckptflow run` costs about 10 s of CPU here; someone running many keeps
+one up instead: `prefect server start` on 127.0.0.1, detached, logging to
+PREFECT_HOME/ckptflow-server.log, with a random credential of its own
+(PREFECT_SERVER_API_AUTH_STRING), recorded in PREFECT_HOME/ckptflow-server.json (readable by the
+user alone). Runs use it while it answers with that credential (flows/local_server.py).
 """
 
 from __future__ import annotations
@@ -83,10 +80,8 @@ def running() -> WarmServer | None:
 
 
 def start(port: int) -> tuple[WarmServer, bool]:
-    """Start the warm server on 127.0.0.1:`port` and wait until it answers; (server, started).
-
-    A warm server already up, or still starting, is left as it is: (that server, False).
-    """
+    """Start the warm server on 127.0.0.1:`port` and wait until it answers; (server, started),
+    started False for one already up or still starting."""
     if (server := recorded()) is not None:
         if _is_warm_server(server.pid):  # up, or still coming up: wait for it
             if _wait_until_it_answers(server, lambda: _is_warm_server(server.pid)):

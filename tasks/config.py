@@ -150,11 +150,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _options_of_their_own_model(self) -> TrainConfig:
-        """The tutorial's options go with the tutorial's model and data, and only there.
-
-        An option counts as given when it differs from its default: a form (the Prefect UI's)
-        sends every field, defaults included.
-        """
+        """The tutorial's options go with the tutorial's model and data, and only there (given
+        means not the default: the Prefect UI's form sends every field)."""
         if not self.uses_tutorial_model():
             named = [f for f in TUTORIAL_PARAMS if _changed(self, f)]
             if named:
@@ -221,11 +218,7 @@ class TrainConfig(BaseModel):
         return value or None
 
     def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the checkpoint.
-
-        The tutorial model's are the fields run directories have always recorded; a user's
-        model is its REF and params, the batch size and the seed.
-        """
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
         if self.uses_tutorial_model():
             kwargs = self.model_kwargs()
             return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS}
@@ -340,11 +333,6 @@ class SweepConfig(BaseModel):
         return self
 
 
-def point_name(units: int, dropout: float, learning_rate: float) -> str:
-    """`units64-dropout0.2-lr0.001`: the point's run directory name."""
-    return f"units{units}-dropout{dropout:g}-lr{learning_rate:g}"
-
-
 def grid_point_name(params: dict[str, Any]) -> str:
     """`filters8-learning_rate0.001`: a `--grid` point's run directory name."""
     def text(value) -> str:
@@ -358,7 +346,7 @@ def grid_points(sweep: SweepConfig) -> list[TrainConfig]:
     """One validated TrainConfig per grid point (pydantic's error names a bad value)."""
     if sweep.grid is None:
         return [TrainConfig(**sweep.settings, units=u, dropout=d, learning_rate=lr,
-                            run_dir=str(Path(sweep.sweep_dir) / point_name(u, d, lr)))
+                            run_dir=str(Path(sweep.sweep_dir) / f"units{u}-dropout{d:g}-lr{lr:g}"))
                 for u, d, lr in itertools.product(sweep.units, sweep.dropout,
                                                   sweep.learning_rate)]
     shared = {k: v for k, v in sweep.settings.items() if k != "model_params"}

@@ -1,9 +1,8 @@
 """What a deployment lets its runs name: which functions (REFs) and which directories.
 
-A deployment is a trust boundary: whoever may start a run of it sets the run's parameters, but
-only its deployer chose the code and the disk it runs against. An `Allowlist` holds the
-deployer's choices; its checks read strings and resolve paths, nothing more (no module is
-imported or even looked up, nothing is created), so a refused run has run nothing.
+Whoever may start a deployment's run sets its parameters, but only its deployer chose the code
+and the disk it runs against. The checks read strings and resolve paths, nothing more, so a
+refused run has run nothing.
 """
 
 from __future__ import annotations
@@ -22,13 +21,8 @@ DEFAULT_ROOT = "runs"  # under the deployment's working directory
 
 
 class NotAllowedError(BadInputError):
-    """A deployment run named a function or a path its deployment does not allow.
-
-    Attributes:
-        parameter: the run parameter (`model`, `data`, `run_dir`, ...).
-        received: what the run gave it.
-        allowed: what the deployment allows for it.
-    """
+    """A deployment run named a function or a path its deployment does not allow: `parameter`
+    (`model`, `run_dir`, ...), what the run gave it (`received`), what is `allowed`."""
 
     def __init__(self, message: str, parameter: str, received: str, allowed: list[str]):
         super().__init__(message)
@@ -44,13 +38,8 @@ class Allowlist:
                           roots=["runs"], workdir="/srv/checkout")
         allow.check_ref("model", "subprocess:getoutput")  # raises NotAllowedError
 
-    Args:
-        deployment: the deployment's name, for messages.
-        refs: REFs allowed per kind of function (`model`, `data`).
-        roots: directories runs may use, relative to `workdir` or absolute; a path is allowed
-            when it resolves (symlinks followed) to a root or below one.
-        workdir: the deployment's working directory (where relative names start).
-        dask_addresses: Dask schedulers a sweep may send its points to.
+    A path is allowed when it resolves (symlinks followed) to one of `roots` or below one;
+    relative names start at `workdir`, the deployment's working directory.
     """
 
     deployment: str
@@ -70,11 +59,8 @@ class Allowlist:
         object.__setattr__(self, "dask_addresses", frozenset(self.dask_addresses))
 
     def check_ref(self, kind: str, ref: str) -> None:
-        """Refuse `ref` as the `kind` function (`model`, `data`) unless the deployment allows it.
-
-        A file REF is compared by the file it resolves to (`./m.py:f` is `m.py:f`); a module
-        REF by its name.
-        """
+        """Refuse `ref` as the `kind` function unless allowed (a file REF compared by the file it
+        resolves to, a module REF by its name)."""
         if self._ref_key(ref) in self.refs.get(kind, ()):
             return
         allowed = sorted(self._shown(r) for r in self.refs.get(kind, ()))

@@ -24,10 +24,8 @@ class SavePolicy:
     A save that cost training t seconds (the time it waited, plus the CPU time of a background
     commit) defers the next mid-epoch save until t / `budget` seconds have passed, so checkpoints
     cost at most about `budget` of the training time however slow the disk or large the model
-    (CheckFreq's idea); a save due while the previous checkpoint is still being written in the
-    background is put off too. At 60,000 images a checkpoint every 16 batches would otherwise be
-    117 saves an epoch. A budget of 0 saves exactly every `every_batches` batches (waiting for
-    the previous commit if need be). Epoch ends are always saved, and count against the budget.
+    (CheckFreq's idea); a save due while a commit is in flight is put off too. A budget of 0
+    saves exactly every `every_batches` batches. Epoch ends are always saved, and count.
 
     Example:
         policy = SavePolicy(every_batches=16, budget=0.02)
@@ -44,9 +42,7 @@ class SavePolicy:
         self.deferred = 0  # saves the cadence asked for and the budget put off
 
     def due(self, batch: int, steps: int, busy: bool = False) -> bool:
-        """Whether to save after `batch` batches of an epoch of `steps` batches. `busy`: the
-        previous checkpoint is still being written; with a budget, this save is put off rather
-        than make training wait for the disk."""
+        """Whether to save after `batch` of `steps` batches; `busy`: a commit is in flight."""
         if not self.every_batches or batch % self.every_batches or batch >= steps:
             return False
         if self.clock() < self._not_before or (busy and self.budget):
@@ -55,9 +51,7 @@ class SavePolicy:
         return True
 
     def saved(self, seconds: float) -> None:
-        """Charge `seconds` a save cost training: what training waited for it (a snapshot, a
-        commit in flight, or the whole write), and the CPU time its background commit used,
-        which the training threads lose on a busy machine. Charges add up."""
+        """Charge `seconds` a save cost training (waited, or a background commit's CPU time)."""
         if self.budget:
             self._not_before = max(self._not_before, self.clock()) + seconds / self.budget
 
@@ -74,19 +68,16 @@ class CheckpointSaves:
         saves.poll()  # at each batch boundary; saves.wait() before a stop or the end
 
     A commit's error (a full disk) is raised on the training thread by the next `save`, `poll`
-    or `wait`, the previous checkpoint standing. `then` (history, logs, callbacks of an epoch
-    end) runs on the training thread once its checkpoint is committed, never before, and its
-    time is not counted as a checkpoint's.
+    or `wait`, the previous checkpoint standing. `then` (an epoch end's history, logs and
+    callbacks) runs on the training thread once its checkpoint is committed; its time is not
+    counted as a checkpoint's.
 
     Args:
-        store: where checkpoints are committed.
-        policy: when a mid-epoch save is due.
         keras_model: builds a model of the run's architecture for the epoch ends' Keras files
-            (the training model keeps changing while they are written); called once, on the
-            training thread, at the first epoch end (Keras' settings are per thread).
+            (the training model changes while they are written); called once, on the training
+            thread (Keras' settings are per thread).
         extra: trackables every checkpoint holds beside the model. Defaults to none.
-        background: False commits on the training thread in `save`, the Keras files from the
-            training model itself. Defaults to True.
+        background: False commits in `save`, on the training thread. Defaults to True.
         latest: the newest committed checkpoint so far (the one training resumed from).
     """
 
@@ -106,13 +97,11 @@ class CheckpointSaves:
         self._then: Then | None = None
 
     def due(self, batch: int, steps: int) -> bool:
-        """Whether the policy wants a mid-epoch save after `batch` of `steps` batches."""
         return self.policy.due(batch, steps, busy=self._thread is not None and self._thread.is_alive())
 
     def save(self, model, state: dict[str, Any], epoch_end: bool, then: Then | None = None) -> None:
         """Snapshot `model` and `state` now and commit them (in the background, after the commit
-        in flight). What training waited (the snapshot, a commit still being written) is
-        charged to the policy; the previous epoch's `then` is not."""
+        in flight); what training waited is charged to the policy, a `then` is not."""
         started, then_before = self.policy.clock(), self._then_seconds
         snapshot = self.store.snapshot(model, state, epoch_end=epoch_end, extra=self.extra,
                                        keras_copy=self.background)
@@ -127,8 +116,7 @@ class CheckpointSaves:
         self._charge_cpu()
 
     def poll(self) -> None:
-        """At a batch boundary: a finished commit's `then`, or its error; charge its CPU time
-        (on a busy machine, training loses it)."""
+        """At a batch boundary: a finished commit's `then`, or its error; charge its CPU time."""
         if self._thread is not None and not self._thread.is_alive():
             self._finish_commit()
         self._charge_cpu()
@@ -140,9 +128,8 @@ class CheckpointSaves:
         self._waited += time.perf_counter() - started - (self._then_seconds - then_before)
 
     def close(self) -> None:
-        """As the attempt ends on an error (the one that propagates): let the commit in flight
-        finish and count it, or say that it failed; its `then` is not run (a rerun writes the
-        history again)."""
+        """As the attempt ends on an error: let the commit in flight finish and count it, or log
+        that it failed; its `then` is not run (a rerun writes the history again)."""
         outcome, _, cpu = self._join()
         if isinstance(outcome, BaseException):
             log.warning("the checkpoint being committed as training failed was not: %s", outcome)

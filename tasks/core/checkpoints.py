@@ -14,15 +14,11 @@ Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-
   that read Keras files; resuming reads only the TF checkpoint;
 - `COMMIT.json`, written last: the SHA-256 of every other file.
 
-A checkpoint is taken in two phases: `snapshot` holds the state in memory as it is at a batch
-boundary (copy-on-write reads: about a memory copy), `commit` writes it under a temporary name,
-hashing each file from the page cache as soon as it is written, fsyncs it and renames it into
-place, so a crash leaves either no checkpoint or a complete one.
-`commit` may run on another thread while training goes on (`ckptflow.core.checkpoint_saves`).
-`latest()` returns the newest checkpoint whose commit record matches its files and skips (with a
-warning) any that does not. Old checkpoints are removed only after a newer one is committed.
-`checkpoints/checkpoint` is kept current, so the tutorial's
-`tf.train.latest_checkpoint("RUN_DIR/checkpoints")` finds the newest one too.
+A checkpoint is taken in two phases: `snapshot` holds the state in memory at a batch boundary
+(about a memory copy), `commit` writes it under a temporary name, hashes, fsyncs and renames it
+into place (on another thread if need be), so a crash leaves either no checkpoint or a complete
+one. Old checkpoints are removed only after a newer one is committed; `checkpoints/checkpoint`
+is kept current, so `tf.train.latest_checkpoint("RUN_DIR/checkpoints")` finds the newest one.
 """
 
 from __future__ import annotations
@@ -89,10 +85,6 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def tf_prefix(self) -> str:
-        return str(self.path / TF_PREFIX)
-
     def read_state(self) -> dict[str, Any]:
         return json.loads((self.path / STATE).read_text())
 
@@ -119,12 +111,9 @@ class CheckpointStore:
         latest = store.latest()
         state = store.restore(latest, fresh_model)
 
-    `extra` (to save and restore) names more trackable objects to hold beside the model, such
-    as `{"metrics": model.metrics_variables, "data": iterator}`.
-
-    `save` does it all on the calling thread. A training loop that must not wait for the disk
-    calls `snapshot` at a batch boundary (the state in memory, about a memory copy) and `commit`
-    on another thread (write, hash, fsync, publish) while training goes on.
+    `extra` (to save and restore) names more trackables to hold beside the model, such as
+    `{"metrics": model.metrics_variables, "data": iterator}`. `save` is `snapshot` then `commit`
+    on the calling thread.
 
     Args:
         directory: where checkpoints live; created if missing.
@@ -140,22 +129,17 @@ class CheckpointStore:
         self.keep = keep
         self.keras_files = keras_files
 
-    # --- public interface ----------------------------------------------------------------------
-
     def save(self, model, state: dict[str, Any], epoch_end: bool,
              extra: dict[str, Any] | None = None) -> Checkpoint:
-        """Commit a checkpoint of `model` (weights, optimizer, RNG), `extra` and `state` now, on
-        this thread; prune old ones."""
+        """Commit a checkpoint of `model`, `extra` and `state` now, on this thread."""
         snapshot = self.snapshot(model, state, epoch_end, extra, keras_copy=False)
         return self.commit(snapshot, keras_model=lambda: model)
 
     def snapshot(self, model, state: dict[str, Any], epoch_end: bool,
                  extra: dict[str, Any] | None = None, keras_copy: bool = True) -> Snapshot:
-        """Take a checkpoint in memory: what `commit` writes, as it is now (about a memory copy).
-
-        With `keras_copy`, an epoch end's snapshot also holds the value of every model and
-        optimizer variable, for `commit` to write the Keras files from another model.
-        """
+        """Take a checkpoint in memory, as it is now; with `keras_copy`, an epoch end's also holds
+        every model and optimizer variable's value, for `commit` to write the Keras files from
+        another model."""
         keras = epoch_end and self.keras_files and keras_copy
         return Snapshot(
             name=checkpoint_name(int(state["epoch"]), int(state["batch"])),
@@ -167,14 +151,8 @@ class CheckpointStore:
     def commit(self, snapshot: Snapshot, keras_model: Callable[[], Any] | None = None
                ) -> Checkpoint:
         """Write, hash, fsync and publish `snapshot` atomically; prune old checkpoints. Safe on
-        another thread than training's.
-
-        Args:
-            snapshot: from `snapshot`.
-            keras_model: at an epoch end (when the store writes the Keras files), returns the
-                model to write them from: the snapshotted model itself, or a model of the same
-                architecture that is given the snapshot's `keras_values` first.
-        """
+        another thread than training's. `keras_model` returns the model an epoch end's Keras
+        files are written from (the snapshotted model, or one given its `keras_values`)."""
         write_errors = (OSError, *tf_write_errors())
         name = snapshot.name
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -189,9 +167,7 @@ class CheckpointStore:
                       "step": snapshot.step, "files": dict(sorted(files.items()))}
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
             publish(tmp, self.directory / name)  # fsyncs every file, then renames
-        except write_errors as exc:
-            # A full disk reaches here worded by TensorFlow, h5py, zipfile or Python (see
-            # write_failed); as one OSError it is retried like other I/O.
+        except write_errors as exc:  # a full disk, however worded: one OSError, retried as I/O
             discard(tmp)
             raise write_failed("checkpoint", self.directory / name, exc,
                                "a rerun resumes from the last committed checkpoint",
@@ -202,7 +178,7 @@ class CheckpointStore:
         checkpoint = Checkpoint(self.directory / name, snapshot.epoch, snapshot.batch,
                                 snapshot.step)
         self._prune(newest=checkpoint)
-        self._update_tf_index()
+        write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in self._committed()])
         return checkpoint
 
     def latest(self) -> Checkpoint | None:
@@ -242,16 +218,14 @@ class CheckpointStore:
 
     def restore(self, checkpoint: Checkpoint, model, extra: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
-        """Load weights, optimizer, RNG state and `extra` into `model` (built and compiled);
-        return the state."""
+        """Load the checkpoint into `model` (built and compiled) and `extra`; return the state."""
         import tensorflow as tf
 
-        status = tf.train.Checkpoint(**_trackables(model, extra)).read(checkpoint.tf_prefix)
+        status = tf.train.Checkpoint(**_trackables(model, extra)).read(
+            str(checkpoint.path / TF_PREFIX))
         status.assert_existing_objects_matched()
         status.expect_partial()  # what is not asked for (a pipeline's position) stays unread
         return checkpoint.read_state()
-
-    # --- internals -----------------------------------------------------------------------------
 
     def _committed(self, warn: bool = False) -> list[Checkpoint]:
         if not self.directory.is_dir():
@@ -282,20 +256,11 @@ class CheckpointStore:
             shutil.rmtree(trash)
         fsync_dir(self.directory)
 
-    def _update_tf_index(self) -> None:
-        kept = self._committed()
-        if kept:
-            write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in kept])
-
 
 def write_tf_index(directory: Path, prefixes: list[str]) -> None:
     """The `checkpoint` file by which `tf.train.latest_checkpoint(directory)` finds the last of
-    `prefixes`, each relative to `directory`.
-
-    Written here rather than by `tf.compat.v1.train.update_checkpoint_state`, which turns a path
-    under a relative directory into one relative to the current directory (`../../../cp-0010`),
-    so that a run directory named relatively, or moved, kept an index that pointed nowhere.
-    """
+    `prefixes` (relative to `directory`: TensorFlow's own writer makes them relative to the
+    current directory, so a moved run directory's index would point nowhere)."""
     lines = [f'model_checkpoint_path: "{prefixes[-1]}"']
     lines += [f'all_model_checkpoint_paths: "{p}"' for p in prefixes]
     atomic_write_bytes(Path(directory) / "checkpoint", ("\n".join(lines) + "\n").encode())
@@ -307,15 +272,15 @@ def _keras_variables(model) -> list:
 
 
 def _read(variable):
-    """The variable's value now (a copy-on-write read: later updates do not change it)."""
+    """The variable's value now (copy-on-write: later updates do not change it)."""
     import tensorflow as tf
 
     return tf.identity(variable.value)
 
 
 def _write_keras_files(model, snapshot: Snapshot, directory: Path) -> dict[str, str]:
-    """The tutorial's `cp-EEEE.weights.h5` and `cp-EEEE.keras`, written by Keras from `model`
-    (given the snapshot's values first) and hashed from the page cache."""
+    """The tutorial's `cp-EEEE.weights.h5` and `cp-EEEE.keras`, written from `model` (given the
+    snapshot's values first) and hashed."""
     if snapshot.keras_values is not None:
         variables = _keras_variables(model)
         if len(variables) != len(snapshot.keras_values):

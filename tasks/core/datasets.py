@@ -1,11 +1,8 @@
 """A user's data, from the function `--data` names: NumPy arrays, or tf.data pipelines.
 
-The function returns either `{"x_train", "y_train", "x_test", "y_test"}` arrays (features may
-be a dict of arrays, for a multi-input model), which fetch-data snapshots whole, or
-`{"train": tf.data.Dataset, "test": tf.data.Dataset}` of unbatched `(features, label)` elements:
-the test set is read into the snapshot, the training pipeline is fingerprinted (one pass, order
-ignored, so a shuffle without a seed does not change it) and rebuilt by the training stage,
-which batches it and checkpoints its iterator.
+Arrays (`x_train`, `y_train`, `x_test`, `y_test`; features may be a dict) are snapshotted whole.
+Of `{"train", "test"}` pipelines of unbatched `(features, label)` elements the test set is
+snapshotted, the training pipeline fingerprinted and rebuilt by training.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import numpy as np
 
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.models import seed_everything
-from ckptflow.core.snapshot import SPLITS, Arrays
+from ckptflow.core.snapshot import SPLITS, Arrays, data_digest
 from ckptflow.core.user_code import call, resolve
 
 PIPELINE_SPLITS = ("train", "test")
@@ -26,7 +23,8 @@ PIPELINE_SPLITS = ("train", "test")
 
 @dataclass
 class UserData:
-    """What a data function gave: arrays for every split, or a training pipeline and test arrays."""
+    """Data as loaded (the tutorial's too): arrays for every split, or a training pipeline and
+    test arrays."""
 
     arrays: Arrays
     train: Any = None  # the unbatched tf.data.Dataset, for kind "pipeline"
@@ -36,6 +34,18 @@ class UserData:
     @property
     def kind(self) -> str:
         return "arrays" if self.train is None else "pipeline"
+
+    @property
+    def train_samples(self) -> int:
+        return self.train_count if self.train_count is not None else len(self.arrays["y_train"])
+
+    def digest(self) -> str:
+        """What identifies the data: the arrays' digest, or the pipeline's training elements
+        (order ignored) with its test set."""
+        if self.kind == "arrays":
+            return data_digest(self.arrays)
+        return hashlib.sha256(f"pipeline:{self.train_count}:{self.train_fingerprint}:"
+                              f"{data_digest(self.arrays)}".encode()).hexdigest()
 
 
 def call_data_function(ref: str, params: dict[str, Any], seed: int):
@@ -75,8 +85,6 @@ def training_pipeline(ref: str, params: dict[str, Any], seed: int):
                             f"{sorted(map(str, value))}). Use the data the run started with.")
     return checked_pipelines(ref, value)[0]
 
-
-# --- arrays ---------------------------------------------------------------------------------
 
 def checked_arrays(ref: str, value: dict) -> Arrays:
     """The four splits as NumPy arrays, refused if rows, feature names or shapes disagree."""
@@ -129,8 +137,6 @@ def _layout(x) -> dict | tuple:
         return {k: (v.shape[1:], v.dtype.str) for k, v in sorted(x.items())}
     return (x.shape[1:], x.dtype.str)
 
-
-# --- tf.data pipelines ---------------------------------------------------------------------------
 
 def checked_pipelines(ref: str, value: dict):
     """(train, test), refused unless both are tf.data.Datasets of unbatched, matching
@@ -187,8 +193,8 @@ def read_test_set(ref: str, test) -> Arrays:
 
 
 def pipeline_fingerprint(train) -> tuple[int, str]:
-    """(elements, SHA-256 of their multiset) of one pass over `train`: the same for the same
-    elements in any order, so a shuffle does not change it, and other data does."""
+    """(elements, SHA-256 of their multiset) of one pass over `train`: a shuffle without a seed
+    does not change it, other data does."""
     import tensorflow as tf
 
     total, count = 0, 0

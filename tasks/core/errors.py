@@ -8,10 +8,8 @@ from pathlib import Path
 
 
 class BadInputError(ValueError):
-    """A problem with what the user asked for: never retried, printed as one line.
-
-    The message follows one template: what is wrong, what was received, how to fix it.
-    """
+    """A problem with what the user asked for: never retried, printed as one line (what is
+    wrong, what was received, how to fix it)."""
 
 
 class VerificationFailed(RuntimeError):
@@ -32,10 +30,7 @@ class InjectedIOError(OSError):
 
 class WriteFailed(OSError):
     """A write the disk refused (full, over quota, read-only, a size limit); what stood stays.
-
-    An OSError, so it is retried like other I/O trouble; `errno` is the cause's (ENOSPC for a
-    full disk) where it is known. Made by `write_failed`, whose message is one line.
-    """
+    An OSError, retried like other I/O; `errno` is the cause's where known."""
 
 
 # What to do about each cause `write_failed` knows; it also finds them in a message that carries
@@ -53,13 +48,7 @@ _FIXES = {
 def write_failed(what: str, path: str | Path, exc: BaseException, rerun: str,
                  kind: type[WriteFailed] = WriteFailed) -> WriteFailed:
     """`writing WHAT PATH failed: No space left on device (ENOSPC). Free space on that file
-    system; RERUN.`
-
-    Python, h5py and TensorFlow word a full disk each their own way (TensorFlow as a
-    ResourceExhaustedError naming its own temporary file, h5py over several lines, Keras'
-    `.keras` writer with no path at all); this says it in one line, naming the path the user
-    knows.
-    """
+    system; RERUN.`: one line for what Python, h5py and TensorFlow each word their own way."""
     code = exc.errno if isinstance(exc, OSError) and exc.errno in errno.errorcode else next(
         (c for c in _FIXES if os.strerror(c) in str(exc)), None)
     reason = f"{os.strerror(code)} ({errno.errorcode[code]})" if code else first_line(exc)

@@ -26,11 +26,8 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_and_fsync(path: Path) -> str:
-    """SHA-256 of a file this process has just written, then fsync it.
-
-    Read through a memory map of the page cache: no copy into Python, no read from the disk.
-    Only for files nobody else truncates meanwhile (a truncated mapping faults).
-    """
+    """SHA-256 of a file this process has just written, through a memory map of the page cache
+    (only for files nobody truncates meanwhile: that faults), then fsync it."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size:
@@ -72,12 +69,8 @@ def ensure_writable(directory: Path) -> None:
 
 
 def discard(path: Path) -> None:
-    """Remove what a failed write left, a temporary file or directory, and free its space now.
-
-    Each file is emptied before it is deleted: a writer that failed may still hold it open
-    (Keras' `.weights.h5` stays open as long as its error lives, across a task's retries), and
-    a deleted file that is still open keeps its space.
-    """
+    """Remove what a failed write left, and free its space now: each file is emptied first, as
+    a failed writer may still hold it open (Keras' `.weights.h5`, while its error lives)."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():  # never made (the write failed before)
         return
@@ -105,17 +98,12 @@ def fsync_dir(path: Path) -> None:
 def fsync_tree(path: Path) -> None:
     """fsync every file and directory under `path`, so a later rename publishes complete data."""
     path = Path(path)
-    if path.is_file():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        return
-    for p in sorted(path.rglob("*"), reverse=True):
+    for p in [*sorted(path.rglob("*"), reverse=True), path]:  # children before their directory
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         elif p.is_dir():
             fsync_dir(p)
-    fsync_dir(path)
 
 
 def current_umask() -> int:
@@ -135,9 +123,8 @@ def current_umask() -> int:
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part.
 
-    The file gets `mode`, or else the mode the umask gives a new file (0644 under umask 022), as
-    TensorFlow's own files do, not the 0600 of a temporary file: other users can read a shared
-    run directory. Pass `mode=0o600` for a secret.
+    The file gets `mode`, else the umask's mode for a new file (not a temporary file's 0600), so
+    others can read a shared run directory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +154,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Move a finished temp file or directory to `final`, keeping the old one until the new one is in.
-
-    A file is replaced in one rename. A directory cannot be, so the old one is first renamed
-    aside, the new one renamed in, and only then is the old one removed.
-    """
+    """Move a finished temp file or directory to `final`, keeping the old one until the new one is
+    in (a directory cannot be replaced in one rename: the old one is renamed aside first)."""
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
     if tmp.is_dir() and final.exists():
@@ -187,12 +171,9 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def clear_abandoned_writes(directory: Path) -> None:
-    """Undo what SIGKILLed `atomic_write_bytes` and `publish` calls left in `directory`.
-
-    A temporary file is removed. A directory `publish` set aside is put back when the kill came
-    before its replacement was renamed in (it is the only copy), and removed otherwise. Call it
-    holding the run directory's lock: a writer still under way would lose its temporary file.
-    """
+    """Undo what SIGKILLed `atomic_write_bytes` and `publish` calls left in `directory`: a
+    directory set aside goes back if it is the only copy. Call it holding the run directory's
+    lock: a writer still under way would lose its temporary file."""
     directory = Path(directory)
     for aside in directory.glob(".*.old"):
         final = aside.with_name(aside.name[1:-len(".old")])

@@ -1,13 +1,9 @@
 """The registry of export formats: how each is written, loaded with its own runtime, and checked.
 
 Adding a format is adding one `ExportFormat` entry to `FORMATS`. `predict` loads the file the way
-a user of that format would (a fresh Keras model + load, `load_model`, `tf.saved_model.load`,
-ai-edge-litert's Interpreter, onnxruntime) and returns the model's outputs for `x` (an array, or
-a dict of arrays for a multi-input model). Formats that hold weights only are loaded into a
-model from `fresh_model`, a factory the caller passes (the registry knows no architecture);
-`.keras`/`.h5` need the custom layers' modules imported by the caller.
-Formats whose packages are missing (the `formats` extra) are skipped with a message saying what
-to install.
+a user of that format would and returns the model's outputs for `x` (an array, or a dict of
+arrays). Weights-only formats load into a model from `fresh_model`, a factory the caller passes
+(the registry knows no architecture); `.keras`/`.h5` need the custom layers' modules imported.
 """
 
 from __future__ import annotations
@@ -34,29 +30,17 @@ Predict = Callable[[Path, "np.ndarray", ModelFactory], "np.ndarray"]
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One export format.
+    """One export format."""
 
-    Args:
-        name: the format's name in `--formats`, the manifest and `ckptflow verify`.
-        filename: file or directory name under `exports/`.
-        save: writes `model` to a path.
-        predict: loads the path with the format's own runtime and predicts `x`.
-        loader: how it is loaded, in words, for reports.
-        tolerance: largest allowed |prediction - trained model's prediction|.
-        requires: importable modules the format needs beyond ckptflow's dependencies.
-        hdf5: the file is HDF5, so its groups and dataset shapes can be inspected with h5py.
-        multi_input: ckptflow can feed it a dict of inputs (LiteRT and ONNX: one input only).
-    """
-
-    name: str
-    filename: str
+    name: str  # in `--formats`, the manifest and `ckptflow verify`
+    filename: str  # under `exports/`
     save: Callable[[object, Path], None]
-    predict: Predict
-    loader: str
-    tolerance: float = 1e-5
-    requires: tuple[str, ...] = ()
-    hdf5: bool = False
-    multi_input: bool = True
+    predict: Predict  # loads the path with the format's own runtime and predicts `x`
+    loader: str  # how it is loaded, in words, for reports
+    tolerance: float = 1e-5  # largest allowed |prediction - trained model's prediction|
+    requires: tuple[str, ...] = ()  # modules it needs beyond ckptflow's dependencies
+    hdf5: bool = False  # its dataset shapes can be inspected with h5py
+    multi_input: bool = True  # takes a dict of inputs (LiteRT and ONNX here do not)
 
     def missing(self) -> list[str]:
         """The required modules that are not installed."""
@@ -64,12 +48,8 @@ class ExportFormat:
 
 
 def predict_logits(model, x, chunk: int = 4096) -> np.ndarray:
-    """The model's outputs (the tutorial's logits) for `x`, by direct calls in chunks of `chunk`
-    rows.
-
-    For a few thousand rows this is ~10x faster than `model.predict`, which traces a new
-    function for every freshly loaded model; exports are compared on these outputs.
-    """
+    """The model's outputs for `x`, by direct calls in chunks of `chunk` rows (~10x faster than
+    `model.predict`, which traces a new function for every freshly loaded model)."""
     import numpy as np
 
     rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
@@ -89,12 +69,8 @@ def _tensors(x):
 
 
 def load_keras_model(path: str | Path, compile: bool = True):
-    """Load a `.keras`/`.h5` model with safe mode on (`compile=False`: without its optimizer,
-    loss and metrics).
-
-    Raises BadInputError with what to do, instead of Keras' traceback, for a file that holds
-    Python code (a lambda) or a custom class whose module has not been imported.
-    """
+    """Load a `.keras`/`.h5` model with safe mode on; a BadInputError saying what to do for a
+    file that holds Python code (a lambda) or a custom class whose module is not imported."""
     import keras
 
     try:
@@ -220,8 +196,7 @@ FORMAT_NAMES = tuple(FORMATS)
 def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict,
                      native_log: str) -> None:
     """In a fresh process (verify's): load one export with its own runtime, predict the test set,
-    score the predictions with the model's compiled metrics, and send the outcome (or the error,
-    in one line) through `sender`. What the runtimes print natively goes to `native_log`."""
+    score the predictions, and send the outcome (or the error, in one line) through `sender`."""
     import numpy as np
 
     send_native_output_to(Path(native_log))
@@ -249,11 +224,8 @@ def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict
 def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | None = None,
                    multi_input: bool = False) -> tuple[list[ExportFormat], list[str]]:
     """The formats to export and a note for each one skipped (a missing package; a model of
-    several inputs, which LiteRT and ONNX exports here do not take).
-
-    `names=None` means every format that can be exported. Asking by name for one that cannot is
-    an error, since the user expects that file.
-    """
+    several inputs). `names=None`: every format that can be exported; naming one that cannot is
+    an error, since the user expects that file."""
     registry = FORMATS if registry is None else registry
     if names is not None:
         unknown = [n for n in names if n not in registry]

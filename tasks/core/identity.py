@@ -1,8 +1,5 @@
-"""A run directory keeps the model and the data it was started with: one refusal for each.
-
-Used by the stages that write them (build-model, fetch-data) and, before anything is touched,
-by the checks of a request (`ckptflow.stages.preflight`), so both refuse with the same words.
-"""
+"""A run directory keeps the model and the data it was started with: one refusal for each, the
+same words from the stages and from the checks of a request (`ckptflow.stages.preflight`)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from ckptflow.core.run_dir import RunDir
 log = logging.getLogger("ckptflow.lock")
 
 _POLL_S = 0.2
-_FORMAT = 2  # the holder record's format: emptied on release
 _held: dict[tuple[str, int], list] = {}  # (realpath, thread id) -> [file object, depth]
 _guard = threading.Lock()
 
@@ -39,17 +38,10 @@ class RunDirBusy(BadInputError):
 @contextmanager
 def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0,
                  note: dict | None = None) -> Iterator[dict | None]:
-    """Hold the run directory exclusively; wait up to `wait_seconds` for another holder.
+    """Hold the run directory exclusively, waiting up to `wait_seconds` (else RunDirBusy).
 
-    Yields the record of a previous holder that died holding it (killed, crashed: it never
-    released it), or None. `note` is kept in this holder's record, for whoever finds it dead.
-
-    Example:
-        with run_dir_lock("runs/demo") as abandoned:
-            train_with_checkpoints(...)
-
-    Raises:
-        RunDirBusy: another process holds it past `wait_seconds`.
+    Yields the record of a previous holder that died holding it, or None. `note` is kept in this
+    holder's record, for whoever finds it dead.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,15 +97,13 @@ def _acquire(lock_file, run_dir: Path, wait_seconds: float, note: dict) -> dict 
                 announced = True
             time.sleep(_POLL_S)
     previous = _read_holder_record(lock_file)
-    # Only records of this format are emptied on release; an older one is no sign of a death.
-    abandoned = previous if isinstance(previous, dict) and previous.get("format") == _FORMAT \
-        else None
+    abandoned = previous if isinstance(previous, dict) else None
     if abandoned:  # the kernel freed the lock of a holder that never released it: it died
         log.warning("taking over run directory %s from pid %s on %s, which ended without "
                     "releasing it", run_dir, abandoned.get("pid"), abandoned.get("host"))
     lock_file.seek(0)
     lock_file.truncate()
-    lock_file.write(json.dumps({"format": _FORMAT, "pid": os.getpid(), "host": socket.gethostname(),
+    lock_file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                 "since": datetime.now(UTC).isoformat(timespec="seconds"), **note}))
     lock_file.flush()
     return abandoned

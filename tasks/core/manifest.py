@@ -106,9 +106,9 @@ def _now() -> str:
 
 
 def checkpoint_cost(training: dict[str, Any]) -> str | None:
-    """What checkpoints cost the run, over the attempts that trained and recorded it (one line),
-    or None when none did (a run trained under a strategy). An attempt that found the run
-    complete adds nothing, so the report of a finished run stays byte for byte the same."""
+    """What checkpoints cost the run, in one line, over the attempts that trained and recorded it
+    (not those under a strategy), or None. A finished run's rerun adds nothing: its report stays
+    byte for byte the same."""
     costs = [a["checkpoints"] for a in training.get("attempts", [])
              if a.get("checkpoints") and a.get("batches_trained")]
     seconds = sum(c["training_seconds"] for c in costs)
@@ -124,7 +124,6 @@ def checkpoint_cost(training: dict[str, Any]) -> str | None:
 
 
 def export_hashes(manifest: dict) -> dict[str, str]:
-    """Format → SHA-256 of each export the manifest lists: what a report written now describes,
-    so verify can tell a report from before the exports were written again."""
+    """Format → SHA-256 of each export the manifest lists: what a report written now describes."""
     return {a["format"]: a["sha256"] for a in manifest.get("artifacts", [])
             if a.get("kind") == "export"}

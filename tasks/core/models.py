@@ -1,10 +1,7 @@
 """A run's model, built from the function its identity names: checked, built, fingerprinted.
 
-The identity a run records says which function makes its model: a user's `{"model": REF,
-"model_params": {...}, ...}`, or, for the tutorial (the fields run directories have always
-recorded), `{"units": .., "dropout": .., "learning_rate": .., ...}`. Every stage that needs the
-architecture (training, evaluate, export, verify's loaders) builds it here, so a user's model
-flows through ckptflow unchanged.
+A user's identity is `{"model": REF, "model_params": {...}, ...}`, the tutorial's `{"units": ..,
+"dropout": .., "learning_rate": .., ...}`. Every stage that needs the architecture builds it here.
 """
 
 from __future__ import annotations
@@ -25,19 +22,15 @@ TUTORIAL_PARAMS = ("units", "dropout", "learning_rate")
 
 
 def evaluation_batch_size(train_batch_size: int = 0) -> int:
-    """Rows per batch when a model is evaluated on the test set: 256 (fast on a CPU), or the
-    training batch size when larger."""
+    """Rows per batch to evaluate the test set: 256 (fast on a CPU), or a larger training batch."""
     return max(256, train_batch_size)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy, TensorFlow and Keras; with `deterministic`, make TensorFlow ops
-    deterministic.
+    deterministic (process-wide and for good, so only training asks for it).
 
-    Called where a run starts what follows its seed (training, the initial model, a data
-    function), never by building a model. Op determinism is process-wide and cannot be switched
-    off again in the same process, so only training asks for it (`--no-deterministic` then
-    really runs without it).
+    Called where a run starts what follows its seed, never by building a model.
     """
     import keras
     import tensorflow as tf
@@ -63,12 +56,8 @@ class ModelSource:
         return cls(TUTORIAL_MODEL, {k: identity[k] for k in TUTORIAL_PARAMS}, identity["seed"])
 
     def build(self, x_sample, y_sample):
-        """A fresh model: called with the params, checked to be a compiled keras.Model, and built
-        on `x_sample` with its optimizer and metrics, so a checkpoint can be restored into it and
-        its loss and metrics are known to take `y_sample`. Python's and NumPy's generators are
-        left as they were (a model built mid-training must not move them): call
-        `seed_everything` first where the initial weights should follow the seed.
-        """
+        """A fresh compiled keras.Model, built on the samples with its optimizer and metrics (so
+        a checkpoint can be restored into it); the global generators are left as they were."""
         import keras
 
         function = resolve(self.ref, "--model")
@@ -85,8 +74,7 @@ class ModelSource:
         return model
 
     def factory(self, x_sample, y_sample):
-        """A function of no arguments that builds a fresh model (what weights-only formats load
-        into)."""
+        """A function of no arguments that builds a fresh model."""
         return lambda: self.build(x_sample, y_sample)
 
 
@@ -128,9 +116,8 @@ def _build(model, ref: str, x_sample, y_sample) -> None:
 
 
 def fingerprint(model) -> str:
-    """SHA-256 of what makes a model this model: its class, every weight's shape and dtype in
-    order, and its compile settings (optimizer, loss, metrics). Names Keras numbers per process
-    (dense_3) are left out, so the same code gives the same fingerprint in every process."""
+    """SHA-256 of the model's class, weight shapes and dtypes, and compile settings (without the
+    names Keras numbers per process, such as dense_3)."""
     try:
         compiled = model.get_compile_config()
     except Exception:  # a compile argument Keras cannot serialize: its class names stand in
@@ -154,8 +141,7 @@ def metric_names(model) -> list[str]:
 
 
 def prediction_metrics(model, y, predictions) -> dict[str, float]:
-    """The model's compiled metrics (loss excluded) of `predictions` against `y`: what any
-    export's predictions are scored with."""
+    """The model's compiled metrics (loss excluded) of `predictions` against `y`."""
     import tensorflow as tf
 
     model.reset_metrics()

@@ -1,11 +1,9 @@
 """Native output of TensorFlow and the converters into the run directory, not the user's terminal.
 
 TensorFlow's C++ logging, absl, the LiteRT runtime and the converters write to file descriptors 1
-and 2 directly, past Python's `sys.stderr` and past TF_CPP_MIN_LOG_LEVEL for absl's lines: "Could
-not find cuda drivers", "failed call to cuInit", "All log messages before absl::InitializeLog()",
-"NodeDef mentions attribute ...". Where that happens in a run (TensorFlow's import, each export
-written and loaded back, verify's loader processes) those descriptors point at the run's
-`logs/native.log` (`RunDir.native_log`); its last lines are logged when that work fails.
+and 2 directly, past `sys.stderr` and TF_CPP_MIN_LOG_LEVEL ("failed call to cuInit", "All log
+messages before absl::InitializeLog()"). Where that happens in a run, those descriptors point at
+the run's `logs/native.log`; its last lines are logged when that work fails.
 
 Example:
     with native_output_to(run.native_log):
@@ -29,9 +27,8 @@ log = logging.getLogger("ckptflow.native")
 
 @contextlib.contextmanager
 def native_output_to(path: Path) -> Iterator[None]:
-    """While active, this process's descriptors 1 and 2 append to `path`; a process started
-    meanwhile keeps them as its own. If the work fails, its last lines are logged. Where the
-    log cannot be opened (a full disk), the output stays where it was."""
+    """While active, this process's descriptors 1 and 2 (and those of a process started
+    meanwhile) append to `path`, unless it cannot be opened (a full disk)."""
     try:
         log_fd = _open_log(path)
     except OSError:

@@ -1,8 +1,5 @@
-"""A run's model rebuilt for the stages that read a finished checkpoint: evaluate, export, tests.
-
-The architecture comes from what the run recorded (a checkpoint's identity, the data snapshot's
-test rows), never from the current request, so a model is restored the way it was trained.
-"""
+"""A run's model rebuilt for the stages that read a finished checkpoint, from what the run
+recorded (never the current request), so a model is restored the way it was trained."""
 
 from __future__ import annotations
 

@@ -22,12 +22,8 @@ class CheckpointRef(BaseModel):
 
 
 def find_resume_point(run_dir: str | Path, identity: dict, data_sha256: str) -> CheckpointRef | None:
-    """The latest valid checkpoint of `run_dir`, or None for a run that has none yet.
-
-    Refuses (BadInputError) a checkpoint made with other model settings or other data, and a
-    checkpoint directory whose commit records are all gone: restarting from zero there would
-    silently discard trained work.
-    """
+    """The latest valid checkpoint of `run_dir`, or None for a run that has none yet; refused if
+    made with other settings or data, or if every one is damaged (zero would discard work)."""
     run = RunDir(run_dir)
     store = CheckpointStore(run.checkpoints)
     latest = store.latest()

@@ -1,9 +1,5 @@
-"""The run directory: every path a run makes, in one place.
-
-A run directory holds everything one run made (data snapshot, untrained model, checkpoints,
-metrics, report, exports) and its `manifest.json`. Stages, the CLI, verify and the bench name
-files through a `RunDir`, so no module needs another module to learn where a file lives.
-"""
+"""The run directory: every path a run makes, in one place, so no module needs another to learn
+where a file lives."""
 
 from __future__ import annotations
 
@@ -13,14 +9,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RunDir:
-    """The paths of one run directory.
+    """The paths of one run directory (`root` relative stays relative to the current directory).
 
     Example:
-        run = RunDir("runs/default")
-        history = pandas.read_csv(run.history)
-
-    Args:
-        root: the run directory (relative paths stay relative to the current directory).
+        history = pandas.read_csv(RunDir("runs/default").history)
     """
 
     root: Path

@@ -1,9 +1,5 @@
 """The data snapshot: the arrays fetch-data chose, saved once into the run directory and read by
-every later stage, identified by a digest of their contents.
-
-Features are an array, or a dict of arrays for a multi-input model: the snapshot stores those as
-`x_train/NAME`, and `load_snapshot` gives them back as the dict. Labels are one array.
-"""
+every later stage (features that are a dict of arrays stored as `x_train/NAME`)."""
 
 from __future__ import annotations
 
@@ -44,8 +40,7 @@ class DataRecord(BaseModel):
 
 
 def load_snapshot(path: str | Path, keys: tuple[str, ...] | None = None) -> Arrays:
-    """The splits of a snapshot (every one it holds, or `keys`); only those are read (an .npz
-    reads lazily, so stages that need the test set skip 188 MB of training images at 60k)."""
+    """The splits of a snapshot (every one, or `keys`: only those are read)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             flat = {k: npz[k] for k in npz.files

@@ -1,12 +1,10 @@
 """Stop on request: a SIGTERM or SIGINT only sets a flag; the code reads it at safe points.
 
-What Kubernetes sends before it evicts a pod, a preemptible VM before it shuts down, and a Prefect
-worker when a run is cancelled. A signal handler runs wherever the main thread is (inside a log
-handler's write, a serializer's callback), so it raises nothing and logs nothing there: it records
-the signal and starts the grace deadline. Code reads the flag where stopping is safe: the training
-loop after each batch (`GracefulStop.requested`), the pipeline between stages and inside long
-stages (`raise_if_stop_requested`). A second signal, or a stop that has not finished within
-`grace_seconds`, ends the process at once with the signal's usual status (128 + its number).
+A signal handler runs wherever the main thread is (inside a log handler's write, a serializer's
+callback), so it raises and logs nothing: it records the signal. Code reads the flag where
+stopping is safe: the training loop after each batch, the pipeline between stages and inside
+long ones. A second signal, or a stop not finished within `grace_seconds`, ends the process at
+once with the signal's usual status (128 + its number).
 
 Example:
     with StopOnSignal(20.0):
@@ -49,8 +47,7 @@ def stop_requested() -> str | None:
 
 
 def raise_if_stop_requested() -> None:
-    """A safe point: raise StopRequested if a SIGTERM or SIGINT has come since the outermost
-    `StopOnSignal` scope opened."""
+    """A safe point: raise StopRequested if a stop was requested."""
     if _FLAG.signal is not None:
         raise StopRequested(f"stopped by {_FLAG.signal}{_FLAG.where}, outside training; every "
                             "committed checkpoint and export is kept. Run the same command again "
@@ -72,13 +69,11 @@ def _on_signal(number: int, frame) -> None:
 
 
 class StopOnSignal:
-    """While active, the first SIGTERM or SIGINT only records a stop; code reads it at safe points
-    (`raise_if_stop_requested`, `requested`).
+    """While active, the first SIGTERM or SIGINT only records a stop.
 
-    Signal handlers can only be set from the main thread; elsewhere (a Dask worker's thread) this
-    does nothing and the process keeps its own handling. Scopes nest and share one flag: the
-    innermost one open when the signal comes gives the message and the deadline, which ends with
-    that scope; the flag is cleared when the outermost scope ends.
+    Off the main thread (a Dask worker's) this does nothing: only it can set handlers. Scopes nest
+    and share one flag: the innermost one open when the signal comes gives the message and the
+    deadline; the flag is cleared when the outermost scope ends.
 
     Args:
         grace_seconds: float > 0, how long the stop may take before the process exits anyway.
@@ -118,8 +113,7 @@ class StopOnSignal:
         self._ended.set()
 
     def _watch(self) -> None:
-        """Off the main thread: say that the stop is under way, and end the process if it takes
-        longer than `grace_seconds`."""
+        """Off the main thread: log the stop, and end the process after `grace_seconds`."""
         while not self.received:  # polled: the handler takes no lock to wake a waiter
             if self._ended.wait(0.05):
                 return

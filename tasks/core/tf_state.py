@@ -1,13 +1,9 @@
 """A TF checkpoint in two phases: capture the tensors now (a batch boundary), write them later.
 
 `tf.train.Checkpoint.write` reads every variable and writes the file in one call, so training
-waits for the disk. Here `capture` does only the first half on the calling thread: it gathers
-what `tf.train.Checkpoint` would save (every variable's value, a tf.data iterator's serialized
-state, the object graph) as tensors. A variable's value is a copy-on-write read: the optimizer's
-next update copies the variable rather than the saved value, so the capture costs about one
-memory copy of the state, paid as training goes on. `CapturedState.write`, on any thread, writes
-those tensors as the same `PREFIX.index` / `PREFIX.data-*` files, which `tf.train.Checkpoint.read`
-restores as usual, and hashes each one from the page cache as soon as it is written.
+waits for the disk. `capture` does the first half on the calling thread: what the checkpoint
+would save, as tensors (a variable's value is a copy-on-write read, about one memory copy).
+`CapturedState.write`, on any thread, writes them as the usual `PREFIX.index` / `.data-*` files.
 
 TensorFlow's own route (`CheckpointOptions(experimental_enable_async_checkpoint=True)`) fails
 on Keras 3 variables at the second save (it creates `tf.Variable`s inside a `tf.function`), so
@@ -32,12 +28,9 @@ class CapturedState:
     root: Any  # the tf.train.Checkpoint they came from (its saver holds it by a weak reference)
 
     def write(self, directory: Path, prefix: str) -> dict[str, str]:
-        """Write `directory/prefix.index` and `.data-*`, fsynced; return {file name: sha256}.
-
-        Each file is hashed straight after TensorFlow wrote it, through a memory map of the
-        page cache: no copy and no read from the disk (writing through TensorFlow's in-memory
-        file system to hash on the way was measured at twice the CPU time).
-        """
+        """Write `directory/prefix.index` and `.data-*`, fsynced; return {file name: sha256}
+        (hashed from the page cache: through TensorFlow's in-memory file system took twice the
+        CPU time)."""
         from tensorflow.python.checkpoint import functional_saver
 
         directory = Path(directory)

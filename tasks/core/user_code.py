@@ -39,10 +39,8 @@ def split_ref(ref: str, what: str) -> tuple[str, str]:
 
 
 def check_ref(ref: str, what: str) -> None:
-    """Refuse a REF whose module or file is missing, does not parse, or defines no such name.
-
-    Nothing is imported or run: the source is read and parsed only.
-    """
+    """Refuse a REF whose module or file is missing, does not parse, or defines no such name
+    (parsed only: nothing is imported or run)."""
     where, name = split_ref(ref, what)
     source = _source_file(where, ref, what)
     if source is None:  # a compiled or namespace module: only an import can tell
@@ -69,7 +67,8 @@ def resolve(ref: str, what: str) -> Callable:
     where, name = split_ref(ref, what)
     check_ref(ref, what)
     try:
-        module = _import_file(Path(where), ref) if where.endswith(".py") else _import_module(where)
+        module = _import_file(Path(where), ref) if where.endswith(".py") else \
+            importlib.import_module(where)  # check_ref put the current directory on sys.path
     except BadInputError:
         raise
     except Exception as exc:
@@ -85,11 +84,9 @@ def resolve(ref: str, what: str) -> Callable:
 
 def call(function: Callable, ref: str, what: str, params: dict[str, Any],
          optional: dict[str, Any] | None = None) -> Any:
-    """`function(**params)`, plus each `optional` keyword it accepts (e.g. `seed`).
-
-    A parameter it does not take, or an exception it raises, is a BadInputError naming the REF;
-    network and disk errors stay themselves, so a retry can help.
-    """
+    """`function(**params)`, plus each `optional` keyword it accepts (e.g. `seed`); an unknown
+    parameter or an error it raises is a BadInputError naming the REF, but network and disk
+    errors stay themselves, so a retry can help."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -149,11 +146,6 @@ def _find_spec(name: str):
             return None
         search = spec.submodule_search_locations
     return spec
-
-
-def _import_module(name: str):
-    _cwd_on_path()
-    return importlib.import_module(name)
 
 
 def _import_file(path: Path, ref: str):

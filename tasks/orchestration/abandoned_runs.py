@@ -1,9 +1,5 @@
-"""Flow runs whose process died holding a run directory: found by the next run, marked Crashed.
-
-A SIGKILLed flow process cannot report its end, so Prefect keeps showing it Running (heartbeats
-and zombie detection cover deployment runs only). The run directory's lock knows better: its
-holder record names the flow run, and a record that was never released means its holder died.
-"""
+"""Flow runs whose process died holding a run directory: found by the next run, marked Crashed
+(a SIGKILLed flow process cannot report its end; the lock's holder record names it)."""
 
 from __future__ import annotations
 

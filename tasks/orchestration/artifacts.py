@@ -22,11 +22,8 @@ log = logging.getLogger("ckptflow.train")
 
 
 def artifact_key(run_dir: str, what: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) naming the run directory.
-
-    Keys allow no other characters, so `runs/a/r1`, `runs/a_r1` and `RUNS/A/R1` read alike; a
-    digest of the path as given tells them apart.
-    """
+    """A Prefect artifact key (lowercase letters, digits, dashes) naming the run directory, with
+    a digest of the path to tell `runs/a/r1` from `runs/a_r1`."""
     path = os.path.normpath(run_dir)
     slug = re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-")[-32:].strip("-") or "run"
     return f"ckptflow-{slug}-{hashlib.sha256(path.encode()).hexdigest()[:8]}-{what}"
@@ -42,10 +39,8 @@ class EpochProgress:
             description=f"Epochs done of {config.epochs} in {config.run_dir}")
 
     def update(self, row: dict[str, Any], state: Any) -> None:
-        """An epoch callback: `row` is the history row of the epoch just committed.
-
-        Training goes on if the API is lost (after Prefect's client has retried): the progress
-        bar is for people, the checkpoints are what count, so it is not tried again."""
+        """An epoch callback; a lost API is logged once and training goes on (the bar is for
+        people, the checkpoints are what count)."""
         if self.lost:
             return
         try:

@@ -18,12 +18,9 @@ from ckptflow.orchestration.results import CacheRecordStorage, RecordSerializer
 def cache_while_present(outputs: Callable[[dict[str, Any]], list[Path]]) -> dict[str, Any]:
     """Task options that let Prefect skip a task only while its outputs are on disk, unchanged.
 
-    The cache key covers the task's source, its inputs and the SHA-256 of each output. A deleted
-    or changed output, or changed code, gives a new key, so the task runs instead of returning
-    stale paths. Outputs are only known once the task has run, so the first run after outputs
-    appear runs the task too; the stages make that cheap by reusing outputs they can verify.
-    The result is persisted as JSON (RecordSerializer) and its cache record is checked before
-    Prefect reads it (CacheRecordStorage): a record ckptflow did not write is never loaded.
+    The cache key covers the task's source, its inputs and the SHA-256 of each output, so a
+    deleted or changed output, or changed code, runs the task again. The first run after outputs
+    appear runs it too (the stages reuse outputs they can verify). Results are JSON records.
 
     Example:
         @task(name="evaluate", **cache_while_present(lambda p: [RunDir(p["config"].run_dir).evaluation]))

@@ -1,13 +1,9 @@
 """A deployment run uses only the code and the directories its deployment allows.
 
-An ad-hoc run (`ckptflow run`, a flow called from Python) runs its user's own code and is not
-checked. A deployment run is, first thing, before anything is imported or created: its model
-and data REFs must be the tutorial's built-ins, the deployment's own (the parameters `prefect
-deploy` recorded) or listed in the deployment's `ckptflow_allow` job variable; its run
-directory, sweep directory and data file must lie under an allowed root (default: `runs/` under
-the deployment's working directory, plus the directories the deployment's own parameters name).
-Both come from the deployment's record on the server, which only a deployer can change: what a
-run overrides (its parameters, its job variables) does not count. See docs/security.md.
+An ad-hoc run runs its user's own code and is not checked. A deployment run's REFs must be the
+built-ins, the deployment's own parameters' or listed in its `ckptflow_allow` job variable; its
+paths must lie under an allowed root (default `runs/`). Both come from the deployment's record
+on the server, never from what a run overrides. See docs/security.md.
 """
 
 from __future__ import annotations

@@ -9,12 +9,9 @@ from ckptflow.core.errors import BadInputError
 
 
 def route_logs_to_prefect(name: str = "ckptflow") -> None:
-    """Send the stages' plain `logging` lines to Prefect's console and run logs (the UI).
-
-    The same as listing the logger in PREFECT_LOGGING_EXTRA_LOGGERS, without depending on the
-    environment of whoever starts the flow (CLI, `python flows/...py`, or a worker). Also keeps
-    Prefect from printing a traceback for bad input (its one-line message says it all).
-    """
+    """Send the stages' plain `logging` lines to Prefect's console and run logs (as
+    PREFECT_LOGGING_EXTRA_LOGGERS would, whoever starts the flow), without tracebacks for bad
+    input."""
     from prefect.logging.handlers import APILogHandler
 
     for run_logger in ("prefect.task_runs", "prefect.flow_runs"):
@@ -49,8 +46,7 @@ def _inside_a_run(record: logging.LogRecord) -> bool:
 
 
 def _no_traceback_for_bad_input(record: logging.LogRecord) -> bool:
-    """Bad input is the user's to fix, not a bug: Prefect's failure line stays, its traceback
-    goes (the error's own message says what is wrong and what to do)."""
+    """Bad input is the user's to fix, not a bug: Prefect's failure line stays, its traceback goes."""
     if record.exc_info and isinstance(record.exc_info[1], BadInputError):
         record.exc_info, record.exc_text = None, None
     return True

@@ -6,13 +6,11 @@ record rewritten to say "pickle" makes the next run unpickle, and execute, whate
 holds. That is so even for a task declared with `result_serializer="json"`, and Prefect's JSON
 decoder itself imports any class or callable a file names. So here:
 
-- `RecordSerializer` writes and reads plain JSON of the pydantic record types registered with
-  `@result_record`, validated field by field, and of exceptions (their type's name and message:
-  Prefect persists the exception of every failed flow run, whatever `persist_result` says); it
-  imports and calls nothing a file names. Tasks and flows that persist nothing use it too.
-- `CacheRecordStorage` holds the cache records (the cache policy's `key_storage`) and refuses,
-  before Prefect parses one, any record that names another serializer or a storage block. A
-  refused record is a cache miss: the task runs again and writes a fresh record.
+- `RecordSerializer` writes and reads plain JSON of the pydantic records registered with
+  `@result_record`, and of exceptions (type name and message: Prefect persists the exception of
+  every failed flow run); it imports and calls nothing a file names.
+- `CacheRecordStorage` refuses, before Prefect parses it, a cache record that names another
+  serializer or a storage block: a cache miss, so the task runs again.
 """
 
 from __future__ import annotations
@@ -112,11 +110,8 @@ class RecordSerializer(Serializer):
 
 
 def check_cache_record(content: bytes, where: str) -> bytes:
-    """`content` if it is a cache record of RecordSerializer's, else UntrustedResult.
-
-    A result on local disk (Prefect's default result storage) is read too: one that does not
-    load is refused here, as a cache miss, instead of failing the task when Prefect reads it.
-    """
+    """`content` if it is a cache record of RecordSerializer's, else UntrustedResult (also when
+    its result on local disk does not load: a cache miss, not a failed task)."""
     try:
         record = json.loads(content)
     except ValueError as exc:
@@ -149,12 +144,8 @@ def local_storage_path() -> Path:
 
 
 class CacheRecordStorage(WritableFileSystem):
-    """Prefect cache records as local files, each checked by `check_cache_record` when read.
-
-    The directory is `<PREFECT_RESULTS_LOCAL_STORAGE_PATH>/cache-records` (by default
-    `~/.prefect/storage/cache-records`), read from Prefect's settings when a record is accessed.
-    Writes are atomic (temporary file, fsync, rename).
-    """
+    """Prefect cache records as local files under `<PREFECT_RESULTS_LOCAL_STORAGE_PATH>/
+    cache-records`, written atomically, each checked by `check_cache_record` when read."""
 
     _block_type_name = "ckptflow cache records"
     basepath: str | None = Field(default=None, description="overrides the default directory")

@@ -32,12 +32,8 @@ def retry_options(retries: int = 3) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def no_flow_retry_on_bad_input() -> Iterator[None]:
-    """Inside a flow: bad input ends the flow run Failed at once instead of retrying it.
-
-    Prefect retries a failed flow run whatever failed it (the server's RetryFailedFlows rule
-    reads only the run's policy), and flows take no retry condition. Bad input fails the same
-    way every time, so before the error leaves the flow the run's policy is set to no retries.
-    """
+    """Inside a flow: bad input ends the flow run Failed at once instead of retrying it (flows
+    take no retry condition, so the run's policy is set to no retries before the error leaves)."""
     try:
         yield
     except BadInputError:

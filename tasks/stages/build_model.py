@@ -33,12 +33,8 @@ class ModelRecord(BaseModel):
 
 
 def build_model_stage(run_dir: str | Path, identity: dict, data: DataRecord) -> ModelRecord:
-    """Build the model `identity` names (the tutorial's, or a user's function) and save it.
-
-    The untrained model is the run's starting point and the "untrained" baseline. A run
-    directory keeps the model it was started with: another REF, other params, or the same REF
-    whose code now builds another architecture, is refused.
-    """
+    """Build the model `identity` names and save it untrained: the run's starting point and
+    baseline. Another model than the run directory started with (or changed code) is refused."""
     run = RunDir(run_dir)
     path = run.initial_model
     recorded = read_manifest(run).get("model")

@@ -1,9 +1,5 @@
-"""export-each-format: write the trained model in every format, load each back, and compare.
-
-The formats come from the registry in `ckptflow.core.formats`. Each export is written under a
-temporary name, loaded back the way a user would and checked against the trained model's
-predictions before it replaces an earlier export.
-"""
+"""export-each-format: write the trained model in every format, load each back, and compare,
+before the set replaces the previous exports."""
 
 from __future__ import annotations
 
@@ -61,10 +57,7 @@ class ExportRecord(BaseModel):
 
 def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef,
                        formats: list[str] | None = None) -> list[ExportRecord]:
-    """Export `checkpoint.path` in each of `formats` and verify each.
-
-    `formats=None` exports every format whose packages are installed, and logs the others.
-    """
+    """Export `checkpoint.path` in each of `formats` (None: every one installed) and verify each."""
     run = RunDir(run_dir)
     arrays = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
     x, y = arrays["x_test"], arrays["y_test"]
@@ -158,8 +151,7 @@ def export_outputs(run_dir: str | Path) -> list[Path]:
 
 
 def _save_export(fmt: ExportFormat, model, staged: Path, final: Path) -> None:
-    """Write one export into the staging directory; a refused write (a full disk), whichever
-    library reports it, is one WriteFailed naming where the export goes."""
+    """Write one export into staging; a refused write is one WriteFailed naming `final`."""
     try:
         fmt.save(model, staged)
     except (OSError, *tf_write_errors()) as exc:

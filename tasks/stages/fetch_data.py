@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from ckptflow.config import TrainConfig, data_request, is_tutorial_data
-from ckptflow.core.datasets import load_user_data
+from ckptflow.core.datasets import UserData, load_user_data
 from ckptflow.core.files import ensure_writable, sha256_file
 from ckptflow.core.identity import check_same_data
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import Arrays, DataRecord, data_digest, load_snapshot, write_snapshot
+from ckptflow.core.snapshot import DataRecord, data_digest, load_snapshot, write_snapshot
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.tutorial.data import load_mnist
 
@@ -28,11 +26,8 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
                data_params: dict[str, Any] | None = None) -> DataRecord:
     """Load `source` (a data function's REF, or the tutorial's MNIST), validate it, snapshot it.
 
-    The snapshot is what every later stage reads: every split of the tutorial's MNIST (x flattened
-    to 784 and scaled to [0, 1], integer labels, in `data/mnist.npz`) or of a data function's
-    arrays; of a tf.data pipeline, its test set (`data/snapshot.npz`), while its training set is
-    fingerprinted and rebuilt by training. A run directory holds one data set for life: if it
-    already has other data, this refuses instead of overwriting it.
+    The snapshot is what every later stage reads (of a tf.data pipeline, its test set). A run
+    directory holds one data set for life: other data is refused, not written over it.
 
     Example:
         record = fetch_data("runs/demo", "bundled", train_samples=500, test_samples=200)
@@ -49,7 +44,12 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
         log.info("data: reusing the run's snapshot %s (sha256 %s)", run.relative(snapshot),
                  recorded["data_sha256"][:12])
         return DataRecord(**recorded)
-    loaded = _load(source, train_samples, test_samples, seed, data_params or {})
+    if is_tutorial_data(source):
+        arrays, used, reason = load_mnist(source, train_samples, test_samples, seed)
+        loaded = UserData(arrays)
+    else:
+        loaded = load_user_data(source, data_params or {}, seed)
+        used, reason = source, "data function"
     digest = loaded.digest()
     # The run's data is what the manifest recorded, even if the snapshot file has gone missing.
     existing = (recorded or {}).get("data_sha256")
@@ -58,55 +58,21 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
     check_same_data(run, recorded, existing, request, digest)
     if not snapshot.exists():
         write_snapshot(snapshot, loaded.arrays)
-    record = DataRecord(source=loaded.source, reason=loaded.reason, path=run.relative(snapshot),
+    record = DataRecord(source=used, reason=reason, path=run.relative(snapshot),
                         file_sha256=sha256_file(snapshot), data_sha256=digest,
                         train_samples=loaded.train_samples, test_samples=len(loaded.arrays["y_test"]),
                         request=request, kind=loaded.kind,
                         snapshot_sha256=None if loaded.kind == "arrays" else data_digest(loaded.arrays))
     if recorded == record.model_dump():  # a pipeline read again and found the same: no write
-        log.info("data: %s unchanged (sha256 %s)", loaded.source, digest[:12])
+        log.info("data: %s unchanged (sha256 %s)", used, digest[:12])
         return record
     update_manifest(run, data=record.model_dump())
     set_artifacts(run, "data", [artifact_entry(run, snapshot, "data", "npz",
                                                data_sha256=record.snapshot_digest())])
-    log.info("data: %s (%s); %d train / %d test examples%s; sha256 %s", loaded.source,
-             loaded.reason, record.train_samples, record.test_samples,
+    log.info("data: %s (%s); %d train / %d test examples%s; sha256 %s", used,
+             reason, record.train_samples, record.test_samples,
              " (tf.data pipeline)" if loaded.kind == "pipeline" else "", digest[:12])
     return record
-
-
-@dataclass
-class _Loaded:
-    """Data as loaded, before it is recorded."""
-
-    arrays: Arrays
-    source: str
-    reason: str
-    kind: str = "arrays"
-    train_fingerprint: str | None = None
-    train_count: int | None = None
-
-    @property
-    def train_samples(self) -> int:
-        return self.train_count if self.train_count is not None else len(self.arrays["y_train"])
-
-    def digest(self) -> str:
-        """What identifies the data: the arrays' digest, or the pipeline's training elements
-        (order ignored) with its test set."""
-        if self.kind == "arrays":
-            return data_digest(self.arrays)
-        return hashlib.sha256(f"pipeline:{self.train_count}:{self.train_fingerprint}:"
-                              f"{data_digest(self.arrays)}".encode()).hexdigest()
-
-
-def _load(source: str, train_samples: int, test_samples: int, seed: int,
-          data_params: dict[str, Any]) -> _Loaded:
-    if is_tutorial_data(source):
-        arrays, used, reason = load_mnist(source, train_samples, test_samples, seed)
-        return _Loaded(arrays, used, reason)
-    data = load_user_data(source, data_params, seed)
-    return _Loaded(data.arrays, source, "data function", data.kind, data.train_fingerprint,
-                   data.train_count)
 
 
 @task(name="fetch-data", persist_result=False, **retry_options())

@@ -1,9 +1,7 @@
 """Check a run request before anything is touched: seconds, not a training attempt.
 
 `check_request` needs neither TensorFlow nor Prefect, so `ckptflow run` calls it before Prefect's
-server starts: a wrong option, an unusable run directory, a bad data file or a request that
-conflicts with what the run directory already holds is one line and exit 2, with the run
-directory byte for byte as it was. The stages repeat each check where they act on it.
+server starts; the stages repeat each check where they act on it.
 """
 
 from __future__ import annotations
@@ -62,8 +60,7 @@ def check_run_dir(run: RunDir) -> None:
 
 
 def check_data(run: RunDir, config: TrainConfig, recorded: dict | None) -> None:
-    """A data file (or the bundled images) is read and validated; on an existing run, it must be
-    the data the run holds. The same request as recorded is left to fetch-data's reuse."""
+    """A data file (or the bundled images), read and validated, must be the data the run holds."""
     request = config.data_request()
     if recorded and recorded.get("request") == request:
         return

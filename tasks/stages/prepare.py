@@ -11,8 +11,6 @@ from ckptflow.stages.fetch_data import fetch_data
 def prepare_run(config: TrainConfig) -> DataRecord:
     """Snapshot the data and save the untrained model into `config.run_dir`; return the data record.
 
-    What the sweep, the bench scripts and the tests call before `train_with_checkpoints`.
-
     Example:
         data = prepare_run(TrainConfig(run_dir="runs/demo", data="bundled"))
         train_with_checkpoints(config.run_dir, config, data)

@@ -1,9 +1,5 @@
-"""report: one markdown report of the run and its training curve, written into the run directory.
-
-Built from the run directory alone (manifest, history, exports), so it describes what is on
-disk: parameters, data source and hash, per-epoch metrics, which checkpoint training resumed
-from, and every export with its accuracy and size.
-"""
+"""report: one markdown report of the run and its training curve, written into the run directory
+from the run directory alone, so it describes what is on disk."""
 
 from __future__ import annotations
 
@@ -30,11 +26,8 @@ log = logging.getLogger("ckptflow.report")
 
 
 def write_report(run_dir: str | Path) -> str:
-    """Write `report.md` and `metrics/training_curve.png`; return the markdown.
-
-    Call it holding the run directory's lock, as the flow does: it first removes the temporary
-    files killed writes left in the run directory and `metrics/`.
-    """
+    """Write `report.md` and `metrics/training_curve.png`; return the markdown. Call it holding
+    the run directory's lock: it clears what killed writes left."""
     import pandas as pd
 
     run = RunDir(run_dir)
@@ -54,8 +47,7 @@ def write_report(run_dir: str | Path) -> str:
 
 
 def training_curve_png(history) -> bytes:
-    """Loss and the model's first metric (the tutorial's accuracy) per epoch, training and
-    validation, as a PNG."""
+    """Loss and the model's first metric per epoch, training and validation, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,10 +1,7 @@
 """A grid sweep over model params: one resumable run directory per point.
 
-Each point is the pipeline's own stages (fetch-data, build-model, train-with-checkpoints,
-evaluate) on `SWEEP_DIR/units{U}-dropout{D}-lr{LR}` (or `SWEEP_DIR/filters8-learning_rate0.01`
-for a `--grid`), so a sweep run again skips finished points
-and resumes the others from their latest checkpoints. Exports are left to `ckptflow run
---run-dir` on the point you keep: it finds the training complete and exports and verifies it.
+Each point is the pipeline's stages up to evaluate; exports are left to `ckptflow run --run-dir`
+on the point you keep.
 """
 
 from __future__ import annotations
@@ -72,8 +69,7 @@ def failed_row(config: TrainConfig, error: str) -> dict[str, Any]:
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best test accuracy first (lowest test loss for a model without accuracy); points without
-    one (failed) last."""
+    """Best test accuracy (else test loss) first; failed points last."""
     if any(r.get("test_accuracy") is not None for r in rows):
         return sorted(rows, key=lambda r: (r["test_accuracy"] is None, -(r["test_accuracy"] or 0.0)))
     return sorted(rows, key=lambda r: (r.get("test_loss") is None, r.get("test_loss") or 0.0))

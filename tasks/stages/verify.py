@@ -83,11 +83,9 @@ def verify_run_dir(run_dir: str | Path) -> list[VerifyRow]:
 def completeness_rows(manifest: dict) -> list[VerifyRow]:
     """A failed row for each part of a finished run that is missing or stale.
 
-    A finished run has trained (the manifest's training section names its final checkpoint) and
-    has, of that very checkpoint, an evaluation and, unless it is a sweep point (which ends at
-    its evaluation), a report and an export in every requested format (every format that needs
-    no extra package, when none were named). Hashes alone cannot tell: a run killed before its
-    first export, or during the export of a newer checkpoint, lists only files that are intact.
+    A finished run has, of its final checkpoint, an evaluation and (unless it is a sweep point)
+    a report and every requested export. Hashes alone cannot tell: a run killed before its first
+    export, or while exporting a newer checkpoint, lists only files that are intact.
     """
     training = manifest.get("training")
     if not training or "checkpoint" not in training:
@@ -126,11 +124,8 @@ def completeness_rows(manifest: dict) -> list[VerifyRow]:
 
 
 def _report_problem(reports: list[dict], of_final, exports: dict[str, str]) -> str:
-    """Why the report is not of the final checkpoint and of the exports listed now, or ''.
-
-    A set exported again (a deleted export, a changed format) and killed before its report was
-    rewritten keeps a report of the same checkpoint that describes the previous files.
-    """
+    """Why the report is not of the final checkpoint and of the exports listed now (a set
+    exported again and killed before the report was rewritten), or ''."""
     stale = [a for a in reports if not of_final(a)]
     if not reports or stale:
         return f"report is of {stale[0].get('checkpoint')}" if stale else "report is missing"
@@ -191,22 +186,19 @@ def _check_file(run_dir: Path, entry: dict) -> tuple[VerifyRow, Path | None]:
     row = VerifyRow(kind=entry["kind"], format=entry["format"], path=str(entry["path"]), ok=False)
     try:
         path = safe_path(run_dir, str(entry["path"]))
-        if not path.exists():
-            row.problem = "missing"
-            return row, None
-        digest = sha256_path(path)
+        digest = sha256_path(path) if path.exists() else None
     except BadInputError as exc:
         row.problem = str(exc)
-        return row, None
     except OSError as exc:  # a file or folder this user may not read
         row.problem = f"unreadable ({exc.strerror})"
-        return row, None
-    row.bytes = entry["bytes"]
-    if digest != entry["sha256"]:
-        row.problem = "SHA-256 does not match the manifest: refused, not opened"
-        return row, None
-    row.ok = True
-    return row, path
+    else:
+        if digest is None:
+            row.problem = "missing"
+        else:
+            row.bytes, row.ok = entry["bytes"], digest == entry["sha256"]
+            if not row.ok:
+                row.problem = "SHA-256 does not match the manifest: refused, not opened"
+    return row, path if row.ok else None
 
 
 def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
@@ -253,8 +245,7 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
 def _load_in_fresh_processes(snapshot: Path, identity: dict, loads: list[tuple[str, Path]],
                              native_log: Path) -> list[dict]:
     """Each (format, path) loaded and run in its own fresh process, one per core (at most 4)
-    at a time; one outcome per load, in order: predictions or an error. What the processes
-    print natively goes to `native_log`."""
+    at a time; one outcome per load, in order: predictions or an error."""
     context = _loader_context()
     start_loader(native_log)
     at_once = max(1, min(4, os.cpu_count() or 1))
@@ -283,9 +274,7 @@ def _load_in_fresh_processes(snapshot: Path, identity: dict, loads: list[tuple[s
 
 def _loader_context() -> multiprocessing.context.BaseContext:
     """Each export loads in a process forked from a server that has imported TensorFlow but run
-    nothing, so no state of this process (or of another format) leaks into a load. The loading
-    function lives in `ckptflow.core.formats`, which imports no Prefect, so that a load does not
-    first spend a second importing this module."""
+    nothing, so no state of this process (or of another format) leaks into a load."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tensorflow", "ckptflow.core.formats", "ckptflow.core.models",
                                     "ckptflow.tutorial.model"])
@@ -294,9 +283,7 @@ def _loader_context() -> multiprocessing.context.BaseContext:
 
 def start_loader(native_log: Path | None = None) -> None:
     """Start the loading process now (if not yet), so its TensorFlow import (~10 s here)
-    overlaps the stages before verify instead of delaying verify. Started after training, not
-    before, so that it does not take a core from training. What it prints natively (its import
-    of TensorFlow) goes to `native_log`, if given."""
+    overlaps the stages after training (not training: it would take a core)."""
     from multiprocessing import forkserver
 
     _loader_context()
@@ -339,8 +326,7 @@ def inspect_hdf5(path: Path, weight_shapes: list[list[int]]) -> str:
 
 
 def format_table(rows: list[VerifyRow]) -> str:
-    """The verdicts as a text table: format, bytes, load time, max difference, the model's first
-    metric (accuracy for the tutorial), OK."""
+    """The verdicts as a text table, with the model's first metric (the tutorial's accuracy)."""
     name = next((next(iter(r.metrics)) for r in rows if r.metrics), "accuracy")
     lines = [f"{'kind':<10} {'format':<19} {'bytes':>11} {'load s':>7} {'max|diff|':>10} "
              f"{name[:10]:>10}  ok  path / problem"]
@@ -365,10 +351,7 @@ def manifest_outputs(run_dir: str | Path) -> list[Path]:
 
 @task(name="verify", **cache_while_present(lambda p: manifest_outputs(p["config"].run_dir)))
 def verify_task(config: TrainConfig) -> list[VerifyRow]:
-    """Verify the run directory as `ckptflow verify` does; fail the run if any artifact fails.
-
-    Skipped (Prefect cache) while every file the manifest lists is unchanged since it passed.
-    """
+    """Verify the run directory as `ckptflow verify` does; fail the run if any artifact fails."""
     from prefect.artifacts import create_table_artifact
 
     from ckptflow.orchestration.artifacts import artifact_key

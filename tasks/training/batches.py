@@ -1,11 +1,7 @@
 """Where training batches come from, so that a checkpoint can say exactly where it stands.
 
-`ArrayBatches`: the snapshot's arrays, each epoch in an order derived from (seed, epoch) alone;
-the position is (epoch, batch), and nothing else needs saving. `PipelineBatches`: a user's
-tf.data pipeline, batched and repeated into one iterator for the whole run; the iterator itself
-(position, shuffle buffer, RNG state) is saved in every checkpoint, so a resume continues the
-very stream an uninterrupted run would have seen. Keras 3 `fit` restarts each epoch's iterator at
-step 0, which is why the loop drives `model.train_function` with these iterators itself.
+Arrays are read in an order derived from (seed, epoch) alone, so (epoch, batch) is the whole
+position; a tf.data pipeline is one iterator for the run, saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -19,11 +15,8 @@ from ckptflow.core.errors import BadInputError, first_line
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The batch order of one epoch: a permutation derived from (seed, epoch) alone.
-
-    Unlike `fit(shuffle=True)` under a global seed (the same order every epoch), each epoch gets
-    a fresh order, and a resumed run recomputes exactly the order it was interrupted in.
-    """
+    """The batch order of one epoch, derived from (seed, epoch) alone: a fresh order each epoch,
+    recomputed exactly by a resumed run."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -57,11 +50,8 @@ class ArrayBatches:
 
 
 class PipelineBatches:
-    """A tf.data pipeline, batched by ckptflow, as one checkpointable iterator over all epochs.
-
-    Each epoch is `ceil(count / batch_size)` batches of the pipeline's next pass (a shuffle that
-    reshuffles each iteration gives every epoch a new order, as under `fit`).
-    """
+    """A tf.data pipeline, batched by ckptflow, as one checkpointable iterator over all epochs of
+    `ceil(count / batch_size)` batches each."""
 
     def __init__(self, train, count: int, batch_size: int, ref: str):
         import tensorflow as tf

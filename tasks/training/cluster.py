@@ -26,13 +26,9 @@ _strategies: dict[str, Any] = {}  # one per process: collective ops are configur
 
 
 def strategy_for(name: str, peer_timeout_seconds: float = 300.0):
-    """The process's tf.distribute strategy called `name`, created on first use.
-
-    Call it before TensorFlow runs any op: MultiWorkerMirroredStrategy cannot be created after
-    that ("Collective ops must be configured at program startup"), which is why the flow joins
-    the cluster before its first stage. Its creation waits for every worker in TF_CONFIG; one
-    that has not come within `peer_timeout_seconds` ends this process (PeerWatchdog).
-    """
+    """The process's tf.distribute strategy called `name`, created on first use: before any
+    TensorFlow op, as MultiWorkerMirroredStrategy requires ("Collective ops must be configured at
+    program startup")."""
     if name in _strategies:
         return _strategies[name]
     if name == "multi-worker":
@@ -64,10 +60,15 @@ def describe_tf_config() -> str:
             f"({', '.join(workers)})")
 
 
+def _resolver(strategy):
+    """The strategy's cluster resolver, or None for one process (mirrored, default)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver if resolver is not None and resolver.task_type else None
+
+
 def worker_count(strategy) -> int:
     """How many processes share the strategy's replicas (1 for mirrored)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
+    if (resolver := _resolver(strategy)) is None:
         return 1
     return sum(len(tasks) for tasks in resolver.cluster_spec().as_dict().values())
 
@@ -92,29 +93,22 @@ def check_tf_config() -> None:
 
 def is_chief(strategy) -> bool:
     """True for the one process that commits checkpoints and writes the run directory."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
+    if (resolver := _resolver(strategy)) is None or resolver.task_type == "chief":
         return True
     return (resolver.task_type == "worker" and resolver.task_id == 0
             and "chief" not in resolver.cluster_spec().as_dict())
 
 
 def describe_worker(strategy) -> str:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
+    if (resolver := _resolver(strategy)) is None:
         return "one process"
     workers = len(resolver.cluster_spec().as_dict().get("worker", []))
     return f"{resolver.task_type} {resolver.task_id} of {workers} workers"
 
 
 def wait_for_chief(config: TrainConfig, timeout_s: float) -> DataRecord:
-    """The chief's data record, once its fetch-data and build-model have run on this run dir.
-
-    Another worker reads the run directory only; it starts training when the chief has written
-    the data snapshot and the untrained model with the settings this worker was given.
-    """
+    """The chief's data record, once it has written the data and the model with this worker's
+    settings."""
     run_dir = RunDir(config.run_dir)
     request = config.data_request()
     deadline = time.monotonic() + timeout_s

@@ -1,17 +1,10 @@
 """The training loop, for one device and under a tf.distribute strategy alike.
 
-Epoch after epoch, batch by batch from wherever training stands: Keras 3 `fit` cannot start an
-epoch mid-way, nor continue a tf.data iterator. The epoch's metrics are the model's metric
-objects, reset when an epoch starts and saved in every checkpoint, so the history a resumed run
-writes is the one an uninterrupted run writes. Saves go through `CheckpointSaves` (when, on
-which thread, at what cost); what an epoch end leaves beside its checkpoint (history,
-TensorBoard, log line) follows once that checkpoint is committed. A SIGTERM or SIGINT ends
-training before the next batch; a checkpoint is committed there.
-
-What differs between strategies is an adapter (`OneDevice` here, `Replicas` in
-`ckptflow.training.replicas`): `chief` (writes the run directory), `epoch_steps` (the train
-step), `agree_to_stop` (how workers stop before the same batch), `validation_model`, `beat`
-(the watchdog) and `attempt_fields` (what the manifest's attempt records).
+Batch by batch from wherever training stands: Keras 3 `fit` cannot start an epoch mid-way, nor
+continue a tf.data iterator. The epoch's metrics are the model's metric objects, saved in every
+checkpoint, so a resumed run writes the history an uninterrupted one writes. A SIGTERM or SIGINT
+ends training before the next batch, with a checkpoint committed there. What differs between
+strategies is an adapter with the methods of `OneDevice` (`Replicas`: under a strategy).
 """
 
 from __future__ import annotations
@@ -51,12 +44,10 @@ log = logging.getLogger("ckptflow.train")
 def train_on_one_device(run: RunDir, config: TrainConfig, data: DataRecord,
                         on_epoch_end: EpochCallback | None = None,
                         on_batch_end: BatchCallback | None = None) -> TrainRecord:
-    """Train until `config.epochs`, committing checkpoints in the background as the SavePolicy
-    allows and at every epoch end. The caller holds the run directory's lock.
+    """Train until `config.epochs`, holding the run directory's lock (the caller takes it).
 
     Raises:
-        StopRequested: a SIGTERM or SIGINT arrived; a checkpoint of the batch reached is
-            committed and recorded in the manifest.
+        StopRequested: a SIGTERM or SIGINT arrived; the batch reached is committed.
     """
     start = start_training(run, config, data)
     store = CheckpointStore(run.checkpoints, keep=config.keep_checkpoints,
@@ -101,8 +92,7 @@ class OneDevice:
 
 
 class TrainingLoop:
-    """One training attempt, epoch after epoch, in every worker alike (the chief also writes the
-    run directory's outputs)."""
+    """One training attempt, in every worker alike (the chief also writes the run directory)."""
 
     def __init__(self, run: RunDir, config: TrainConfig, start: TrainingStart, strategy,
                  saves: CheckpointSaves, on_epoch_end: EpochCallback | None,
@@ -135,7 +125,6 @@ class TrainingLoop:
         return self.stopping
 
     def train_rest_of_epoch(self, stop: GracefulStop) -> None:
-        """The current epoch from the batch reached to its end, or to a stop."""
         state = self.state
         if state.batch == 0:
             self.model.reset_metrics()  # as `fit` does when an epoch starts
@@ -171,9 +160,8 @@ class TrainingLoop:
         self.strategy.beat("training a batch")
 
     def stop_here(self, signal_name: str) -> None:
-        """Commit the batch reached (unless just committed), record the stop, raise StopRequested.
-        A commit in flight that failed (a full disk) does not turn the stop into a retried
-        error; if the stop's own checkpoint cannot be written either, the stop says so."""
+        """Commit the batch reached (unless just committed), record the stop, raise StopRequested;
+        a failed commit in flight (a full disk) does not turn the stop into a retried error."""
         try:
             self.saves.wait()
         except CheckpointWriteError as exc:
@@ -197,8 +185,7 @@ class TrainingLoop:
         return self.run.relative(checkpoint.path) if self.strategy.chief else checkpoint.name
 
     def finish(self, late_signal: str | None, **attempt) -> TrainRecord:
-        """The chief's record of this attempt in the manifest; a signal during the last epoch's
-        close (training is complete) stops now."""
+        """The chief's record of this attempt; a signal during the last epoch's close stops now."""
         record = finish_training(self.run, self.config, self.saves.store, self.start, self.state,
                                  self.saves.latest, **self.strategy.attempt_fields(
                                      self.saves.costs()), **attempt)

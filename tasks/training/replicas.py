@@ -52,11 +52,8 @@ def train_with_strategy(run_dir: str | Path, config: TrainConfig, data: DataReco
     """Train like one device, each global batch split over the strategy's replicas.
 
     The chief holds the run directory's lock and returns the TrainRecord; another worker writes
-    nothing in the run directory and returns where it stopped (`epoch`, `step`).
-
-    Raises:
-        StopRequested: a SIGTERM or SIGINT reached any worker; every worker committed the same
-            batch (the chief to the run directory) and the chief recorded the stop.
+    nothing there and returns where it stopped (`epoch`, `step`). A signal to any worker stops
+    every worker at the same batch (StopRequested).
     """
     run = RunDir(run_dir)
     if data.kind == "pipeline":
@@ -101,9 +98,7 @@ def train_replicas(run: RunDir, config: TrainConfig, data: DataRecord, strategy,
 
 
 class Replicas:
-    """Training under a tf.distribute strategy: each global batch split over the replicas, a
-    stop agreed on by every worker, a one-device copy of the model to validate; each step that
-    needs every worker beats the PeerWatchdog."""
+    """The loop's adapter under a tf.distribute strategy (see the module docstring)."""
 
     def __init__(self, strategy, config: TrainConfig, start: TrainingStart,
                  watchdog: PeerWatchdog | None):
@@ -124,8 +119,7 @@ class Replicas:
         return train_batch
 
     def agree_to_stop(self, stop: GracefulStop) -> str | None:
-        """The signal any worker got (SIGTERM over SIGINT), or None: all stop before the same
-        batch."""
+        """The signal any worker got (SIGTERM over SIGINT), or None."""
         if self.workers == 1:
             return stop.requested
         import tensorflow as tf

@@ -1,12 +1,4 @@
-"""What every training attempt shares: start a run (fresh or resumed), close epochs, finish with a record.
-
-`start_training` checks the data snapshot, finds the resume point, seeds the process's random
-generators (the one place training does), builds the run's model (the tutorial's or a user's)
-and its batch source, and either loads the untrained weights or restores
-the latest checkpoint. `EpochOutputs` writes what an epoch leaves beside its checkpoint (history
-CSV, TensorBoard, log line). `finish_training` writes the history and the manifest and returns
-the stage's `TrainRecord`.
-"""
+"""What every training attempt shares: start a run (fresh or resumed), close epochs, finish with a record."""
 
 from __future__ import annotations
 
@@ -83,9 +75,8 @@ def optimizer_step(model) -> int:
 
 def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=None,
                    announce: bool = True) -> TrainingStart:
-    """Seed, build the run's model (in `strategy`'s scope, if given) and batches, and put them where
-    training continues: the untrained weights for a new run, or everything the latest valid
-    checkpoint holds (weights, optimizer, RNG, the epoch's metrics, the pipeline's position)."""
+    """Seed (the one place training does), build the run's model (in `strategy`'s scope, if
+    given) and batches, and load the untrained weights or the latest valid checkpoint."""
     arrays = load_verified(run.root / data.path, data)
     seed_everything(config.seed, config.deterministic)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -139,8 +130,7 @@ def training_trackables(model, batches, metric_state: bool = True) -> dict:
 
 
 class EpochOutputs:
-    """What each committed epoch leaves beside its checkpoint: history CSV, TensorBoard scalars,
-    a log line, the caller's callback and the fault drill. Written by the chief only."""
+    """What each committed epoch leaves beside its checkpoint (the chief's only)."""
 
     def __init__(self, run: RunDir, config: TrainConfig, state: TrainState,
                  on_epoch_end: EpochCallback | None):
@@ -189,10 +179,8 @@ def write_history(run: RunDir, history: list[dict[str, Any]]) -> None:
 
 def finish_training(run: RunDir, config: TrainConfig, store: CheckpointStore, start: TrainingStart,
                     state: TrainState, latest: Checkpoint, **attempt: Any) -> TrainRecord:
-    """Write the history and the manifest's training section; return the stage's record.
-
-    `attempt` adds fields to this attempt's manifest entry (how a strategy spread it).
-    """
+    """Write the history and the manifest's training section (`attempt`: more fields of this
+    attempt's entry); return the stage's record."""
     write_history(run, state.history)  # also after a kill between checkpoint and CSV
     record = TrainRecord(
         checkpoint=run.relative(latest.path), commit_sha256=latest.commit_sha256(),

@@ -7,12 +7,11 @@ from pathlib import Path
 from prefect import task
 
 from ckptflow.config import TrainConfig
-from ckptflow.core.errors import BadInputError
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import DataRecord
 from ckptflow.orchestration.retries import retry_options
-from ckptflow.training.cluster import describe_worker, is_chief, strategy_for, wait_for_chief
+from ckptflow.training.cluster import describe_worker, strategy_for
 from ckptflow.training.loop import train_on_one_device
 from ckptflow.training.setup import BatchCallback, EpochCallback, TrainRecord
 
@@ -22,10 +21,7 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
                            on_batch_end: BatchCallback | None = None) -> TrainRecord:
     """Train until `config.epochs` epochs are done, continuing from the latest valid checkpoint.
 
-    Checkpoints are committed at every epoch end and every `config.save_every_batches` batches,
-    as `config.checkpoint_budget` allows (see SavePolicy). With the same seed, a run stopped and
-    resumed any number of times ends with the same weights as a run that was never stopped.
-    Holds the run directory's lock while it trains.
+    A run stopped and resumed any number of times ends with the weights of a run never stopped.
 
     Example:
         data = prepare_run(config)
@@ -41,21 +37,6 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
         return train_with_strategy(run_dir, config, data, on_epoch_end, on_batch_end)
     with run_dir_lock(run_dir, config.wait_for_lock):
         return train_on_one_device(RunDir(run_dir), config, data, on_epoch_end, on_batch_end)
-
-
-def run_worker(config: TrainConfig, wait_seconds: float) -> dict:
-    """A non-chief worker of a multi-worker run: join, wait for the chief's data, train along."""
-    if config.strategy != "multi-worker":
-        raise BadInputError(f"ckptflow worker joins a multi-worker run. Received: "
-                            f"strategy={config.strategy!r}. Expected: --strategy multi-worker.")
-    strategy = strategy_for(config.strategy, config.peer_timeout_seconds)  # before any TF op
-    if is_chief(strategy):
-        raise BadInputError("this process is the chief (TF_CONFIG task index 0); start it with "
-                            "`ckptflow run --strategy multi-worker`, and the others with "
-                            "`ckptflow worker`.")
-    from ckptflow.training.replicas import train_with_strategy
-
-    return train_with_strategy(config.run_dir, config, wait_for_chief(config, wait_seconds))
 
 
 @task(name="train-with-checkpoints", persist_result=False, **retry_options())

@@ -1,10 +1,5 @@
-"""The training state: every field a resume needs, in one typed object (nanoGPT's checkpoint dict).
-
-Saved as `state.json` in every checkpoint beside the weights; a resumed run continues from it
-exactly: the epoch, the batch within it, the optimizer step, the history so far, the best score,
-and the settings and data it belongs to. The unfinished epoch's metrics are the model's own
-metric variables, saved in the TF checkpoint with the weights (`metric_state`).
-"""
+"""The training state: every field a resume needs, in one typed object (nanoGPT's checkpoint dict),
+saved as `state.json` in every checkpoint beside the weights."""
 
 from __future__ import annotations
 
@@ -47,9 +42,7 @@ class TrainState:
         self.batch, self.step = batch, step
 
     def close_epoch(self, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
-        """End the epoch with its training and validation metrics (`loss`, the model's own):
-        its history row (`loss, accuracy, val_loss, val_accuracy` for the tutorial), the best
-        score, counters reset. Returns the row."""
+        """End the epoch with its training and validation metrics; return its history row."""
         names = ["loss", *(k for k in train if k != "loss")]
         names += [k for k in val if k not in names]
         row = {"epoch": self.epoch + 1, **{k: train[k] for k in names if k in train},

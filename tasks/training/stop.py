@@ -1,10 +1,4 @@
-"""Stop on request during training: SIGTERM or SIGINT end it at a batch boundary, committed.
-
-The first signal only sets the flag of `ckptflow.core.stop`; the training loop reads
-`GracefulStop.requested` after each batch, commits a checkpoint there and raises StopRequested,
-so a rerun loses no batch. A second signal, or a stop not finished within `grace_seconds`, ends
-the process at once with the signal's usual status (128 + its number).
-"""
+"""Stop on request during training: SIGTERM or SIGINT end it at a batch boundary, committed."""
 
 from __future__ import annotations
 
@@ -17,12 +11,7 @@ log = logging.getLogger("ckptflow.train")
 
 
 class GracefulStop(StopOnSignal):
-    """During training (`with GracefulStop(20.0) as stop:`): `stop.requested` names the first
-    SIGTERM or SIGINT received, or is None; the loop stops at the next batch boundary.
-
-    Args:
-        grace_seconds: float > 0, how long the stop may take before the process exits anyway.
-    """
+    """`StopOnSignal` during training, whose log line says a checkpoint comes first."""
 
     def on_first(self, name: str) -> None:
         log.warning("%s: finishing the current batch and committing a checkpoint, then stopping "

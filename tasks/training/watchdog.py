@@ -1,14 +1,9 @@
 """A bound on waiting for the other workers of a multi-worker run.
 
-MultiWorkerMirroredStrategy waits without end: its constructor for every worker named in
-TF_CONFIG to arrive, each collective for every worker to join it. A worker that never starts,
-or a chief SIGKILLed mid-epoch, leaves the others blocked inside TensorFlow, where no Python
-exception can reach them (the constructor even holds the GIL, so no Python thread runs either).
-`PeerWatchdog` is the bound, as PyTorch's NCCL watchdog is: a small separate process that this
-one tells, after each step shared with the other workers, what it does next. When no word has
-come for `timeout_seconds`, it prints one line naming the step and the cluster and SIGKILLs
-this process (exit status 137). Nothing is lost: the chief's committed checkpoints stay, and
-starting every worker again resumes from the newest one.
+MultiWorkerMirroredStrategy waits without end for a worker that never starts or died, blocked
+inside TensorFlow (its constructor even holds the GIL). `PeerWatchdog`, as PyTorch's NCCL
+watchdog, is a separate process told after each shared step what comes next; after
+`timeout_seconds` without word it prints one line and SIGKILLs this process (status 137).
 """
 
 from __future__ import annotations
@@ -41,13 +36,8 @@ while True:
 
 
 class PeerWatchdog:
-    """While active, `beat(doing)` after each step that needs every worker; a silence of
-    `timeout_seconds` ends the process.
-
-    Args:
-        timeout_seconds: float > 0, the longest a step shared with the other workers may take.
-        cluster: who this process waits for ("worker 0 of 2 workers"), for the message.
-    """
+    """While active, `beat(doing)` after each step that needs every worker; `cluster` ("worker 0
+    of 2 workers") is for the message."""
 
     def __init__(self, timeout_seconds: float, cluster: str):
         self.timeout_seconds, self.cluster = timeout_seconds, cluster

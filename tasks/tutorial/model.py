@@ -42,11 +42,8 @@ class Standardize(keras.layers.Layer):
 
 def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1e-3,
                  seed: int = 42) -> keras.Model:
-    """The tutorial's `create_model()`: Standardize → Dense(units, relu) → Dropout → Dense(10),
-    compiled.
-
-    Every seed comes from `seed` (the global generators are neither read nor seeded), so the same
-    seed gives the same model wherever and whenever it is built.
+    """The tutorial's `create_model()`, compiled; every seed comes from `seed`, so the same seed
+    gives the same model wherever and whenever it is built.
 
     Example:
         model = create_model(units=64)
