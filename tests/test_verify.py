@@ -119,14 +119,14 @@ def test_an_unusable_manifest_gets_a_one_line_error(tmp_path, content, message):
 
 def test_a_wrongly_shaped_hdf5_file_is_caught_by_inspection(tmp_path):
     from ckptflow.core.models import weight_shapes
-    from ckptflow.stages.verify import inspect_hdf5, tutorial_weight_shapes
+    from ckptflow.stages.verify import inspect_hdf5
     from ckptflow.tutorial.model import create_model
 
     model = create_model(units=32, seed=1)
     model.save_weights(tmp_path / "small.weights.h5")
-    assert weight_shapes(model) == tutorial_weight_shapes({"units": 32})
+    assert weight_shapes(model) == [[784, 32], [32], [32, 10], [10]]
     assert inspect_hdf5(tmp_path / "small.weights.h5", weight_shapes(model)) == ""
-    problem = inspect_hdf5(tmp_path / "small.weights.h5", tutorial_weight_shapes({"units": 64}))
+    problem = inspect_hdf5(tmp_path / "small.weights.h5", [[784, 64], [64], [64, 10], [10]])
     assert "lacks datasets of shapes" in problem and "(784, 64)" in problem
 
 

@@ -54,7 +54,8 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     recorded = read_manifest(run).get("evaluation")
     if (recorded and recorded["checkpoint"] == checkpoint.path
             and recorded.get("commit_sha256") == checkpoint.commit_sha256
-            and recorded.get("csv_sha256") == _sha_or_none(run.evaluation)):
+            and run.evaluation.is_file()
+            and recorded.get("csv_sha256") == sha256_file(run.evaluation)):
         log.info("evaluation of %s already on disk: reusing it", checkpoint.path)
         return EvaluationRecord(**recorded)
     arrays = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
@@ -87,21 +88,14 @@ def evaluate(run_dir: str | Path, data: DataRecord, checkpoint: CheckpointRef) -
     return record
 
 
-def _sha_or_none(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
-
-
 def evaluation_rows(record: EvaluationRecord) -> list[dict]:
     """The evaluation as table rows, a `test_` column per metric (plain dicts: Prefect tables
     take no DataFrames)."""
-    untrained = record.untrained_metrics or {"loss": record.untrained_loss,
-                                             "accuracy": record.untrained_accuracy}
-    trained = record.test_metrics or {"loss": record.test_loss, "accuracy": record.test_accuracy}
     return [
         {"model": "untrained", "checkpoint": "model/initial.keras", "epoch": 0,
-         **{f"test_{k}": round(v, 4) for k, v in untrained.items()}},
+         **{f"test_{k}": round(v, 4) for k, v in record.untrained_metrics.items()}},
         {"model": "trained", "checkpoint": record.checkpoint, "epoch": record.epoch,
-         **{f"test_{k}": round(v, 4) for k, v in trained.items()}},
+         **{f"test_{k}": round(v, 4) for k, v in record.test_metrics.items()}},
     ]
 
 

@@ -127,10 +127,7 @@ def _markdown(run: RunDir, manifest: dict, history) -> str:
 
 def _metrics_text(evaluation: dict, which: str) -> str:
     """`accuracy 91.20%, loss 0.3012` of the trained (`test`) or the untrained model."""
-    metrics = evaluation.get(f"{which}_metrics") or {
-        "accuracy": evaluation.get(f"{which}_accuracy"),
-        "loss": evaluation.get("test_loss" if which == "test" else "untrained_loss")}
-    return describe_metrics({k: v for k, v in metrics.items() if v is not None})
+    return describe_metrics(evaluation.get(f"{which}_metrics") or {})
 
 
 @task(name="report", persist_result=False)

@@ -206,7 +206,7 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
     reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
     snapshot = safe_path(run_dir, (manifest.get("data") or {}).get("path", "data/mnist.npz"))
     identity = manifest["model"]["identity"]
-    shapes = manifest["model"].get("weight_shapes") or tutorial_weight_shapes(identity)
+    shapes = manifest["model"].get("weight_shapes", [])
     loads, native_log = [], _native_log(run_dir)
     for row, entry, path in exports:
         fmt = FORMATS.get(entry["format"])
@@ -301,12 +301,6 @@ def _native_log(run_dir: Path) -> Path:
             return path
     except OSError:
         return Path(tempfile.gettempdir()) / f"ckptflow-verify-{os.getpid()}.log"
-
-
-def tutorial_weight_shapes(identity: dict) -> list[list[int]]:
-    """The tutorial model's kernel and bias shapes, for manifests from before weight_shapes."""
-    units = identity.get("units")
-    return [[784, units], [units], [units, 10], [10]] if units else []
 
 
 def inspect_hdf5(path: Path, weight_shapes: list[list[int]]) -> str:

@@ -91,11 +91,7 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=
         resumed = Checkpoint(run.root / point.path, point.epoch, point.batch, point.step)
         store = CheckpointStore(run.checkpoints)
         state = TrainState.from_json(resumed.read_state())
-        store.restore(resumed, model, training_trackables(model, batches, state.metric_state))
-        if not state.metric_state and state.batch:
-            log.warning("%s predates checkpointed metrics: epoch %d's training metrics count "
-                        "its batches from %d on only", resumed.name, state.epoch + 1, state.batch)
-        state.metric_state = True
+        store.restore(resumed, model, training_trackables(model, batches))
         state.config = config.model_dump()
     if optimizer_step(model) != state.step:
         raise RuntimeError(f"{resumed.path if resumed else run.initial_model}: optimizer restored "
@@ -122,11 +118,10 @@ def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays
     return PipelineBatches(train, data.train_samples, config.batch_size, source)
 
 
-def training_trackables(model, batches, metric_state: bool = True) -> dict:
+def training_trackables(model, batches) -> dict:
     """What a checkpoint holds beside the model: the unfinished epoch's metrics, the batches'
     position (a pipeline's iterator)."""
-    return {**({"metrics": model.metrics_variables} if metric_state else {}),
-            **batches.trackables()}
+    return {"metrics": model.metrics_variables, **batches.trackables()}
 
 
 class EpochOutputs:

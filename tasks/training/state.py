@@ -28,8 +28,6 @@ class TrainState:
     data_sha256: str
     config: dict[str, Any]
     saved_at: str | None = field(default=None)
-    # The checkpoint holds the model's metric variables (older checkpoints held running sums).
-    metric_state: bool = True
 
     @classmethod
     def fresh(cls, identity: dict[str, Any], data_sha256: str, config: dict[str, Any]) -> TrainState:
@@ -60,7 +58,7 @@ class TrainState:
     def to_json(self) -> dict[str, Any]:
         """The state as `state.json` holds it (the keys checkpoints have always had)."""
         data = {"epoch": self.epoch, "batch": self.batch, "step": self.step,
-                "metric_state": self.metric_state, "history": self.history,
+                "metric_state": True, "history": self.history,
                 "best": self.best, "identity": self.identity, "data_sha256": self.data_sha256,
                 "config": self.config}
         if self.saved_at is not None:
@@ -73,7 +71,7 @@ class TrainState:
         return cls(epoch=data["epoch"], batch=data["batch"], step=data["step"],
                    history=data["history"], best=data["best"], identity=data["identity"],
                    data_sha256=data["data_sha256"], config=data["config"],
-                   saved_at=data.get("saved_at"), metric_state=data.get("metric_state", False))
+                   saved_at=data.get("saved_at"))
 
 
 def best_metric(row: dict[str, Any]) -> str:
