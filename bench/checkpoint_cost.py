@@ -18,8 +18,8 @@ checkpoints committed and put off, bytes written). The `every8` process then
 measures, on its final model, the floor and the physical limit in the same process:
 
     copy_s      copying the whole resume state (weights + optimizer) into preallocated memory
-    snapshot_s  one `CheckpointStore.snapshot` (what training waits for, with no commit in flight)
-    commit_s    one `CheckpointStore.commit` of that snapshot (write, hash, fsync, publish)
+    capture_s   one `CheckpointStore.capture` (what training waits for, with no commit in flight)
+    commit_s    one `CheckpointStore.commit` of that capture (write, hash, fsync, publish)
     disk_s      writing as many bytes to the same disk with one fsync (sequential bandwidth)
     state_bytes the state's bytes; mid_bytes, the bytes of one mid-epoch checkpoint
 
@@ -84,7 +84,7 @@ def child_ckptflow(args) -> dict:
 
 
 def floor_and_limit(run_dir: str, checkpoint: str) -> dict:
-    """The in-memory copy (the floor), one snapshot, one commit, and the disk's bandwidth."""
+    """The in-memory copy (the floor), one capture, one commit, and the disk's bandwidth."""
     import numpy as np
 
     from ckptflow.core.checkpoints import CheckpointStore
@@ -102,11 +102,11 @@ def floor_and_limit(run_dir: str, checkpoint: str) -> dict:
     store = CheckpointStore(Path(run_dir) / "bench-checkpoints")
     mid = {"epoch": 0, "batch": 1, "step": 1, "history": []}
     copy_s = _median_of(5, copy)
-    snapshot_s = _median_of(5, lambda: store.snapshot(model, mid, epoch_end=False,
-                                                      extra={"metrics": model.metrics_variables}))
-    snapshot = store.snapshot(model, mid, epoch_end=False, extra={"metrics": model.metrics_variables})
+    capture_s = _median_of(5, lambda: store.capture(model, mid, epoch_end=False,
+                                                    extra={"metrics": model.metrics_variables}))
+    capture = store.capture(model, mid, epoch_end=False, extra={"metrics": model.metrics_variables})
     started = time.perf_counter()
-    committed = store.commit(snapshot)
+    committed = store.commit(capture)
     commit_s = time.perf_counter() - started
     mid_bytes = size_of(committed.path)
     block = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
@@ -119,7 +119,7 @@ def floor_and_limit(run_dir: str, checkpoint: str) -> dict:
         os.fsync(f.fileno())
     disk_s = (time.perf_counter() - started) * mid_bytes / target.stat().st_size
     target.unlink()
-    return {"copy_s": copy_s, "snapshot_s": snapshot_s, "commit_s": commit_s, "disk_s": disk_s,
+    return {"copy_s": copy_s, "capture_s": capture_s, "commit_s": commit_s, "disk_s": disk_s,
             "state_bytes": sum(a.nbytes for a in state), "mid_bytes": mid_bytes,
             "parameters": int(model.count_params())}
 
@@ -200,7 +200,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "waited_share": round(statistics.median(r["cost"] for r in every8), 4),
             "sync_waited_share": round(statistics.median(r["cost"] for r in of["every8_sync"]), 4),
             "stall_per_checkpoint_s": round(statistics.median(per_checkpoint), 4),
-            "snapshot_s": round(med("every8", "snapshot_s"), 4),
+            "capture_s": round(med("every8", "capture_s"), 4),
             "copy_s": round(med("every8", "copy_s"), 4),
             "stall_target_s": round(2 * med("every8", "copy_s") + 0.010, 4),
             "commit_s": round(med("every8", "commit_s"), 4),
@@ -217,7 +217,7 @@ def markdown(summary: list[dict], machine: str) -> str:
              f"{BATCH}; checkpoints: those of `every8` (epoch ends included).", "",
              "| parameters | every 8 / epoch ends (pairs) | stage CPU | sync every 8 / epoch ends | "
              "every 8 with the budget / epoch ends (checkpoints, put off) | every 8 / plain fit | "
-             "epoch ends / plain fit | training waited | stall per checkpoint | snapshot | "
+             "epoch ends / plain fit | training waited | stall per checkpoint | capture | "
              "in-memory copy | commit / disk | mid-epoch checkpoint / state |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
@@ -230,7 +230,7 @@ def markdown(summary: list[dict], machine: str) -> str:
             f"{s['epoch_end_vs_plain']:.3f}x | "
             f"{s['waited_share']:.1%} (sync {s['sync_waited_share']:.1%}) | "
             f"{s['stall_per_checkpoint_s'] * 1e3:.1f} ms (target {s['stall_target_s'] * 1e3:.1f}) | "
-            f"{s['snapshot_s'] * 1e3:.1f} ms | {s['copy_s'] * 1e3:.1f} ms | "
+            f"{s['capture_s'] * 1e3:.1f} ms | {s['copy_s'] * 1e3:.1f} ms | "
             f"{s['commit_s']:.2f} s / {s['disk_s']:.2f} s ({s['commit_vs_disk']:.2f}x) | "
             f"{s['mid_checkpoint_vs_state']:.3f}x |")
     return "\n".join(lines) + "\n"

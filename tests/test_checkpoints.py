@@ -105,9 +105,9 @@ def test_commit_record_lists_every_file_with_its_hash(tmp_path):
 
 
 def test_a_snapshot_keeps_the_state_it_was_taken_at_while_training_goes_on(tmp_path):
-    """Snapshot at a batch boundary, train on (weights, optimizer, dropout RNG and the tf.data
+    """Capture at a batch boundary, train on (weights, optimizer, dropout RNG and the tf.data
     iterator all move), then commit on another thread: the checkpoint and its Keras files hold
-    the state of the snapshot, as `save` at that moment would have."""
+    the state of the capture, as `save` at that moment would have."""
     import tensorflow as tf
 
     model = _trained_model(batches=3)
@@ -116,9 +116,9 @@ def test_a_snapshot_keeps_the_state_it_was_taken_at_while_training_goes_on(tmp_p
     pipeline = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64, seed=3).batch(8).repeat()
     iterator = iter(pipeline)
     store = CheckpointStore(tmp_path)
-    snapshot = store.snapshot(model, _state(3, epoch=1), epoch_end=True, extra={"data": iterator})
+    capture = store.capture(model, _state(3, epoch=1), epoch_end=True, extra={"data": iterator})
     digest, trainable = weights_digest(model), [w.numpy() for w in model.trainable_weights]
-    expected_next = next(iterator)  # what the snapshot's iterator yields next
+    expected_next = next(iterator)  # what the capture's iterator yields next
     for _ in range(4):
         model.train_on_batch(*next(iterator))
     assert weights_digest(model) != digest and int(model.optimizer.iterations) == 7
@@ -126,7 +126,7 @@ def test_a_snapshot_keeps_the_state_it_was_taken_at_while_training_goes_on(tmp_p
     shell = create_model(units=16, seed=5)  # the Keras files are written from another model
     committed = []
     writer = threading.Thread(target=lambda: committed.append(
-        store.commit(snapshot, keras_model=lambda: shell)))
+        store.commit(capture, keras_model=lambda: shell)))
     writer.start()
     writer.join()
     [checkpoint] = committed

@@ -1,5 +1,5 @@
 """One handle on a run's checkpoint saves (Orbax's CheckpointManager holds its async state):
-when (SavePolicy), in the background (CheckFreq's snapshot, then persist), and at what cost."""
+when (SavePolicy), in the background (CheckFreq's capture, then persist), and at what cost."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptflow.core.checkpoints import Checkpoint, CheckpointStore, Snapshot
+from ckptflow.core.checkpoints import Capture, Checkpoint, CheckpointStore
 from ckptflow.core.files import size_of
 
 log = logging.getLogger("ckptflow.checkpoints")
@@ -64,7 +64,7 @@ class CheckpointSaves:
     Example:
         saves = CheckpointSaves(store, SavePolicy(every_batches=16, budget=0.02), build_model)
         if saves.due(batch, steps):
-            saves.save(model, state, epoch_end=False)  # returns once snapshotted
+            saves.save(model, state, epoch_end=False)  # returns once captured
         saves.poll()  # at each batch boundary; saves.wait() before a stop or the end
 
     A commit's error (a full disk) is raised on the training thread by the next `save`, `poll`
@@ -100,16 +100,16 @@ class CheckpointSaves:
         return self.policy.due(batch, steps, busy=self._thread is not None and self._thread.is_alive())
 
     def save(self, model, state: dict[str, Any], epoch_end: bool, then: Then | None = None) -> None:
-        """Snapshot `model` and `state` now and commit them (in the background, after the commit
+        """Capture `model` and `state` now and commit them (in the background, after the commit
         in flight); what training waited is charged to the policy, a `then` is not."""
         started, then_before = self.policy.clock(), self._then_seconds
-        snapshot = self.store.snapshot(model, state, epoch_end=epoch_end, extra=self.extra,
-                                       keras_copy=self.background)
+        capture = self.store.capture(model, state, epoch_end=epoch_end, extra=self.extra,
+                                     keras_copy=self.background)
         self._finish_commit()
         if self.background:
-            self._start_commit(snapshot, then)
+            self._start_commit(capture, then)
         else:
-            self._finished(self.store.commit(snapshot, keras_model=lambda: model), then, cpu=0.0)
+            self._finished(self.store.commit(capture, keras_model=lambda: model), then, cpu=0.0)
         waited = self.policy.clock() - started - (self._then_seconds - then_before)
         self._waited += waited
         self.policy.saved(waited)
@@ -150,12 +150,12 @@ class CheckpointSaves:
         if spent:
             self.policy.saved(spent)
 
-    def _start_commit(self, snapshot: Snapshot, then: Then | None) -> None:
-        if snapshot.keras_values is not None and self._keras_model is None:
+    def _start_commit(self, capture: Capture, then: Then | None) -> None:
+        if capture.keras_values is not None and self._keras_model is None:
             self._keras_model = self._keras_model_factory()
         self._then = then
-        self._thread = threading.Thread(target=self._commit, args=(snapshot,),
-                                        name=f"ckptflow-commit-{snapshot.name}", daemon=True)
+        self._thread = threading.Thread(target=self._commit, args=(capture,),
+                                        name=f"ckptflow-commit-{capture.name}", daemon=True)
         self._thread.start()
 
     def _finish_commit(self) -> None:
@@ -186,10 +186,10 @@ class CheckpointSaves:
             finally:
                 self._then_seconds += time.perf_counter() - started
 
-    def _commit(self, snapshot: Snapshot) -> None:
+    def _commit(self, capture: Capture) -> None:
         started = time.thread_time()
         try:
-            outcome = self.store.commit(snapshot, keras_model=lambda: self._keras_model)
+            outcome = self.store.commit(capture, keras_model=lambda: self._keras_model)
         except BaseException as exc:  # handed to the training thread
             outcome = exc
         self._outcome = (outcome, time.thread_time() - started)

@@ -14,7 +14,7 @@ Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-
   that read Keras files; resuming reads only the TF checkpoint;
 - `COMMIT.json`, written last: the SHA-256 of every other file.
 
-A checkpoint is taken in two phases: `snapshot` holds the state in memory at a batch boundary
+A checkpoint is taken in two phases: `capture` holds the state in memory at a batch boundary
 (about a memory copy), `commit` writes it under a temporary name, hashes, fsyncs and renames it
 into place (on another thread if need be), so a crash leaves either no checkpoint or a complete
 one. Old checkpoints are removed only after a newer one is committed; `checkpoints/checkpoint`
@@ -59,8 +59,8 @@ class CheckpointWriteError(WriteFailed):
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """A checkpoint taken in memory at a batch boundary, not yet committed."""
+class Capture:
+    """A checkpoint captured in memory at a batch boundary, not yet committed."""
 
     name: str
     epoch: int
@@ -132,39 +132,39 @@ class CheckpointStore:
     def save(self, model, state: dict[str, Any], epoch_end: bool,
              extra: dict[str, Any] | None = None) -> Checkpoint:
         """Commit a checkpoint of `model`, `extra` and `state` now, on this thread."""
-        snapshot = self.snapshot(model, state, epoch_end, extra, keras_copy=False)
-        return self.commit(snapshot, keras_model=lambda: model)
+        capture = self.capture(model, state, epoch_end, extra, keras_copy=False)
+        return self.commit(capture, keras_model=lambda: model)
 
-    def snapshot(self, model, state: dict[str, Any], epoch_end: bool,
-                 extra: dict[str, Any] | None = None, keras_copy: bool = True) -> Snapshot:
+    def capture(self, model, state: dict[str, Any], epoch_end: bool,
+                extra: dict[str, Any] | None = None, keras_copy: bool = True) -> Capture:
         """Take a checkpoint in memory, as it is now; with `keras_copy`, an epoch end's also holds
         every model and optimizer variable's value, for `commit` to write the Keras files from
         another model."""
         keras = epoch_end and self.keras_files and keras_copy
-        return Snapshot(
+        return Capture(
             name=checkpoint_name(int(state["epoch"]), int(state["batch"])),
             epoch=int(state["epoch"]), batch=int(state["batch"]), step=int(state["step"]),
             epoch_end=epoch_end, tf_state=capture(_trackables(model, extra)),
             state=json.dumps(state, indent=2).encode(),
             keras_values=[_read(v) for v in _keras_variables(model)] if keras else None)
 
-    def commit(self, snapshot: Snapshot, keras_model: Callable[[], Any] | None = None
+    def commit(self, capture: Capture, keras_model: Callable[[], Any] | None = None
                ) -> Checkpoint:
         """Write, hash, fsync and publish `snapshot` atomically; prune old checkpoints. Safe on
         another thread than training's. `keras_model` returns the model an epoch end's Keras
-        files are written from (the snapshotted model, or one given its `keras_values`)."""
+        files are written from (the captured model, or one given its `keras_values`)."""
         write_errors = (OSError, *tf_write_errors())
-        name = snapshot.name
+        name = capture.name
         tmp = self.directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-            files = snapshot.tf_state.write(tmp, TF_PREFIX)
-            files[STATE] = _write_hashing(tmp / STATE, snapshot.state)
-            if snapshot.epoch_end and self.keras_files:
-                files.update(_write_keras_files(keras_model(), snapshot, tmp))
-            commit = {"name": name, "epoch": snapshot.epoch, "batch": snapshot.batch,
-                      "step": snapshot.step, "files": dict(sorted(files.items()))}
+            files = capture.tf_state.write(tmp, TF_PREFIX)
+            files[STATE] = _write_hashing(tmp / STATE, capture.state)
+            if capture.epoch_end and self.keras_files:
+                files.update(_write_keras_files(keras_model(), capture, tmp))
+            commit = {"name": name, "epoch": capture.epoch, "batch": capture.batch,
+                      "step": capture.step, "files": dict(sorted(files.items()))}
             (tmp / COMMIT).write_text(json.dumps(commit, indent=2))
             publish(tmp, self.directory / name)  # fsyncs every file, then renames
         except write_errors as exc:  # a full disk, however worded: one OSError, retried as I/O
@@ -175,8 +175,8 @@ class CheckpointStore:
         except BaseException:
             discard(tmp)
             raise
-        checkpoint = Checkpoint(self.directory / name, snapshot.epoch, snapshot.batch,
-                                snapshot.step)
+        checkpoint = Checkpoint(self.directory / name, capture.epoch, capture.batch,
+                                capture.step)
         self._prune(newest=checkpoint)
         write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in self._committed()])
         return checkpoint
@@ -278,20 +278,20 @@ def _read(variable):
     return tf.identity(variable.value)
 
 
-def _write_keras_files(model, snapshot: Snapshot, directory: Path) -> dict[str, str]:
+def _write_keras_files(model, capture: Capture, directory: Path) -> dict[str, str]:
     """The tutorial's `cp-EEEE.weights.h5` and `cp-EEEE.keras`, written from `model` (given the
-    snapshot's values first) and hashed."""
-    if snapshot.keras_values is not None:
+    capture's values first) and hashed."""
+    if capture.keras_values is not None:
         variables = _keras_variables(model)
-        if len(variables) != len(snapshot.keras_values):
+        if len(variables) != len(capture.keras_values):
             raise RuntimeError(
-                f"cannot write {snapshot.name}'s Keras files: a second model of the architecture "
-                f"has {len(variables)} variables, the trained one {len(snapshot.keras_values)} "
+                f"cannot write {capture.name}'s Keras files: a second model of the architecture "
+                f"has {len(variables)} variables, the trained one {len(capture.keras_values)} "
                 "(variables made after the model was built?). Pass --no-epoch-keras-files, or "
                 "--no-background-checkpoints to write them from the trained model itself.")
-        for variable, value in zip(variables, snapshot.keras_values, strict=True):
+        for variable, value in zip(variables, capture.keras_values, strict=True):
             variable.assign(value)
-    paths = [directory / f"{snapshot.name}.weights.h5", directory / f"{snapshot.name}.keras"]
+    paths = [directory / f"{capture.name}.weights.h5", directory / f"{capture.name}.keras"]
     model.save_weights(paths[0])
     model.save(paths[1])
     return {p.name: sha256_and_fsync(p) for p in paths}
