@@ -266,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.command == "run":
+        from ckptflow.stages.finished_run import finished_summary
+
+        if (summary := finished_summary(config)) is not None:  # no server, no TensorFlow
+            print(format_summary(summary))
+            return 0
     from ckptflow.flows.local_server import ad_hoc_server
 
     # If Prefect starts its own temporary server (the fallback) it stops it at exit and logs it;
@@ -321,6 +327,8 @@ def format_summary(summary: dict) -> str:
     t, e = summary["training"], summary["evaluation"]
     if t["batches_trained"] == 0:
         status = f"already complete at {t['epoch']} epochs; nothing to train"
+        if not any(r.get("load_seconds") for r in summary["verified"]):
+            status += " (every file matches the manifest and was verified before: none reloaded)"
     elif t["resumed_from"]:
         status = (f"resumed from {t['resumed_from']} (epoch {t['start_epoch']}, batch "
                   f"{t['start_batch']}), trained {t['batches_trained']} batches to epoch {t['epoch']}")

@@ -29,6 +29,7 @@ from ckptflow.stages.build_model import build_model_task  # noqa: E402
 from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
 from ckptflow.stages.export import export_task  # noqa: E402
 from ckptflow.stages.fetch_data import fetch_data_task  # noqa: E402
+from ckptflow.stages.finished_run import finished_summary  # noqa: E402
 from ckptflow.stages.report import report_task  # noqa: E402
 from ckptflow.stages.resume import resume_from_latest_task  # noqa: E402
 from ckptflow.stages.verify import start_loader, verify_task  # noqa: E402
@@ -53,6 +54,8 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
             check_deployment_run(config)  # before anything is imported or created
             with run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
                 mark_crashed(abandoned, config.run_dir)
+                if (summary := finished_summary(config)) is not None:
+                    return summary  # nothing to do: answered from the manifest and file hashes
                 import_tensorflow()  # its native start-up lines (CUDA probing) off the terminal
                 join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
                 raise_if_stop_requested()

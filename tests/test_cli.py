@@ -63,19 +63,24 @@ def test_run_rerun_and_refusals_from_the_command_line(tmp_path, prefect_api_url)
     run_dir = tmp_path / "run"
     first = run_cli("run", "--run-dir", str(run_dir), *SMALL)  # no server: the ad-hoc path
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "trained from scratch to epoch 2 (16 batches)" in first.stdout
-    assert "saved_model" in first.stdout and "onnx" not in first.stdout  # --formats honoured
-    assert (run_dir / "manifest.json").exists()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [(a["resumed_from"], a["start_epoch"], a["end_epoch"], a["batches_trained"])
+            for a in manifest["training"]["attempts"]] == [(None, 0, 2, 16)]
+    exported = {a["format"] for a in manifest["artifacts"] if a["kind"] == "export"}
+    assert exported == {"keras", "saved_model"}  # --formats honoured
+    assert "trained from scratch to epoch 2 (16 batches)" in first.stdout  # the summary says so
     # Prefect's temporary server, started by the CLI while TensorFlow loads, and only that one
     assert "Starting temporary server" in first.stderr and "(while TensorFlow loads)" in first.stderr
     assert first.stderr.count("Starting temporary server") == 1
 
-    # The same command again, this time against a running server (PREFECT_API_URL set).
+    # The same command again, this time against a running server (PREFECT_API_URL set):
+    # answered from the manifest, nothing written
+    before = tree_digest(run_dir)
     again = run_cli("run", "--run-dir", str(run_dir), *SMALL, api_url=prefect_api_url)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already complete at 2 epochs" in again.stdout
+    assert tree_digest(run_dir) == before
 
-    before = tree_digest(run_dir)
     other_model = run_cli("run", "--run-dir", str(run_dir), *SMALL, "--units", "32",
                           api_url=prefect_api_url)
     assert other_model.returncode == 2

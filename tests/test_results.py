@@ -47,15 +47,15 @@ def pickled_record(storage_key: str, marker: Path) -> dict:
 
 
 def test_records_round_trip_as_json_and_anything_else_is_refused(tmp_path):
+    from ckptflow.core.integrity import VerifyRow
     from ckptflow.stages.export import ExportRecord
-    from ckptflow.stages.verify import VerifyRow
 
     serializer = RecordSerializer()
     row = VerifyRow(kind="export", format="keras", path="exports/model.keras", ok=True, bytes=3)
     export = ExportRecord(format="h5", path="exports/model.h5", sha256="ab", bytes=9,
                           test_accuracy=0.5, max_abs_diff=0.0, loader="keras")
     blob = serializer.dumps([row, row])
-    assert json.loads(blob)["record"] == "ckptflow.stages.verify.VerifyRow"
+    assert json.loads(blob)["record"] == "ckptflow.core.integrity.VerifyRow"
     assert serializer.loads(blob) == [row, row]
     assert serializer.loads(serializer.dumps(export)) == export
     assert serializer.loads(serializer.dumps([])) == []
@@ -72,7 +72,7 @@ def test_records_round_trip_as_json_and_anything_else_is_refused(tmp_path):
     for blob in (cloudpickle.dumps(CreatesMarker(marker)),
                  json.dumps(pickled_record("x", marker)).encode(),
                  json.dumps({"record": "os.system", "many": False, "data": "touch x"}).encode(),
-                 json.dumps({"record": "ckptflow.stages.verify.VerifyRow", "many": False,
+                 json.dumps({"record": "ckptflow.core.integrity.VerifyRow", "many": False,
                              "data": {"kind": 1}}).encode()):
         with pytest.raises(ValueError):  # UntrustedResult, or the record's ValidationError
             serializer.loads(blob)
@@ -150,10 +150,18 @@ def test_tampered_results_are_recomputed_never_executed(tmp_path):
     home, marker = tmp_path / "home", tmp_path / "marker"
     config = small_config(tmp_path / "run", epochs=1, formats=["keras"])
     cached = ("evaluate", "export-each-format", "verify")
+    # each run changes a setting that leaves the outputs as they are, so that it takes the
+    # pipeline (the same request again is answered from the manifest, no task run)
+    graces = iter(range(21, 30))
+
+    def run(**options):
+        return train_pipeline(config.model_copy(update={"stop_grace_seconds": next(graces)}),
+                              **options)
+
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}):
         for _ in range(2):  # the second run finds every output, so every cached stage writes one
-            train_pipeline(config)
-        third = task_states(train_pipeline(config, return_state=True))
+            run()
+        third = task_states(run(return_state=True))
         assert {third[t] for t in cached} == {"Cached"}, third
         records = cache_records(home)
         assert len(records) >= 3 and {r["serializer"]["type"] for r in records} == {"ckptflow-records"}
@@ -163,14 +171,14 @@ def test_tampered_results_are_recomputed_never_executed(tmp_path):
         for path in files:  # results and cache records alike now carry the pickled payload
             record = pickled_record(str(path), marker)
             path.write_text(json.dumps(record if path.parent.name == "storage" else record["metadata"]))
-        state = train_pipeline(config, return_state=True)
+        state = run(return_state=True)
         assert state.is_completed()
         assert not marker.exists(), "a tampered result was unpickled"
         states = task_states(state)
         assert {states[t] for t in cached} == {"Completed"}  # recomputed, not served from the cache
         rewritten = [r for r in cache_records(home) if r["serializer"] == {"type": "ckptflow-records"}]
         assert len(rewritten) >= 3  # the reruns' fresh records (older keys keep the tampered ones)
-        again = task_states(train_pipeline(config, return_state=True))
+        again = task_states(run(return_state=True))
         assert {again[t] for t in cached} == {"Cached"}, again
     assert not marker.exists()
 

@@ -100,7 +100,9 @@ def test_runs_use_the_warm_server_while_it_is_up_and_a_temporary_one_otherwise(t
             time.sleep(0.2)
         down = ckptflow(home, "server", "status")
         assert down.returncode == 1 and "not answering" in down.stdout
-        fallback = ckptflow(home, "run", "--run-dir", str(run_dir), *SMALL)
+        # another setting, so that the flow runs (the same request is answered without it)
+        fallback = ckptflow(home, "run", "--run-dir", str(run_dir), *SMALL,
+                            "--stop-grace-seconds", "21")
         assert fallback.returncode == 0, fallback.stderr[-3000:]
         assert "Starting temporary server" in fallback.stderr
         assert "already complete at 1 epochs" in fallback.stdout

@@ -7,6 +7,7 @@ the run directory even after a crash half-way through a flow.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import subprocess
 from datetime import UTC, datetime
@@ -127,3 +128,9 @@ def export_hashes(manifest: dict) -> dict[str, str]:
     """Format → SHA-256 of each export the manifest lists: what a report written now describes."""
     return {a["format"]: a["sha256"] for a in manifest.get("artifacts", [])
             if a.get("kind") == "export"}
+
+
+def artifacts_digest(manifest: dict) -> str:
+    """One SHA-256 of every listed path and its hash: which files a passed verify vouched for."""
+    listed = sorted((a["path"], a["sha256"]) for a in manifest.get("artifacts", []))
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
