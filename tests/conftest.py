@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -65,6 +66,14 @@ def tree_digest(root: Path) -> dict[str, str]:
     """SHA-256 of every file under `root` but the lock's holder note, to prove nothing changed."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def forget_verify(run_dir: Path) -> None:
+    """Drop the manifest's record of a passed verify, so that a rerun takes the pipeline (the
+    same request on a verified, intact run is answered from the manifest)."""
+    manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    manifest.pop("verified", None)  # absent after a verify served from the cache
+    (Path(run_dir) / "manifest.json").write_text(json.dumps(manifest))
 
 
 def weights_digest(model) -> str:
