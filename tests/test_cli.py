@@ -117,6 +117,7 @@ def test_a_run_prints_its_own_lines_and_the_native_output_goes_to_the_run_log(tm
     TensorFlow, its converters or verify's loader processes on the terminal: they are in
     logs/native.log."""
     from ckptflow.core.formats import FORMATS
+    from ckptflow.core.manifest import artifacts_digest
 
     run_dir = tmp_path / "run"
     result = run_cli("run", "--run-dir", str(run_dir), "--data", "bundled", "--train-samples",
@@ -125,8 +126,10 @@ def test_a_run_prints_its_own_lines_and_the_native_output_goes_to_the_run_log(tm
     said = result.stdout + result.stderr
     assert result.returncode == 0, said[-3000:]
     assert not NATIVE_NOISE.findall(said), said[-3000:]
-    verified = {r["format"] for r in json.loads(run_cli("verify", "--json", str(run_dir)).stdout)
-                if r["kind"] == "export" and r["ok"]}
-    assert verified == {f.name for f in FORMATS.values() if not f.missing()} == set(FORMATS)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    exported = {a["format"] for a in manifest["artifacts"] if a["kind"] == "export"}
+    assert exported == {f.name for f in FORMATS.values() if not f.missing()} == set(FORMATS)
+    # the run's verify passed on exactly these files (each export loaded in a fresh process)
+    assert manifest["verified"]["artifacts_sha256"] == artifacts_digest(manifest)
     native = (run_dir / "logs" / "native.log").read_text()
     assert NATIVE_NOISE.search(native), native[-3000:]  # TensorFlow's start-up lines at least
