@@ -309,4 +309,3 @@ def _write_hashing(path: Path, data: bytes) -> str:
 def _trackables(model, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"model": model, "optimizer": model.optimizer, "rng": rng_variables(model),
             **(extra or {})}
-

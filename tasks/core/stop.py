@@ -127,4 +127,3 @@ class StopOnSignal:
         """Logs what the stop will do (on the watcher thread, never in the handler)."""
         log.warning("%s: stopping at the next safe point (within %.0f s; a second signal stops "
                     "at once)", name, self.grace_seconds)
-

@@ -173,4 +173,3 @@ def _cwd_on_path() -> None:
     """`python -m` puts the current directory on sys.path; a console script does not."""
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.append(str(Path.cwd()))
-

@@ -69,4 +69,3 @@ def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 
     )
     model.optimizer.build(model.trainable_variables)  # so optimizer state can be restored into it
     return model
-
