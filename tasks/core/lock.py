@@ -47,11 +47,9 @@ def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0,
     run_dir.mkdir(parents=True, exist_ok=True)
     key = (os.path.realpath(run_dir), threading.get_ident())
     with _guard:
-        if key in _held:
+        reentered = key in _held
+        if reentered:
             _held[key][1] += 1
-            reentered = True
-        else:
-            reentered = False
     if reentered:
         try:
             yield None
