@@ -33,11 +33,6 @@ class NotAllowedError(BadInputError):
 class Allowlist:
     """The functions and directories one deployment's runs may name.
 
-    Example:
-        allow = Allowlist("train-pipeline/train", refs={"model": {"pkg.models:cnn"}},
-                          roots=["runs"], workdir="/srv/checkout")
-        allow.check_ref("model", "subprocess:getoutput")  # raises NotAllowedError
-
     A path is allowed when it resolves (symlinks followed) to one of `roots` or below one;
     relative names start at `workdir`, the deployment's working directory.
     """

@@ -26,11 +26,6 @@ class SavePolicy:
     cost at most about `budget` of the training time however slow the disk or large the model
     (CheckFreq's idea); a save due while a commit is in flight is put off too. A budget of 0
     saves exactly every `every_batches` batches. Epoch ends are always saved, and count.
-
-    Example:
-        policy = SavePolicy(every_batches=16, budget=0.02)
-        if policy.due(batch, steps, busy=a_commit_is_in_flight):
-            policy.saved(seconds_training_waited)
     """
 
     def __init__(self, every_batches: int, budget: float,
@@ -72,13 +67,9 @@ class CheckpointSaves:
     callbacks) runs on the training thread once its checkpoint is committed; its time is not
     counted as a checkpoint's.
 
-    Args:
-        keras_model: builds a model of the run's architecture for the epoch ends' Keras files
-            (the training model changes while they are written); called once, on the training
-            thread (Keras' settings are per thread).
-        extra: trackables every checkpoint holds beside the model. Defaults to none.
-        background: False commits in `save`, on the training thread. Defaults to True.
-        latest: the newest committed checkpoint so far (the one training resumed from).
+    `keras_model` builds a model of the run's architecture for the epoch ends' Keras files (the
+    training model changes while they are written); called once, on the training thread (Keras'
+    settings are per thread). `background=False` commits in `save`, on the training thread.
     """
 
     def __init__(self, store: CheckpointStore, policy: SavePolicy,

@@ -103,23 +103,11 @@ def rng_variables(model) -> list:
 
 
 class CheckpointStore:
-    """Save, find and restore the run's checkpoints, keeping the newest `keep`.
-
-    Example:
-        store = CheckpointStore("runs/demo/checkpoints", keep=5)
-        store.save(model, {"epoch": 1, "batch": 0, "step": 32, ...}, epoch_end=True)
-        latest = store.latest()
-        state = store.restore(latest, fresh_model)
+    """Save, find and restore the run's checkpoints in `directory` (created if missing), keeping
+    the newest `keep`; with `keras_files`, epoch ends also get the tutorial's Keras files.
 
     `extra` (to save and restore) names more trackables to hold beside the model, such as
-    `{"metrics": model.metrics_variables, "data": iterator}`. `save` is `snapshot` then `commit`
-    on the calling thread.
-
-    Args:
-        directory: where checkpoints live; created if missing.
-        keep: int >= 1, how many committed checkpoints to keep. Defaults to 5.
-        keras_files: whether epoch-end checkpoints also hold the tutorial's `.weights.h5` and
-            `.keras` files (resuming reads only the TF checkpoint). Defaults to True.
+    `{"metrics": model.metrics_variables, "data": iterator}`.
     """
 
     def __init__(self, directory: str | Path, keep: int = 5, keras_files: bool = True):
@@ -150,7 +138,7 @@ class CheckpointStore:
 
     def commit(self, capture: Capture, keras_model: Callable[[], Any] | None = None
                ) -> Checkpoint:
-        """Write, hash, fsync and publish `snapshot` atomically; prune old checkpoints. Safe on
+        """Write, hash, fsync and publish `capture` atomically; prune old checkpoints. Safe on
         another thread than training's. `keras_model` returns the model an epoch end's Keras
         files are written from (the captured model, or one given its `keras_values`)."""
         write_errors = (OSError, *tf_write_errors())
@@ -309,4 +297,3 @@ def _write_hashing(path: Path, data: bytes) -> str:
 def _trackables(model, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"model": model, "optimizer": model.optimizer, "rng": rng_variables(model),
             **(extra or {})}
-

@@ -121,11 +121,9 @@ def current_umask() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part.
-
-    The file gets `mode`, else the umask's mode for a new file (not a temporary file's 0600), so
-    others can read a shared run directory.
-    """
+    """Write `data` to `path` so that readers see the old file or the new one, never a part. It
+    gets `mode`, else the umask's mode for a new file (not a temporary file's 0600), so others can
+    read a shared run directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -115,16 +115,6 @@ def _predict_weights_h5(path: Path, x: np.ndarray, fresh_model: ModelFactory) ->
     return predict_logits(model, x)
 
 
-def _predict_keras_file(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
-    return predict_logits(load_keras_model(path), x)
-
-
-def _predict_legacy_h5(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
-    # Uncompiled: Keras 3.15 cannot deserialize a string loss such as "mse" from legacy HDF5
-    # ("Could not deserialize 'keras.metrics.mse'"); predictions need no compile settings.
-    return predict_logits(load_keras_model(path, compile=False), x)
-
-
 def _predict_saved_model(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
     """`serve`, the `serving_default` signature and `keras.layers.TFSMLayer` must all agree."""
     import keras
@@ -177,9 +167,13 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "fresh model + tf.train.Checkpoint(model, optimizer).read"),
     ExportFormat("weights_h5", "model.weights.h5", lambda m, p: m.save_weights(p),
                  _predict_weights_h5, "fresh model + model.load_weights", hdf5=True),
-    ExportFormat("keras", "model.keras", lambda m, p: m.save(p), _predict_keras_file,
+    ExportFormat("keras", "model.keras", lambda m, p: m.save(p),
+                 lambda p, x, _: predict_logits(load_keras_model(p), x),
                  "keras.models.load_model(safe_mode=True)"),
-    ExportFormat("h5", "model.h5", lambda m, p: m.save(p), _predict_legacy_h5,
+    # Uncompiled: Keras 3.15 cannot deserialize a string loss such as "mse" from legacy HDF5
+    # ("Could not deserialize 'keras.metrics.mse'"); predictions need no compile settings.
+    ExportFormat("h5", "model.h5", lambda m, p: m.save(p),
+                 lambda p, x, _: predict_logits(load_keras_model(p, compile=False), x),
                  "keras.models.load_model(compile=False) (legacy HDF5)", hdf5=True),
     ExportFormat("saved_model", "saved_model", _export("tf_saved_model"), _predict_saved_model,
                  "tf.saved_model.load(...).serve + serving_default + TFSMLayer"),

@@ -36,12 +36,10 @@ class VerifyRow(BaseModel):
 
 
 def completeness_rows(manifest: dict) -> list[VerifyRow]:
-    """A failed row for each part of a finished run that is missing or stale.
-
-    A finished run has, of its final checkpoint, an evaluation and (unless it is a sweep point)
-    a report and every requested export. Hashes alone cannot tell: a run killed before its first
-    export, or while exporting a newer checkpoint, lists only files that are intact.
-    """
+    """A failed row for each part of a finished run that is missing or stale: of its final
+    checkpoint, an evaluation and (unless it is a sweep point) a report and every requested export.
+    Hashes alone cannot tell: a run killed before its first export, or while exporting a newer
+    checkpoint, lists only files that are intact."""
     training = manifest.get("training")
     if not training or "checkpoint" not in training:
         return [VerifyRow(kind="training", format="-", path="(training)", ok=False,

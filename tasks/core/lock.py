@@ -47,11 +47,9 @@ def run_dir_lock(run_dir: str | Path, wait_seconds: float = 0.0,
     run_dir.mkdir(parents=True, exist_ok=True)
     key = (os.path.realpath(run_dir), threading.get_ident())
     with _guard:
-        if key in _held:
+        reentered = key in _held
+        if reentered:
             _held[key][1] += 1
-            reentered = True
-        else:
-            reentered = False
     if reentered:
         try:
             yield None
@@ -86,7 +84,9 @@ def _acquire(lock_file, run_dir: Path, wait_seconds: float, note: dict) -> dict 
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            holder = _read_holder(lock_file)
+            record = _read_holder_record(lock_file) or {}
+            holder = (f"pid {record.get('pid', '?')} on {record.get('host', '?')} since "
+                      f"{record.get('since', '?')}")
             if time.monotonic() >= deadline:
                 raise RunDirBusy(
                     f"run directory {run_dir} is in use by {holder}. Wait for that run to finish, "
@@ -115,9 +115,3 @@ def _read_holder_record(lock_file) -> dict | None:
         return json.loads(lock_file.read() or "null")
     except ValueError:
         return None
-
-
-def _read_holder(lock_file) -> str:
-    record = _read_holder_record(lock_file) or {}
-    return (f"pid {record.get('pid', '?')} on {record.get('host', '?')} since "
-            f"{record.get('since', '?')}")

@@ -28,10 +28,8 @@ def evaluation_batch_size(train_batch_size: int = 0) -> int:
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy, TensorFlow and Keras; with `deterministic`, make TensorFlow ops
-    deterministic (process-wide and for good, so only training asks for it).
-
-    Called where a run starts what follows its seed, never by building a model.
-    """
+    deterministic (process-wide and for good, so only training asks for it). Called where a run
+    starts what follows its seed, never by building a model."""
     import keras
     import tensorflow as tf
 

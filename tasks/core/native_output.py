@@ -4,10 +4,6 @@ TensorFlow's C++ logging, absl, the LiteRT runtime and the converters write to f
 and 2 directly, past `sys.stderr` and TF_CPP_MIN_LOG_LEVEL ("failed call to cuInit", "All log
 messages before absl::InitializeLog()"). Where that happens in a run, those descriptors point at
 the run's `logs/native.log`; its last lines are logged when that work fails.
-
-Example:
-    with native_output_to(run.native_log):
-        model.export(path, format="onnx")  # the converter's lines go to the log
 """
 
 from __future__ import annotations
@@ -97,4 +93,3 @@ def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-

@@ -9,11 +9,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RunDir:
-    """The paths of one run directory (`root` relative stays relative to the current directory).
-
-    Example:
-        history = pandas.read_csv(RunDir("runs/default").history)
-    """
+    """The paths of one run directory (`root` relative stays relative to the current directory)."""
 
     root: Path
 

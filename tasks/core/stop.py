@@ -69,15 +69,12 @@ def _on_signal(number: int, frame) -> None:
 
 
 class StopOnSignal:
-    """While active, the first SIGTERM or SIGINT only records a stop.
+    """While active, the first SIGTERM or SIGINT only records a stop; `where()` says where the
+    run is (" during export-each-format"), read as the signal comes.
 
     Off the main thread (a Dask worker's) this does nothing: only it can set handlers. Scopes nest
     and share one flag: the innermost one open when the signal comes gives the message and the
     deadline; the flag is cleared when the outermost scope ends.
-
-    Args:
-        grace_seconds: float > 0, how long the stop may take before the process exits anyway.
-        where: says where the run is (" during export-each-format"), read as the signal comes.
     """
 
     def __init__(self, grace_seconds: float, where: Callable[[], str] = lambda: ""):
@@ -127,4 +124,3 @@ class StopOnSignal:
         """Logs what the stop will do (on the watcher thread, never in the handler)."""
         log.warning("%s: stopping at the next safe point (within %.0f s; a second signal stops "
                     "at once)", name, self.grace_seconds)
-

@@ -118,7 +118,9 @@ def _source_file(where: str, ref: str, what: str) -> Path | None:
             raise BadInputError(f"{what} {ref}: file {where} not found (from {Path.cwd()}). Give "
                                 "a path to an existing .py file, or package.module:function.")
         return path
-    _cwd_on_path()
+    # `python -m` puts the current directory on sys.path; a console script does not.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
     spec = _find_spec(where)
     if spec is None:
         raise BadInputError(f"{what} {ref}: no module named {where!r}. Install it, run from the "
@@ -167,10 +169,3 @@ def _import_file(path: Path, ref: str):
         del sys.modules[name]
         raise
     return module
-
-
-def _cwd_on_path() -> None:
-    """`python -m` puts the current directory on sys.path; a console script does not."""
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.append(str(Path.cwd()))
-

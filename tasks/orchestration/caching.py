@@ -21,9 +21,6 @@ def cache_while_present(outputs: Callable[[dict[str, Any]], list[Path]]) -> dict
     The cache key covers the task's source, its inputs and the SHA-256 of each output, so a
     deleted or changed output, or changed code, runs the task again. The first run after outputs
     appear runs it too (the stages reuse outputs they can verify). Results are JSON records.
-
-    Example:
-        @task(name="evaluate", **cache_while_present(lambda p: [RunDir(p["config"].run_dir).evaluation]))
     """
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

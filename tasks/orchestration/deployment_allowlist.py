@@ -53,7 +53,9 @@ def allowlist_of(name: str, parameters: dict[str, Any], job_variables: dict[str,
                  workdir: Path) -> Allowlist:
     """What deployment `name` allows, from its recorded parameters and job variables."""
     declared = _declared(name, job_variables.get(JOB_VARIABLE) or {})
-    own = _own_configs(parameters)
+    # The runs the deployment's own parameters describe: a sweep's points, or a training config.
+    own = (grid_points(SweepConfig(**parameters["sweep"])) if "sweep" in parameters
+           else [TrainConfig(**parameters.get("config", {}))])
     refs = {kind: {*declared.get(kind, [])} for kind in _KINDS}
     refs["model"].add(TUTORIAL_MODEL)
     refs["data"].update(DATA_SOURCES)  # not functions, but what a run may name instead of one
@@ -75,13 +77,6 @@ def check_config(allow: Allowlist, config: TrainConfig) -> None:
         allow.check_ref(kind, ref)
     for parameter, path in config.paths().items():
         allow.check_path(parameter, path)
-
-
-def _own_configs(parameters: dict[str, Any]) -> list[TrainConfig]:
-    """The runs a deployment's own parameters describe (a training config, or a sweep's points)."""
-    if "sweep" in parameters:
-        return grid_points(SweepConfig(**parameters["sweep"]))
-    return [TrainConfig(**parameters.get("config", {}))]
 
 
 def _declared(name: str, value: Any) -> dict[str, list[str]]:

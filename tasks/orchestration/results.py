@@ -59,15 +59,8 @@ EXCEPTION = "exception"  # the record name of a persisted exception
 
 
 class RecordSerializer(Serializer):
-    """A registered record, or a list of them, as JSON: `{"record": NAME, "many": ..., "data": ...}`.
-
-    Example:
-        @result_record
-        class EvaluationRecord(BaseModel): ...
-
-        @task(cache_policy=..., result_serializer=RecordSerializer())
-        def evaluate_task(...) -> EvaluationRecord: ...
-    """
+    """A record registered with `@result_record`, or a list of them, as JSON:
+    `{"record": NAME, "many": ..., "data": ...}`."""
 
     type: str = Field(default=RECORD_SERIALIZER, frozen=True)
 

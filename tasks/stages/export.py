@@ -94,7 +94,9 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
                     raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
                                        f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
                 checked.append((fmt, prediction_metrics(scorer, y, predictions), diff))
-            atomic_write_bytes(staging / run.reference.name, _npy_bytes(reference))
+            buffer = io.BytesIO()
+            np.save(buffer, reference)
+            atomic_write_bytes(staging / run.reference.name, buffer.getvalue())
             for fmt, _, _ in checked:
                 publish(staging / fmt.filename, run.exports / fmt.filename)
             publish(staging / run.reference.name, run.reference)
@@ -162,12 +164,6 @@ def _save_export(fmt: ExportFormat, model, staged: Path, final: Path) -> None:
 def model_identity(run_dir: str | Path, checkpoint: CheckpointRef) -> dict:
     """The settings the checkpoint was trained with, to rebuild its architecture."""
     return json.loads((RunDir(run_dir).root / checkpoint.path / STATE).read_text())["identity"]
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 @task(name="export-each-format", **retry_options(),

@@ -28,10 +28,6 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
 
     The snapshot is what every later stage reads (of a tf.data pipeline, its test set). A run
     directory holds one data set for life: other data is refused, not written over it.
-
-    Example:
-        record = fetch_data("runs/demo", "bundled", train_samples=500, test_samples=200)
-        record = fetch_data("runs/mine", "my_project.data:load", data_params={"rows": 100})
     """
     run = RunDir(run_dir)
     ensure_writable(run.root)

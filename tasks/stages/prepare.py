@@ -9,12 +9,7 @@ from ckptflow.stages.fetch_data import fetch_data
 
 
 def prepare_run(config: TrainConfig) -> DataRecord:
-    """Snapshot the data and save the untrained model into `config.run_dir`; return the data record.
-
-    Example:
-        data = prepare_run(TrainConfig(run_dir="runs/demo", data="bundled"))
-        train_with_checkpoints(config.run_dir, config, data)
-    """
+    """Snapshot the data, save the untrained model into `config.run_dir`; return the data record."""
     data = fetch_data(config.run_dir, config.data, config.train_samples, config.test_samples,
                       config.seed, config.data_params)
     build_model_stage(config.run_dir, config.identity(), data)

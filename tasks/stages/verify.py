@@ -36,12 +36,8 @@ result_record(VerifyRow)  # a cached verify's rows are read back as VerifyRow
 
 
 def verify_run_dir(run_dir: str | Path) -> list[VerifyRow]:
-    """Verify every artifact of `run_dir`'s manifest; exports are loaded and run.
-
-    Example:
-        rows = verify_run_dir("runs/default")
-        assert all(r.ok for r in rows)
-    """
+    """Verify every artifact of `run_dir`'s manifest; exports are loaded and run. A failed
+    artifact is a row whose `ok` is False; an unusable manifest is a BadInputError."""
     run_dir = Path(run_dir).resolve()
     manifest = checked_manifest(run_dir)
     rows, exports = [], []

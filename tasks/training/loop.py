@@ -44,11 +44,8 @@ log = logging.getLogger("ckptflow.train")
 def train_on_one_device(run: RunDir, config: TrainConfig, data: DataRecord,
                         on_epoch_end: EpochCallback | None = None,
                         on_batch_end: BatchCallback | None = None) -> TrainRecord:
-    """Train until `config.epochs`, holding the run directory's lock (the caller takes it).
-
-    Raises:
-        StopRequested: a SIGTERM or SIGINT arrived; the batch reached is committed.
-    """
+    """Train until `config.epochs`, holding the run directory's lock (the caller takes it); a
+    SIGTERM or SIGINT raises StopRequested once the batch reached is committed."""
     start = start_training(run, config, data)
     store = CheckpointStore(run.checkpoints, keep=config.keep_checkpoints,
                             keras_files=config.epoch_keras_files)

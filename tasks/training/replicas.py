@@ -114,7 +114,8 @@ class Replicas:
 
         def train_batch(b: int) -> None:
             idx = order[b * size:(b + 1) * size]
-            self.step(split_batch(self.strategy, _rows(x, idx), y[idx]))
+            rows = {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
+            self.step(split_batch(self.strategy, rows, y[idx]))
 
         return train_batch
 
@@ -167,10 +168,6 @@ def split_batch(strategy, x, y: np.ndarray):
         xs = np.array_split(x, n)
     return strategy.experimental_distribute_values_from_function(
         lambda ctx: (xs[ctx.replica_id_in_sync_group], ys[ctx.replica_id_in_sync_group]))
-
-
-def _rows(x, idx):
-    return {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
 
 
 def step_function(model, strategy):

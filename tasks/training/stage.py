@@ -23,10 +23,6 @@ def train_with_checkpoints(run_dir: str | Path, config: TrainConfig, data: DataR
 
     A run stopped and resumed any number of times ends with the weights of a run never stopped.
 
-    Example:
-        data = prepare_run(config)
-        record = train_with_checkpoints(config.run_dir, config, data)
-
     Args:
         on_epoch_end: called with the epoch's history row and the state, after its checkpoint.
         on_batch_end: called with the state after every batch (progress, fault drills).

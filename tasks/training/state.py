@@ -10,14 +10,7 @@ from typing import Any
 
 @dataclass
 class TrainState:
-    """Where training stands, as a checkpoint records it.
-
-    Example:
-        state = TrainState.fresh(identity, data_sha256, config)
-        state.advance(batch=1, step=1)
-        row = state.close_epoch({"loss": 0.3, "accuracy": 0.9}, {"loss": 0.4, "accuracy": 0.8})
-        TrainState.from_json(state.to_json()) == state
-    """
+    """Where training stands, as a checkpoint records it (`from_json(to_json())` gives it back)."""
 
     epoch: int
     batch: int

@@ -25,11 +25,7 @@ _SCALE_BLOCK = 4096  # images scaled at a time
 
 def load_mnist(source: str, train_samples: int, test_samples: int,
                seed: int) -> tuple[Arrays, str, str]:
-    """The validated arrays of `source`, the source actually used, and why it was used.
-
-    Example:
-        arrays, used, reason = load_mnist("bundled", 500, 200, seed=42)
-    """
+    """The validated arrays of `source`, the source actually used, and why it was used."""
     raw, used, reason = _load(source)
     return _select(raw, train_samples, test_samples, used, seed), used, reason
 

@@ -20,10 +20,6 @@ class Standardize(keras.layers.Layer):
 
     The tutorial's custom-objects step in a form every format must carry: its behaviour lives in
     its config, so a format that loses the config loses the predictions too.
-
-    Args:
-        mean: float, subtracted from every input. Defaults to 0.0.
-        std: float > 0, divides the shifted input. Defaults to 1.0.
     """
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, **kwargs):
@@ -43,12 +39,7 @@ class Standardize(keras.layers.Layer):
 def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 1e-3,
                  seed: int = 42) -> keras.Model:
     """The tutorial's `create_model()`, compiled; every seed comes from `seed`, so the same seed
-    gives the same model wherever and whenever it is built.
-
-    Example:
-        model = create_model(units=64)
-        logits = model(np.zeros((1, 784), "float32"))
-    """
+    gives the same model wherever and whenever it is built."""
     # The seeds Keras would draw for unseeded initializers right after set_random_seed(seed), but
     # from a private generator: another thread drawing from the process-wide `random` (Dask's,
     # Prefect's) in between would otherwise change the initial weights.
@@ -69,4 +60,3 @@ def create_model(units: int = 512, dropout: float = 0.2, learning_rate: float = 
     )
     model.optimizer.build(model.trainable_variables)  # so optimizer state can be restored into it
     return model
-
