@@ -323,6 +323,7 @@ def format_summary(summary: dict) -> str:
     """A few lines a person reads after a run: where it stands and what it made."""
     from ckptflow.core.manifest import checkpoint_cost, read_manifest
     from ckptflow.core.models import describe_metrics
+    from ckptflow.core.snapshot import describe_validation
 
     t, e = summary["training"], summary["evaluation"]
     if t["batches_trained"] == 0:
@@ -336,7 +337,8 @@ def format_summary(summary: dict) -> str:
         status = f"trained from scratch to epoch {t['epoch']} ({t['batches_trained']} batches)"
     lines = [
         f"run directory: {summary['run_dir']}",
-        f"data: {summary['data']['source']} ({summary['data']['reason']})",
+        f"data: {summary['data']['source']} ({summary['data']['reason']}); "
+        f"{describe_validation(summary['data'])}",
         f"training: {status}",
         f"test accuracy: {e['test_accuracy']:.2%} (untrained model: {e['untrained_accuracy']:.2%})"
         if e.get("test_accuracy") is not None else

@@ -77,7 +77,8 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
         return Cancelled(message=str(exc))
     return {
         "run_dir": config.run_dir,
-        "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256},
+        "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256,
+                 "validation_samples": data.validation_samples},
         "training": trained.model_dump(),
         "evaluation": evaluation.model_dump(),
         "exports": [e.model_dump() for e in exports],

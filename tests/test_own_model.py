@@ -19,6 +19,7 @@ from ckptflow.core.errors import BadInputError, InjectedIOError
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.restore import restore_model
 from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import describe_validation, load_snapshot
 from ckptflow.stages.build_model import build_model_stage
 from ckptflow.stages.export import export_each_format
 from ckptflow.stages.fetch_data import fetch_data
@@ -123,6 +124,29 @@ def python_state():
     return {"train": train, "test": test}
 
 
+def with_validation():
+    rng = np.random.default_rng(1)
+    x_val = rng.normal(size=(40, 6)).astype("float32")
+    y_val = (x_val.sum(axis=1) <= 0).astype("int64")  # the other rule: far from the test set
+    return {**arrays(), "x_val": x_val, "y_val": y_val}
+
+
+def validation_pipeline():
+    data = with_validation()
+    pairs = {k: tf.data.Dataset.from_tensor_slices((data[f"x_{s}"], data[f"y_{s}"]))
+             for k, s in (("train", "train"), ("test", "test"), ("validation", "val"))}
+    return pairs
+
+
+def val_without_labels():
+    return {**arrays(), "x_val": arrays()["x_test"]}
+
+
+def val_of_another_shape():
+    data = arrays()
+    return {**data, "x_val": data["x_test"][:, :3], "y_val": data["y_test"]}
+
+
 def one_hot_loss():
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy())  # ints given
@@ -207,6 +231,47 @@ def test_a_subclassed_model_resumes_mid_epoch_bit_identical_and_exports(tmp_path
     assert all(e.max_abs_diff == 0.0 and e.test_accuracy is not None for e in exports)
 
 
+def _metrics_on(model, arrays, split: str) -> dict[str, float]:
+    return model.evaluate(arrays[f"x_{split}"], arrays[f"y_{split}"], batch_size=256, verbose=0,
+                          return_dict=True)
+
+
+@pytest.mark.parametrize("data", ["with_validation", "validation_pipeline"])
+def test_a_validation_set_of_the_users_own_gives_the_val_metrics_and_the_best_epoch(
+        tmp_path, project, data):
+    """Each epoch's val_* metrics are the model's on the data's own validation set, not on the
+    test set (which the tutorial, and a run without one, validates on)."""
+    request = config(tmp_path / "run", model=f"{project}:subclassed", data=f"{project}:{data}")
+    record = train_with_checkpoints(request.run_dir, request, prepare_run(request))
+    run = RunDir(request.run_dir)
+    recorded = read_manifest(run)["data"]
+    assert recorded["validation_samples"] == 40
+    assert describe_validation(recorded) == "validated on its own 40 examples"
+    arrays = load_snapshot(run.root / "data" / "snapshot.npz")
+    assert arrays["x_val"].shape == (40, 6)  # in the snapshot, so a resume validates the same
+    model = restore_model(run.root, record.checkpoint)
+    history, val, test = (pd.read_csv(run.history), _metrics_on(model, arrays, "val"),
+                          _metrics_on(model, arrays, "test"))
+    assert history.iloc[-1]["val_loss"] == pytest.approx(val["loss"], abs=1e-6)
+    assert history.iloc[-1]["val_accuracy"] == pytest.approx(val["accuracy"], abs=1e-6)
+    assert abs(val["loss"] - test["loss"]) > 1e-3  # not the test set's
+    assert record.best_val_accuracy == history["val_accuracy"].max()
+
+
+def test_without_a_validation_set_the_test_set_validates_as_in_the_tutorial(tmp_path, project):
+    request = config(tmp_path / "run", model=f"{project}:subclassed", data=f"{project}:arrays",
+                     epochs=1)
+    record = train_with_checkpoints(request.run_dir, request, prepare_run(request))
+    run = RunDir(request.run_dir)
+    recorded = read_manifest(run)["data"]
+    assert recorded["validation_samples"] is None
+    assert describe_validation(recorded) == "validated on the test set (as the tutorial does)"
+    model = restore_model(run.root, record.checkpoint)
+    arrays = load_snapshot(run.root / "data" / "snapshot.npz")
+    assert pd.read_csv(run.history).iloc[-1]["val_loss"] == pytest.approx(
+        _metrics_on(model, arrays, "test")["loss"], abs=1e-6)
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_a_two_input_model_takes_dict_features_and_skips_single_input_formats(tmp_path, project):
     from ckptflow.core.formats import select_formats
@@ -223,8 +288,6 @@ def test_a_two_input_model_takes_dict_features_and_skips_single_input_formats(tm
                                     formats=["weights_h5", "keras", "saved_model"]))
     assert {e["format"] for e in summary["exports"]} == {"weights_h5", "keras", "saved_model"}
     assert all(r["ok"] for r in summary["verified"])
-    from ckptflow.core.snapshot import load_snapshot
-
     assert set(load_snapshot(run.root / "data" / "snapshot.npz")["x_test"]) == {"left", "right"}
 
 
@@ -264,6 +327,8 @@ def test_resuming_with_another_model_or_other_data_is_refused_naming_the_differe
     (dict(data="{project}:batched"), "looks batched"),
     (dict(data="{project}:mismatched"), "train and test elements differ"),
     (dict(data="{project}:python_state"), "cannot be checkpointed"),
+    (dict(data="{project}:val_without_labels"), r"returned keys .*'x_val'.*\. Expected"),
+    (dict(data="{project}:val_of_another_shape"), "train and val examples differ in shape"),
 ])
 def test_each_bad_model_or_data_is_one_error_naming_the_ref_and_the_fix(tmp_path, project, values,
                                                                        message):

@@ -1,8 +1,9 @@
 """A user's data, from the function `--data` names: NumPy arrays, or tf.data pipelines.
 
-Arrays (`x_train`, `y_train`, `x_test`, `y_test`; features may be a dict) are snapshotted whole.
-Of `{"train", "test"}` pipelines of unbatched `(features, label)` elements the test set is
-snapshotted, the training pipeline fingerprinted and rebuilt by training.
+Arrays (`x_train`, `y_train`, `x_test`, `y_test`, optionally `x_val`, `y_val`; features may be a
+dict) are snapshotted whole. Of `{"train", "test"}` (optionally `"validation"`) pipelines of
+unbatched `(features, label)` elements the test and validation sets are snapshotted, the
+training pipeline fingerprinted and rebuilt by training.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import numpy as np
 
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.models import seed_everything
-from ckptflow.core.snapshot import SPLITS, Arrays, data_digest
+from ckptflow.core.snapshot import SPLITS, VAL_SPLITS, Arrays, data_digest
 from ckptflow.core.user_code import call, resolve
 
 PIPELINE_SPLITS = ("train", "test")
+VALIDATION = "validation"  # the optional pipeline of a validation set
 
 
 @dataclass
@@ -63,33 +65,37 @@ def call_data_function(ref: str, params: dict[str, Any], seed: int):
 def load_user_data(ref: str, params: dict[str, Any], seed: int) -> UserData:
     """The validated data of `ref` (a pipeline's test set read, its training set fingerprinted)."""
     value = call_data_function(ref, params, seed)
-    if set(value) == set(SPLITS):
+    if set(value) in (set(SPLITS), {*SPLITS, *VAL_SPLITS}):
         return UserData(arrays=checked_arrays(ref, value))
-    if set(value) == set(PIPELINE_SPLITS):
+    if set(value) in (set(PIPELINE_SPLITS), {*PIPELINE_SPLITS, VALIDATION}):
         train, test = checked_pipelines(ref, value)
         count, print_ = pipeline_fingerprint(train)
         if count == 0:
             raise BadInputError(f"--data {ref}: the train pipeline is empty. Return at least one "
                                 "element.")
-        return UserData(arrays=read_test_set(ref, test), train=train, train_count=count,
-                        train_fingerprint=print_)
+        arrays = read_elements(ref, test, "test")
+        if VALIDATION in value:
+            arrays |= read_elements(ref, value[VALIDATION], "val")
+        return UserData(arrays=arrays, train=train, train_count=count, train_fingerprint=print_)
     raise BadInputError(f"--data {ref} returned keys {sorted(map(str, value))}. Expected "
-                        f"{list(SPLITS)} (arrays) or {list(PIPELINE_SPLITS)} (tf.data).")
+                        f"{list(SPLITS)} (arrays) or {list(PIPELINE_SPLITS)} (tf.data), "
+                        f"each optionally with a validation set ({list(VAL_SPLITS)}, "
+                        f"{VALIDATION!r}).")
 
 
 def training_pipeline(ref: str, params: dict[str, Any], seed: int):
     """The unbatched training pipeline, rebuilt exactly as fetch-data saw it."""
     value = call_data_function(ref, params, seed)
-    if set(value) != set(PIPELINE_SPLITS):
+    if not set(PIPELINE_SPLITS) <= set(value) <= {*PIPELINE_SPLITS, VALIDATION}:
         raise BadInputError(f"--data {ref} no longer returns tf.data pipelines (keys "
                             f"{sorted(map(str, value))}). Use the data the run started with.")
     return checked_pipelines(ref, value)[0]
 
 
 def checked_arrays(ref: str, value: dict) -> Arrays:
-    """The four splits as NumPy arrays, refused if rows, feature names or shapes disagree."""
+    """The splits as NumPy arrays, refused if rows, feature names or shapes disagree."""
     arrays: Arrays = {}
-    for split in SPLITS:
+    for split in [s for s in (*SPLITS, *VAL_SPLITS) if s in value]:
         item = value[split]
         if isinstance(item, dict) and split.startswith("x_"):
             if not item:
@@ -98,18 +104,19 @@ def checked_arrays(ref: str, value: dict) -> Arrays:
             arrays[split] = {str(k): _numeric(ref, f"{split}[{k!r}]", v) for k, v in item.items()}
         else:
             arrays[split] = _numeric(ref, split, item)
-    for part in ("train", "test"):
+    for part in [p for p in ("train", "test", "val") if f"y_{p}" in arrays]:
         rows = {len(a) for a in _leaves(arrays[f"x_{part}"])} | {len(arrays[f"y_{part}"])}
         if len(rows) > 1:
             raise BadInputError(f"--data {ref}: x_{part} and y_{part} have different numbers of "
                                 f"rows ({sorted(rows)}). Give one label per example.")
         if rows == {0}:
             raise BadInputError(f"--data {ref}: {part} split is empty. Give at least one example.")
-    if _layout(arrays["x_train"]) != _layout(arrays["x_test"]) or \
-            arrays["y_train"].shape[1:] != arrays["y_test"].shape[1:]:
-        raise BadInputError(f"--data {ref}: train and test examples differ in shape "
-                            f"({_layout(arrays['x_train'])} vs {_layout(arrays['x_test'])}). Give "
-                            "both splits the same features.")
+    for part in [p for p in ("test", "val") if f"y_{p}" in arrays]:
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if _layout(arrays["x_train"]) != _layout(x) or arrays["y_train"].shape[1:] != y.shape[1:]:
+            raise BadInputError(f"--data {ref}: train and {part} examples differ in shape "
+                                f"({_layout(arrays['x_train'])} vs {_layout(x)}). Give every "
+                                "split the same features.")
     return arrays
 
 
@@ -139,16 +146,17 @@ def _layout(x) -> dict | tuple:
 
 
 def checked_pipelines(ref: str, value: dict):
-    """(train, test), refused unless both are tf.data.Datasets of unbatched, matching
-    `(features, label)` elements."""
+    """(train, test), refused unless they (and a validation pipeline) are tf.data.Datasets of
+    unbatched, matching `(features, label)` elements."""
     import tensorflow as tf
 
-    for split in PIPELINE_SPLITS:
+    splits = [s for s in (*PIPELINE_SPLITS, VALIDATION) if s in value]
+    for split in splits:
         if not isinstance(value[split], tf.data.Dataset):
             raise BadInputError(f"--data {ref}: {split} is {type(value[split]).__name__}, not a "
                                 "tf.data.Dataset. Return tf.data pipelines, or arrays under "
                                 f"{list(SPLITS)}.")
-    specs = {split: value[split].element_spec for split in PIPELINE_SPLITS}
+    specs = {split: value[split].element_spec for split in splits}
     for split, spec in specs.items():
         if not (isinstance(spec, tuple) and len(spec) == 2):
             raise BadInputError(f"--data {ref}: {split} elements are {spec}. Expected "
@@ -159,9 +167,11 @@ def checked_pipelines(ref: str, value: dict):
             raise BadInputError(f"--data {ref}: {split} looks batched (every component's first "
                                 f"dimension is unknown: {spec}). Return unbatched elements; "
                                 "ckptflow batches with --batch-size.")
-    if not _same_structure(specs["train"], specs["test"]):
-        raise BadInputError(f"--data {ref}: train and test elements differ ({specs['train']} vs "
-                            f"{specs['test']}). Give both the same features and label.")
+    for split in splits[1:]:
+        if not _same_structure(specs["train"], specs[split]):
+            raise BadInputError(f"--data {ref}: train and {split} elements differ "
+                                f"({specs['train']} vs {specs[split]}). Give every pipeline the "
+                                "same features and label.")
     return value["train"], value["test"]
 
 
@@ -176,20 +186,21 @@ def _same_structure(a, b) -> bool:
                for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True))
 
 
-def read_test_set(ref: str, test) -> Arrays:
-    """The test pipeline's elements as arrays, in order: what evaluation, export and verify use."""
+def read_elements(ref: str, pipeline, part: str) -> Arrays:
+    """A test or validation pipeline's elements as arrays `x_PART`, `y_PART`, in order (the
+    snapshot holds them: evaluation, export and verify use the test set)."""
     features, labels = [], []
-    for x, y in test.as_numpy_iterator():
+    for x, y in pipeline.as_numpy_iterator():
         features.append(x)
         labels.append(y)
     if not labels:
-        raise BadInputError(f"--data {ref}: the test pipeline is empty. Return at least one "
-                            "element.")
+        raise BadInputError(f"--data {ref}: the {'validation' if part == 'val' else part} "
+                            "pipeline is empty. Return at least one element.")
     if isinstance(features[0], dict):
-        x_test = {k: np.stack([f[k] for f in features]) for k in features[0]}
+        x = {k: np.stack([f[k] for f in features]) for k in features[0]}
     else:
-        x_test = np.stack(features)
-    return {"x_test": x_test, "y_test": np.stack(labels)}
+        x = np.stack(features)
+    return {f"x_{part}": x, f"y_{part}": np.stack(labels)}
 
 
 def pipeline_fingerprint(train) -> tuple[int, str]:

@@ -17,6 +17,7 @@ from ckptflow.core.files import atomic_write_bytes
 Arrays = dict[str, np.ndarray | dict[str, np.ndarray]]
 SPLITS = ("x_train", "y_train", "x_test", "y_test")
 TEST_SPLITS = ("x_test", "y_test")
+VAL_SPLITS = ("x_val", "y_val")  # optional: a validation set of the user's own
 
 
 class DataRecord(BaseModel):
@@ -34,6 +35,8 @@ class DataRecord(BaseModel):
     # from the data function for training) whose test set is in the snapshot.
     kind: str = "arrays"
     snapshot_sha256: str | None = None  # data_digest of the snapshot, when not data_sha256
+    # a validation set of the data function's own; None: the test set validates (the tutorial)
+    validation_samples: int | None = None
 
     def snapshot_digest(self) -> str:
         return self.snapshot_sha256 or self.data_sha256
@@ -111,3 +114,17 @@ def example_rows(arrays: Arrays, rows: int = 2) -> tuple:
     """The first `rows` test features and labels: what a fresh model is built on."""
     x, y = arrays["x_test"], arrays["y_test"]
     return ({k: v[:rows] for k, v in x.items()} if isinstance(x, dict) else x[:rows]), y[:rows]
+
+
+def validation_split(arrays: Arrays) -> tuple:
+    """(x, y) each epoch's `val_*` metrics and the best epoch come from: the data's own
+    validation set, else the test set (as the tutorial passes it to `fit`)."""
+    x, y = VAL_SPLITS if VAL_SPLITS[1] in arrays else TEST_SPLITS
+    return arrays[x], arrays[y]
+
+
+def describe_validation(data: dict) -> str:
+    """Where a run's `val_*` metrics come from, from its data record, in words."""
+    if data.get("validation_samples"):
+        return f"validated on its own {data['validation_samples']} examples"
+    return "validated on the test set (as the tutorial does)"

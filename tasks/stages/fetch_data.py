@@ -14,7 +14,7 @@ from ckptflow.core.files import ensure_writable, sha256_file
 from ckptflow.core.identity import check_same_data
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import DataRecord, data_digest, load_snapshot, write_snapshot
+from ckptflow.core.snapshot import DataRecord, data_digest, describe_validation, load_snapshot, write_snapshot
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.tutorial.data import load_mnist
 
@@ -58,6 +58,8 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
                         file_sha256=sha256_file(snapshot), data_sha256=digest,
                         train_samples=loaded.train_samples, test_samples=len(loaded.arrays["y_test"]),
                         request=request, kind=loaded.kind,
+                        validation_samples=len(loaded.arrays["y_val"]) if "y_val" in loaded.arrays
+                        else None,
                         snapshot_sha256=None if loaded.kind == "arrays" else data_digest(loaded.arrays))
     if recorded == record.model_dump():  # a pipeline read again and found the same: no write
         log.info("data: %s unchanged (sha256 %s)", used, digest[:12])
@@ -65,9 +67,10 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
     update_manifest(run, data=record.model_dump())
     set_artifacts(run, "data", [artifact_entry(run, snapshot, "data", "npz",
                                                data_sha256=record.snapshot_digest())])
-    log.info("data: %s (%s); %d train / %d test examples%s; sha256 %s", used,
+    log.info("data: %s (%s); %d train / %d test examples%s, %s; sha256 %s", used,
              reason, record.train_samples, record.test_samples,
-             " (tf.data pipeline)" if loaded.kind == "pipeline" else "", digest[:12])
+             " (tf.data pipeline)" if loaded.kind == "pipeline" else "",
+             describe_validation(record.model_dump()), digest[:12])
     return record
 
 

@@ -50,7 +50,8 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     data = manifest["data"]
     return {
         "run_dir": config.run_dir,
-        "data": {"source": data["source"], "reason": data["reason"], "sha256": data["data_sha256"]},
+        "data": {"source": data["source"], "reason": data["reason"], "sha256": data["data_sha256"],
+                 "validation_samples": data.get("validation_samples")},
         "training": {**{k: training.get(k) for k in TRAINING_FIELDS},
                      "resumed_from": training["checkpoint"], "start_epoch": training["epoch"],
                      "start_batch": training["batch"], "batches_trained": 0},

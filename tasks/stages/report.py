@@ -21,6 +21,7 @@ from ckptflow.core.manifest import (
 )
 from ckptflow.core.models import describe_metrics
 from ckptflow.core.run_dir import RunDir
+from ckptflow.core.snapshot import describe_validation
 
 log = logging.getLogger("ckptflow.report")
 
@@ -83,6 +84,7 @@ def _markdown(run: RunDir, manifest: dict, history) -> str:
         "",
         f"- **Data**: {data.get('source')} ({data.get('reason')}), "
         f"{data.get('train_samples')} train / {data.get('test_samples')} test examples, "
+        f"{describe_validation(data)}, "
         f"sha256 `{str(data.get('data_sha256'))[:16]}…`",
         f"- **Model**: {model.get('parameters')} parameters, "
         + ", ".join(f"{k}={v}" for k, v in model.get("identity", {}).items()),

@@ -18,7 +18,7 @@ from ckptflow.core.checkpoint_saves import CheckpointSaves, SavePolicy
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore, CheckpointWriteError
 from ckptflow.core.models import ModelSource, evaluation_batch_size
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import DataRecord, example_rows
+from ckptflow.core.snapshot import DataRecord, example_rows, validation_split
 from ckptflow.training.faults import maybe_io_error_at_step
 from ckptflow.training.setup import (
     BatchCallback,
@@ -146,7 +146,7 @@ class TrainingLoop:
         """Evaluate, close the epoch in the state and commit its checkpoint."""
         train = {k: float(v) for k, v in self.model.get_metrics_result().items()}
         val = self.strategy.validation_model().evaluate(
-            self.start.arrays["x_test"], self.start.arrays["y_test"],
+            *validation_split(self.start.arrays),
             batch_size=evaluation_batch_size(self.config.batch_size), verbose=0, return_dict=True)
         row = self.state.close_epoch(train, {k: float(v) for k, v in val.items()})
         closed = copy.deepcopy(self.state)  # as the epoch's checkpoint holds it
