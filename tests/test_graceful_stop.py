@@ -75,6 +75,8 @@ def test_sigterm_mid_epoch_commits_that_batch_and_the_rerun_ends_bit_identical(t
     assert report["attempt"]["stopped"] == {"signal": "SIGTERM",
                                             "checkpoint": "checkpoints/cp-0001-b000003"}
     assert report["attempt"]["end_epoch"] == 1 and report["attempt"]["batches_trained"] == 11
+    waited = report["attempt"]["checkpoints"]["waited_by"]  # the stop's own save, no mid-epoch
+    assert waited["stop_or_end"] > 0 and waited["mid_epoch"] == 0 and waited["epoch_end"] > 0
     # the rerun starts at that very batch: zero batches lost, none repeated
     assert report["resumed_from"] == "checkpoints/cp-0001-b000003"
     assert report["start"] == [1, 3] and report["batches"] == 24 - 11

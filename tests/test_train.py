@@ -50,6 +50,10 @@ def test_fresh_training_counts_epochs_batches_and_optimizer_steps(tmp_path):
     assert 0 < costs["waited_seconds"] < costs["training_seconds"]
     assert costs["cost"] == pytest.approx(costs["waited_seconds"] / costs["training_seconds"],
                                           abs=2e-3)  # each rounded on its own
+    # what it waited for, apart: the saves the budget governs (mid-epoch) and those it does not
+    by = costs["waited_by"]
+    assert sum(by.values()) == pytest.approx(costs["waited_seconds"], abs=3e-3)
+    assert by["mid_epoch"] > 0 and by["epoch_end"] > 0 and by["stop_or_end"] >= 0
     said = checkpoint_cost(read_manifest(tmp_path)["training"])
     assert said.startswith("checkpointing cost ") and "% of training: it waited " in said
     assert f"; 6 checkpoints committed in the background, {written_mb(costs)} MB written" in said

@@ -16,6 +16,7 @@ from ckptflow.core.files import size_of
 log = logging.getLogger("ckptflow.checkpoints")
 
 Then = Callable[[Checkpoint], None]
+SAVE_KINDS = ("mid_epoch", "epoch_end", "stop_or_end")  # stop: a stop's save, end: the last wait
 
 
 class SavePolicy:
@@ -80,7 +81,8 @@ class CheckpointSaves:
         self.latest, self.committed, self.bytes_written = latest, 0, 0
         self.cpu_seconds = 0.0  # of the commits made on the writer thread
         self._charged_cpu = 0.0  # of cpu_seconds, what the policy has been charged
-        self._waited = 0.0  # seconds training waited on saves
+        # seconds training waited, by SAVE_KINDS (the budget governs mid-epoch saves only)
+        self._waited = dict.fromkeys(SAVE_KINDS, 0.0)
         self._then_seconds = 0.0  # spent in `then` callbacks (epoch outputs, not checkpoints)
         self._started = time.perf_counter()
         self._thread: threading.Thread | None = None
@@ -90,9 +92,11 @@ class CheckpointSaves:
     def due(self, batch: int, steps: int) -> bool:
         return self.policy.due(batch, steps, busy=self._thread is not None and self._thread.is_alive())
 
-    def save(self, model, state: dict[str, Any], epoch_end: bool, then: Then | None = None) -> None:
+    def save(self, model, state: dict[str, Any], epoch_end: bool, then: Then | None = None,
+             stop: bool = False) -> None:
         """Capture `model` and `state` now and commit them (in the background, after the commit
-        in flight); what training waited is charged to the policy, a `then` is not."""
+        in flight); what training waited is charged to the policy, a `then` is not. `stop`: the
+        save a stop makes of the batch reached (not one the policy chose)."""
         started, then_before = self.policy.clock(), self._then_seconds
         capture = self.store.capture(model, state, epoch_end=epoch_end, extra=self.extra,
                                      keras_copy=self.background)
@@ -102,7 +106,7 @@ class CheckpointSaves:
         else:
             self._finished(self.store.commit(capture, keras_model=lambda: model), then, cpu=0.0)
         waited = self.policy.clock() - started - (self._then_seconds - then_before)
-        self._waited += waited
+        self._waited["stop_or_end" if stop else "epoch_end" if epoch_end else "mid_epoch"] += waited
         self.policy.saved(waited)
         self._charge_cpu()
 
@@ -116,7 +120,8 @@ class CheckpointSaves:
         """Until the commit in flight is in (training waits: counted, its `then` not)."""
         started, then_before = time.perf_counter(), self._then_seconds
         self._finish_commit()
-        self._waited += time.perf_counter() - started - (self._then_seconds - then_before)
+        self._waited["stop_or_end"] += (time.perf_counter() - started
+                                        - (self._then_seconds - then_before))
 
     def close(self) -> None:
         """As the attempt ends on an error: let the commit in flight finish and count it, or log
@@ -129,9 +134,10 @@ class CheckpointSaves:
 
     def costs(self) -> dict:
         """What checkpoints cost this attempt, for the manifest."""
-        seconds = time.perf_counter() - self._started
-        return {"training_seconds": round(seconds, 3), "waited_seconds": round(self._waited, 3),
-                "cost": round(self._waited / seconds, 4) if seconds else 0.0,
+        seconds, waited = time.perf_counter() - self._started, sum(self._waited.values())
+        return {"training_seconds": round(seconds, 3), "waited_seconds": round(waited, 3),
+                "cost": round(waited / seconds, 4) if seconds else 0.0,
+                "waited_by": {k: round(v, 3) for k, v in self._waited.items()},
                 "commit_cpu_seconds": round(self.cpu_seconds, 3),
                 "committed": self.committed, "deferred": self.policy.deferred,
                 "bytes_written": self.bytes_written, "background": self.background}

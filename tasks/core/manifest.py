@@ -116,12 +116,16 @@ def checkpoint_cost(training: dict[str, Any]) -> str | None:
     if not costs or not seconds:
         return None
     waited = sum(c["waited_seconds"] for c in costs)
+    by = {k: sum(c["waited_by"][k] for c in costs) for k in costs[0]["waited_by"]}
     committed, deferred = sum(c["committed"] for c in costs), sum(c["deferred"] for c in costs)
     written = sum(c["bytes_written"] for c in costs)
     how = "in the background" if all(c["background"] for c in costs) else "as training waited"
     return (f"checkpointing cost {waited / seconds:.1%} of training: it waited {waited:.2f} s of "
-            f"{seconds:.2f} s; {committed} checkpoints committed {how}, {written / 1e6:,.1f} MB "
-            f"written, {deferred} mid-epoch saves put off by the time budget")
+            f"{seconds:.2f} s (mid-epoch saves, which the time budget governs, "
+            f"{by['mid_epoch'] / seconds:.1%}; epoch ends {by['epoch_end'] / seconds:.1%}; a "
+            f"stop's save and the last commit {by['stop_or_end'] / seconds:.1%}); {committed} "
+            f"checkpoints committed {how}, {written / 1e6:,.1f} MB written, {deferred} mid-epoch "
+            "saves put off by the time budget")
 
 
 def export_hashes(manifest: dict) -> dict[str, str]:

@@ -1,12 +1,5 @@
-"""A rerun of a finished run, answered from its manifest and file hashes in about a second.
-
-A run directory whose manifest records this very request (its parameters, wherever the
-directory now is), training to the last
-epoch, the evaluation, report and exports of the final checkpoint, and a passed verify of
-exactly the files listed now, each of which still matches its SHA-256, has nothing left to do:
-no TensorFlow, no Prefect task, no model built, nothing written. Anything else runs the pipeline,
-which finds what is left.
-"""
+"""A rerun of a finished run, answered from its manifest and file hashes: no TensorFlow, no
+Prefect task, nothing written. Anything else runs the pipeline, which finds what is left."""
 
 from __future__ import annotations
 
@@ -22,19 +15,17 @@ from ckptflow.core.run_dir import RunDir
 
 log = logging.getLogger("ckptflow.run")
 
-TRAINING_FIELDS = ("checkpoint", "commit_sha256", "epoch", "batch", "step",
-                   "best_val_accuracy", "history_path")
+TRAINING_FIELDS = ("checkpoint", "commit_sha256", "epoch", "batch", "step", "best_val_accuracy",
+                   "history_path")
 
 
 def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     """What the pipeline would return for `config`, if its run directory holds all of it intact;
     None if anything is left to do or cannot be vouched for."""
     run = RunDir(config.run_dir)
-    if not run.manifest.is_file():
-        return None
     try:
         manifest = checked_manifest(run.root)
-    except BadInputError:
+    except BadInputError:  # none yet, or not one a run wrote
         return None
     training = manifest.get("training") or {}
     requested = json.loads(json.dumps(config.model_dump()))  # as the manifest holds it

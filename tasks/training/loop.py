@@ -166,7 +166,7 @@ class TrainingLoop:
         latest = self.saves.latest
         if latest is None or latest.step != self.state.step:
             try:
-                self.saves.save(self.model, self.state.to_json(), epoch_end=False)
+                self.saves.save(self.model, self.state.to_json(), epoch_end=False, stop=True)
                 self.saves.wait()
             except CheckpointWriteError as exc:
                 raise stopped_without_checkpoint(signal_name, self.state.step, exc,
