@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, tree_digest
+from conftest import tree_digest
 
 from ckptflow.config import TrainConfig
 from ckptflow.core.manifest import artifacts_digest, read_manifest
@@ -38,8 +38,9 @@ def copied_run(finished_run, tmp_path):
 def test_a_rerun_of_a_finished_run_loads_neither_tensorflow_nor_prefect_and_writes_nothing(
         copied_run):
     before = tree_digest(copied_run)
-    result = subprocess.run([sys.executable, "-c", PROBE, str(copied_run)], capture_output=True,
-                            text=True, cwd=REPO, timeout=120)
+    # `--run-dir run`, relative to where it runs, as `make run`'s runs/default is
+    result = subprocess.run([sys.executable, "-c", PROBE, copied_run.name], capture_output=True,
+                            text=True, cwd=copied_run.parent, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     probe = json.loads(result.stdout.split("PROBE ", 1)[1])
     assert probe == {"exit": 0, "loaded": []}
@@ -81,6 +82,27 @@ def test_a_changed_file_or_an_unverified_set_goes_through_the_pipeline(copied_ru
     manifest["verified"]["artifacts_sha256"] = "0" * 64  # a verify of other files
     manifest_path.write_text(json.dumps(manifest))
     assert finished_summary(config) is None
-    del manifest["verified"]  # never verified (a verify that failed writes nothing)
+    manifest["verified"] = None  # never verified, or the last verify failed
     manifest_path.write_text(json.dumps(manifest))
     assert finished_summary(config) is None
+
+
+@pytest.mark.parametrize("change", [
+    {"training": [1]}, {"verified": "yes"}, {"parameters": ["x"]}, {"evaluation": None},
+    {"data": {}}])
+def test_a_manifest_of_unexpected_shape_goes_through_the_pipeline_which_names_it(copied_run,
+                                                                                 change):
+    manifest_path = copied_run / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), **change}))
+    assert finished_summary(TrainConfig(run_dir=str(copied_run))) is None  # and raises nothing
+
+
+def test_a_multi_worker_run_goes_through_the_pipeline_so_its_workers_find_their_chief(copied_run):
+    manifest_path = copied_run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["parameters"]["strategy"] = "multi-worker"  # as if trained so
+    manifest_path.write_text(json.dumps(manifest))
+    assert finished_summary(TrainConfig(run_dir=str(copied_run), strategy="multi-worker")) is None
+    manifest["parameters"]["strategy"] = "default"
+    manifest_path.write_text(json.dumps(manifest))
+    assert finished_summary(TrainConfig(run_dir=str(copied_run))) is not None

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ckptflow.core.checkpoint_saves import SAVE_KINDS
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_json, sha256_path, size_of
 from ckptflow.core.run_dir import RunDir
@@ -116,7 +117,7 @@ def checkpoint_cost(training: dict[str, Any]) -> str | None:
     if not costs or not seconds:
         return None
     waited = sum(c["waited_seconds"] for c in costs)
-    by = {k: sum(c["waited_by"][k] for c in costs) for k in costs[0]["waited_by"]}
+    by = {k: sum(c.get("waited_by", {}).get(k, 0.0) for c in costs) for k in SAVE_KINDS}
     committed, deferred = sum(c["committed"] for c in costs), sum(c["deferred"] for c in costs)
     written = sum(c["bytes_written"] for c in costs)
     how = "in the background" if all(c["background"] for c in costs) else "as training waited"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from ckptflow.config import TrainConfig
@@ -21,33 +22,42 @@ TRAINING_FIELDS = ("checkpoint", "commit_sha256", "epoch", "batch", "step", "bes
 
 def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     """What the pipeline would return for `config`, if its run directory holds all of it intact;
-    None if anything is left to do or cannot be vouched for."""
-    run = RunDir(config.run_dir)
-    try:
-        manifest = checked_manifest(run.root)
-    except BadInputError:  # none yet, or not one a run wrote
+    None if anything is left to do or cannot be vouched for (a manifest of unexpected shape
+    too: the pipeline then says what is wrong)."""
+    if config.strategy == "multi-worker":  # the other workers expect the chief in their cluster
         return None
-    training = manifest.get("training") or {}
+    run = RunDir(Path(config.run_dir).resolve())  # safe_path compares resolved paths
+    try:
+        return _summary(config, run, checked_manifest(run.root))
+    except (BadInputError, KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
+def _summary(config: TrainConfig, run: RunDir, manifest: dict) -> dict[str, Any] | None:
+    training, data = manifest.get("training") or {}, manifest["data"]
     requested = json.loads(json.dumps(config.model_dump()))  # as the manifest holds it
-    recorded = {**(manifest.get("parameters") or {}), "run_dir": config.run_dir}  # it may move
+    recorded = {**manifest["parameters"], "run_dir": config.run_dir}  # the directory may move
     if (recorded != requested or training.get("epoch") != config.epochs
+            or data.get("kind") == "pipeline"  # fetch-data reads a pipeline again, every run
             or (manifest.get("verified") or {}).get("artifacts_sha256") != artifacts_digest(manifest)):
         return None
     rows = [check_file(run.root, entry)[0] for entry in manifest["artifacts"]]
     if not all(row.ok for row in rows) or completeness_rows(manifest):
         return None
-    log.info("%s is complete: %d files match the manifest, verified before; nothing to do",
-             config.run_dir, len(rows))
-    data = manifest["data"]
-    return {
+    exports = [{**a, "metrics": dict(a["metrics"]), "max_abs_diff": float(a["max_abs_diff"])}
+               for a in manifest["artifacts"] if a["kind"] == "export"]
+    summary = {
         "run_dir": config.run_dir,
         "data": {"source": data["source"], "reason": data["reason"], "sha256": data["data_sha256"],
                  "validation_samples": data.get("validation_samples")},
-        "training": {**{k: training.get(k) for k in TRAINING_FIELDS},
+        "training": {**{k: training[k] for k in TRAINING_FIELDS},
                      "resumed_from": training["checkpoint"], "start_epoch": training["epoch"],
                      "start_batch": training["batch"], "batches_trained": 0},
-        "evaluation": manifest["evaluation"],
-        "exports": [a for a in manifest["artifacts"] if a["kind"] == "export"],
+        "evaluation": dict(manifest["evaluation"]),
+        "exports": exports,
         "verified": [row.model_dump() for row in rows],
-        "report": str(run.report),
+        "report": str(RunDir(config.run_dir).report),
     }
+    log.info("%s is complete: %d files match the manifest, verified before; nothing to do",
+             config.run_dir, len(rows))
+    return summary

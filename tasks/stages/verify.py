@@ -206,6 +206,7 @@ def verify_task(config: TrainConfig) -> list[VerifyRow]:
 
     from ckptflow.orchestration.artifacts import artifact_key
 
+    update_manifest(config.run_dir, verified=None)  # until these files pass again
     rows = verify_run_dir(config.run_dir)
     create_table_artifact(table=[r.model_dump() for r in rows],
                           key=artifact_key(config.run_dir, "verify"),
