@@ -1,18 +1,9 @@
 """The checkpoint store: atomic, verified, pruned checkpoints holding the whole training state.
 
 Every checkpoint is a directory `checkpoints/cp-EEEE` (after epoch EEEE) or `cp-EEEE-bBBBBB`
-(BBBBBB batches into the epoch after EEEE) holding:
-
-- `train_state.index` / `train_state.data-*`: the TF checkpoint format (`tf.train.Checkpoint`) of
-  the model's weights, the optimizer state, the dropout seed-generator state, and what the
-  training loop adds: the unfinished epoch's metric variables and, for a tf.data pipeline, its
-  iterator (position, shuffle buffer and RNG);
-- `state.json`: epoch, batch, optimizer iterations, history, best score, the settings that
-  define the run, and the data hash;
-- at epoch ends (unless turned off), the tutorial's two Keras files: `cp-EEEE.weights.h5`
-  (weights only) and `cp-EEEE.keras` (full model with optimizer state), for people and tools
-  that read Keras files; resuming reads only the TF checkpoint;
-- `COMMIT.json`, written last: the SHA-256 of every other file.
+(BBBBBB batches into the epoch after EEEE): the TF checkpoint of the whole training state,
+`state.json`, at epoch ends the tutorial's Keras files, and `COMMIT.json` with every other file's
+SHA-256, written last (docs/run-directory.md lists them).
 
 A checkpoint is taken in two phases: `capture` holds the state in memory at a batch boundary
 (about a memory copy), `commit` writes it under a temporary name, hashes, fsyncs and renames it

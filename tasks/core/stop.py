@@ -4,13 +4,8 @@ A signal handler runs wherever the main thread is (inside a log handler's write,
 callback), so it raises and logs nothing: it records the signal. Code reads the flag where
 stopping is safe: the training loop after each batch, the pipeline between stages and inside
 long ones. A second signal, or a stop not finished within `grace_seconds`, ends the process at
-once with the signal's usual status (128 + its number).
-
-Example:
-    with StopOnSignal(20.0):
-        for name in formats:
-            raise_if_stop_requested()  # StopRequested here, never inside `export`
-            export(name)
+once with the signal's usual status (128 + its number). Used as
+`with StopOnSignal(20.0): ... raise_if_stop_requested() ...` at each safe point.
 """
 
 from __future__ import annotations
