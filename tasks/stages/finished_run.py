@@ -3,7 +3,6 @@ Prefect task, nothing written. Anything else runs the pipeline, which finds what
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,9 @@ from ckptflow.core.errors import BadInputError
 from ckptflow.core.integrity import check_file, checked_manifest, completeness_rows
 from ckptflow.core.manifest import artifacts_digest
 from ckptflow.core.run_dir import RunDir
+from ckptflow.training.setup import TrainRecord
 
 log = logging.getLogger("ckptflow.run")
-
-TRAINING_FIELDS = ("checkpoint", "commit_sha256", "epoch", "batch", "step", "best_val_accuracy",
-                   "history_path")
 
 
 def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
@@ -35,7 +32,7 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
 
 def _summary(config: TrainConfig, run: RunDir, manifest: dict) -> dict[str, Any] | None:
     training, data = manifest.get("training") or {}, manifest["data"]
-    requested = json.loads(json.dumps(config.model_dump()))  # as the manifest holds it
+    requested = config.model_dump(mode="json")  # as the manifest holds it
     recorded = {**manifest["parameters"], "run_dir": config.run_dir}  # the directory may move
     if (recorded != requested or training.get("epoch") != config.epochs
             or data.get("kind") == "pipeline"  # fetch-data reads a pipeline again, every run
@@ -50,9 +47,10 @@ def _summary(config: TrainConfig, run: RunDir, manifest: dict) -> dict[str, Any]
         "run_dir": config.run_dir,
         "data": {"source": data["source"], "reason": data["reason"], "sha256": data["data_sha256"],
                  "validation_samples": data.get("validation_samples")},
-        "training": {**{k: training[k] for k in TRAINING_FIELDS},
-                     "resumed_from": training["checkpoint"], "start_epoch": training["epoch"],
-                     "start_batch": training["batch"], "batches_trained": 0},
+        "training": TrainRecord(**{
+            **{k: v for k, v in training.items() if k in TrainRecord.model_fields},
+            "resumed_from": training["checkpoint"], "start_epoch": training["epoch"],
+            "start_batch": training["batch"], "batches_trained": 0}).model_dump(),
         "evaluation": dict(manifest["evaluation"]),
         "exports": exports,
         "verified": [row.model_dump() for row in rows],
