@@ -141,15 +141,28 @@ def _add_config_options(parser: argparse.ArgumentParser, fields=None, skip: tupl
 def run_verify(run_dir: str, as_json: bool) -> int:
     """`ckptflow verify`: print the table, exit 1 if any row fails, 2 for an unusable manifest."""
     import json
+    import tempfile
+    from pathlib import Path
 
     from ckptflow.core.errors import BadInputError
+    from ckptflow.core.object_store import StoreFailed, is_url
     from ckptflow.stages.verify import format_table, verify_run_dir
 
     try:
-        rows = verify_run_dir(run_dir)
+        if is_url(run_dir):  # checked in a fresh local copy, as any machine would see it
+            from ckptflow.core.remote_run import copy_run
+
+            with tempfile.TemporaryDirectory(prefix="ckptflow-verify-") as copy:
+                copy_run(run_dir, Path(copy) / "run")
+                rows = verify_run_dir(Path(copy) / "run")
+        else:
+            rows = verify_run_dir(run_dir)
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreFailed as exc:
+        print(f"ckptflow: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print(json.dumps([r.model_dump() for r in rows], indent=2) if as_json else format_table(rows))
     failed = [r for r in rows if not r.ok]
     if failed:
@@ -266,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInputError as exc:
         print(f"ckptflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.command == "run":
+    from ckptflow.core.object_store import is_url
+
+    if args.command == "run" and not is_url(config.run_dir):  # a URL's is answered once pulled
         from ckptflow.stages.finished_run import finished_summary
 
         if (summary := finished_summary(config)) is not None:  # no server, no TensorFlow
@@ -350,8 +365,9 @@ def format_summary(summary: dict) -> str:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in x["metrics"].items())
         lines.append(f"  {x['format']:<13} {x['path']:<28} {x['bytes']:>10,} bytes  {scores}  "
                      f"max |diff| {x['max_abs_diff']:.1e}")
+    working_copy = summary.get("working_copy") or summary["run_dir"]
     if t["batches_trained"] and (cost := checkpoint_cost({"attempts": [read_manifest(
-            summary["run_dir"])["training"]["attempts"][-1]]})):
+            working_copy)["training"]["attempts"][-1]]})):
         lines.append(f"checkpoints: {cost}")
     lines.append(f"manifest: {os.path.join(summary['run_dir'], 'manifest.json')}")
     return "\n".join(lines)

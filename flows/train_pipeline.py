@@ -30,6 +30,7 @@ from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
 from ckptflow.stages.export import export_task  # noqa: E402
 from ckptflow.stages.fetch_data import fetch_data_task  # noqa: E402
 from ckptflow.stages.finished_run import finished_summary  # noqa: E402
+from ckptflow.stages.open_run import opened_run  # noqa: E402
 from ckptflow.stages.report import report_task  # noqa: E402
 from ckptflow.stages.resume import resume_from_latest_task  # noqa: E402
 from ckptflow.stages.verify import start_loader, verify_task  # noqa: E402
@@ -48,14 +49,18 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     committed kept.
     """
     route_logs_to_prefect()
+    location = config.run_dir  # a path, or an object-store URL whose working copy the stages use
     try:  # a signal only sets a flag; it is read between stages and inside the long ones
         with StopOnSignal(config.stop_grace_seconds, where=current_stage), \
                 no_flow_retry_on_bad_input():
             check_deployment_run(config)  # before anything is imported or created
-            with run_dir_lock(config.run_dir, config.wait_for_lock, note=flow_run_note()) as abandoned:
-                mark_crashed(abandoned, config.run_dir)
+            note = flow_run_note()
+            with opened_run(config, note) as (config, abandoned_lease), \
+                    run_dir_lock(config.run_dir, config.wait_for_lock, note=note) as abandoned:
+                mark_crashed(abandoned_lease or abandoned, location)
                 if (summary := finished_summary(config)) is not None:
-                    return summary  # nothing to do: answered from the manifest and file hashes
+                    # nothing to do: answered from the manifest and file hashes
+                    return {**summary, "run_dir": location, "working_copy": config.run_dir}
                 import_tensorflow()  # its native start-up lines (CUDA probing) off the terminal
                 join_cluster_task(config)  # before any TensorFlow op, as MultiWorkerMirroredStrategy needs
                 raise_if_stop_requested()
@@ -76,7 +81,8 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     except StopRequested as exc:  # in training, after committing the batch reached
         return Cancelled(message=str(exc))
     return {
-        "run_dir": config.run_dir,
+        "run_dir": location,
+        "working_copy": config.run_dir,
         "data": {"source": data.source, "reason": data.reason, "sha256": data.data_sha256,
                  "validation_samples": data.validation_samples},
         "training": trained.model_dump(),

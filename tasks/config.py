@@ -33,8 +33,10 @@ class TrainConfig(BaseModel):
 
     run_dir: Annotated[str, Field(
         min_length=1,
-        description="Directory that holds everything the run makes. Running again with the same "
-        "directory resumes it; another directory starts another run.")] = "runs/default"
+        description="Directory that holds everything the run makes, or an object-store URL "
+        "(s3://BUCKET/PREFIX: the run lives there, worked on in a local copy under "
+        "CKPTFLOW_STAGING_DIR). Running again with the same directory resumes it, from any "
+        "machine for a URL; another directory starts another run.")] = "runs/default"
     epochs: Annotated[int, Field(
         gt=0, le=100_000,
         description="Total epochs to reach. More than already done continues to the new total.")] = 10
@@ -117,6 +119,11 @@ class TrainConfig(BaseModel):
     wait_for_lock: Annotated[float, Field(
         ge=0, description="Seconds to wait while another run holds the run directory "
         "(0: fail at once).")] = 0.0
+    lease_seconds: Annotated[float, Field(
+        ge=5, le=3600,
+        description="Run directory in an object store: the term of the run's lease, renewed "
+        "every third of it while the run lives. A run killed holding it is taken over once it "
+        "expires.")] = 60.0
     fail_after_epoch: Annotated[int | None, Field(
         ge=1,
         description="Fault drill: fail once right after this epoch's checkpoint is committed, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptflow.core.errors import BadInputError
+from ckptflow.core.object_store import is_url
 
 # Where a deployer widens the allowlist: a job variable of the deployment (prefect.yaml's
 # work_pool.job_variables), read from the deployment's record, never from a run's overrides.
@@ -34,7 +35,8 @@ class Allowlist:
     """The functions and directories one deployment's runs may name.
 
     A path is allowed when it resolves (symlinks followed) to one of `roots` or below one;
-    relative names start at `workdir`, the deployment's working directory.
+    relative names start at `workdir`, the deployment's working directory. A root may be an
+    object-store URL (`s3://bucket/runs`): URLs under it are allowed.
     """
 
     deployment: str
@@ -42,15 +44,18 @@ class Allowlist:
     roots: Iterable[str | Path]
     workdir: str | Path
     dask_addresses: Iterable[str] = field(default_factory=frozenset)
+    url_roots: tuple[str, ...] = field(init=False, default=())  # object-store roots, as given
 
     def __post_init__(self):
         workdir = Path(self.workdir)
         object.__setattr__(self, "workdir", workdir)
         object.__setattr__(self, "refs", {kind: frozenset(self._ref_key(r) for r in refs)
                                           for kind, refs in self.refs.items()})
-        roots = dict.fromkeys(_resolved(r, workdir) for r in self.roots)
+        roots = dict.fromkeys(_resolved(r, workdir) for r in self.roots if not is_url(r))
         object.__setattr__(self, "roots", tuple(r for r in roots if not any(  # the outermost
             r != other and r.is_relative_to(other) for other in roots)))
+        object.__setattr__(self, "url_roots", tuple(
+            str(r).rstrip("/") for r in self.roots if is_url(r)))
         object.__setattr__(self, "dask_addresses", frozenset(self.dask_addresses))
 
     def check_ref(self, kind: str, ref: str) -> None:
@@ -66,11 +71,18 @@ class Allowlist:
             kind, ref, allowed)
 
     def check_path(self, parameter: str, path: str) -> None:
-        """Refuse `path` unless it resolves (after `..` and symlinks) to an allowed root or below."""
-        where = _resolved(path, self.workdir)
-        if any(where == root or where.is_relative_to(root) for root in self.roots):
-            return
-        allowed = [str(root) for root in self.roots]
+        """Refuse `path` unless it resolves (after `..` and symlinks) to an allowed root or below;
+        an object-store URL must be an allowed URL root or below it, with no `.` or `..` part."""
+        if is_url(path):
+            where = path.rstrip("/")
+            plain = not {".", ".."} & set(where.partition("://")[2].split("/"))
+            if plain and any(where == r or where.startswith(r + "/") for r in self.url_roots):
+                return
+        else:
+            where = _resolved(path, self.workdir)
+            if any(where == root or where.is_relative_to(root) for root in self.roots):
+                return
+        allowed = [str(root) for root in self.roots] + list(self.url_roots)
         raise NotAllowedError(
             f"{parameter} {path!r} is outside what deployment {self.deployment} allows (it "
             f"resolves to {where}; allowed: {', '.join(allowed)}). Name a path under one of "

@@ -35,6 +35,7 @@ from ckptflow.core.files import (
     sha256_and_fsync,
     sha256_file,
 )
+from ckptflow.core.mirror import mirror_of
 from ckptflow.core.tf_state import CapturedState, capture
 
 log = logging.getLogger("ckptflow.checkpoints")
@@ -156,6 +157,8 @@ class CheckpointStore:
             raise
         checkpoint = Checkpoint(self.directory / name, capture.epoch, capture.batch,
                                 capture.step)
+        if (mirror := mirror_of(self.directory)) is not None:  # a run in an object store
+            mirror.checkpoint_committed(checkpoint.path)
         self._prune(newest=checkpoint)
         write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in self._committed()])
         return checkpoint

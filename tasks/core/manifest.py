@@ -18,6 +18,7 @@ from typing import Any
 from ckptflow.core.checkpoint_saves import SAVE_KINDS
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_json, sha256_path, size_of
+from ckptflow.core.mirror import mirror_of
 from ckptflow.core.run_dir import RunDir
 
 SCHEMA_VERSION = 1
@@ -54,6 +55,8 @@ def update_manifest(run_dir: Path, **sections: Any) -> dict[str, Any]:
     manifest["packages"] = package_versions()
     manifest["code_version"] = code_version()
     atomic_write_json(RunDir(run_dir).manifest, manifest)
+    if (mirror := mirror_of(run_dir)) is not None:  # a run in an object store: its outputs too
+        mirror.outputs_committed()
     return manifest
 
 

@@ -13,9 +13,11 @@ from ckptflow.core.errors import BadInputError
 from ckptflow.core.formats import select_formats
 from ckptflow.core.identity import check_same_data, check_same_model
 from ckptflow.core.manifest import read_manifest
+from ckptflow.core.object_store import is_url
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import data_digest
 from ckptflow.core.user_code import check_ref
+from ckptflow.stages.open_run import check_location
 from ckptflow.tutorial.data import load_mnist
 
 # Read by the Keras loader, which needs TensorFlow (and maybe the network): left to fetch-data.
@@ -23,13 +25,17 @@ KERAS_SOURCES = ("auto", "keras")
 
 
 def check_request(config: TrainConfig) -> None:
-    """Refuse, with one BadInputError, a request that cannot succeed or would damage the run."""
-    run = RunDir(config.run_dir)
-    check_run_dir(run)
+    """Refuse, with one BadInputError, a request that cannot succeed or would damage the run.
+    For a run in an object store, its run-specific checks wait until the flow has pulled it."""
     select_formats(config.formats)  # a named format whose packages are missing
     check_ref(config.model, "--model")  # found, not imported: that needs TensorFlow
     if not config.uses_tutorial_data():
         check_ref(config.data, "--data")
+    if is_url(config.run_dir):
+        check_location(config)
+        return
+    run = RunDir(config.run_dir)
+    check_run_dir(run)
     manifest = read_manifest(run) if run.root.is_dir() else {}
     check_same_model(run, manifest.get("model"), config.identity())
     check_data(run, config, manifest.get("data"))

@@ -1,0 +1,270 @@
+"""Run directories in S3, against a real S3 API server on 127.0.0.1 (moto's server mode) reached
+through s3fs and botocore, unpatched: commit, lease and fence, resume on another machine, verify
+from anywhere, bad input. docs/object-storage.md."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import CKPTFLOW, small_config
+
+pytestmark = pytest.mark.xdist_group("s3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on a free port of 127.0.0.1, for this module."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch, tmp_path):
+    """A new bucket; this process's AWS variables point at the server, its staging at tmp."""
+    for key, value in {**AWS, "AWS_ENDPOINT_URL": s3_endpoint,
+                       "CKPTFLOW_STAGING_DIR": str(tmp_path / "staging")}.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    name = f"ckpt-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return name
+
+
+def objects(bucket: str) -> dict[str, str]:
+    """Every object in the bucket and its ETag."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    return {k.split("/", 1)[1]: v["ETag"] for k, v in fs.find(bucket, detail=True).items()}
+
+
+def machine(tmp_path: Path, name: str, endpoint: str) -> tuple[Path, dict]:
+    """A working directory and environment of their own (HOME, temp, staging), as on another
+    machine that shares only the store."""
+    root = tmp_path / name
+    for sub in ("home", "tmp", "staging", "cwd"):
+        (root / sub).mkdir(parents=True)
+    env = {**os.environ, **AWS, "AWS_ENDPOINT_URL": endpoint, "HOME": str(root / "home"),
+           "TMPDIR": str(root / "tmp"), "CKPTFLOW_STAGING_DIR": str(root / "staging"),
+           "PREFECT_HOME": str(root / "prefect")}
+    return root / "cwd", env
+
+
+def fake_checkpoint(directory: Path, name: str, step: int) -> Path:
+    """A checkpoint directory as the local store commits one (files and their commit record)."""
+    path = directory / name
+    path.mkdir(parents=True)
+    data = f"weights at step {step}".encode()
+    (path / "train_state.index").write_bytes(data)
+    (path / "COMMIT.json").write_text(json.dumps({
+        "name": name, "epoch": 0, "batch": step, "step": step,
+        "files": {"train_state.index": hashlib.sha256(data).hexdigest()}}))
+    return path
+
+
+def test_lease_is_exclusive_and_a_dead_holders_lease_is_taken_over_once_expired(bucket):
+    from ckptflow.core.lease import LeaseBusy, LeaseLost, StoreLease
+    from ckptflow.core.object_store import ObjectStore
+
+    store = ObjectStore(f"s3://{bucket}/runs/x")
+    first = StoreLease(store, seconds=5, note={"flow_run_id": "run-a"})
+    assert first.acquire(0, lambda f: f) is None
+    second = StoreLease(store, seconds=5)
+    with pytest.raises(LeaseBusy) as busy:
+        second.acquire(0, lambda f: f)
+    assert f"pid {os.getpid()}" in str(busy.value) and "run-a" in str(busy.value)
+    first._stop.set()  # the holder stops renewing, as a SIGKILLed one does
+    first._renewer.join()
+    started = time.monotonic()
+    taken = second.acquire(30, lambda f: {**f, first.token: 7})
+    assert 3 < time.monotonic() - started < 15  # after the 5 s term, not before
+    assert taken["flow_run_id"] == "run-a"
+    record = json.loads(store.read("lease.json"))
+    assert record["token"] == second.token and record["fences"] == {first.token: 7}
+    with pytest.raises(LeaseLost):
+        first.check()  # the old holder learns it lost the lease before committing anything
+    second.release(last_step=9)
+    record = json.loads(store.read("lease.json"))
+    assert record["holder"] is None and record["fences"] == {first.token: 7, second.token: 9}
+
+
+def test_a_zombie_cannot_commit_over_its_successor_and_its_leftovers_are_never_chosen(
+        bucket, tmp_path):
+    from ckptflow.core.lease import LeaseLost
+    from ckptflow.core.remote_run import RemoteRun, copy_run
+
+    url = f"s3://{bucket}/runs/zombie"
+    zombie = RemoteRun(url, keep=3, lease_seconds=5)
+    with zombie.open(0):
+        zombie.checkpoint_committed(fake_checkpoint(tmp_path / "a", "cp-0000-b000004", 4))
+        zombie.lease._stop.set()  # paused (Prefect marks it Crashed), its lease runs out
+        zombie.lease._renewer.join()
+        successor = RemoteRun(url, keep=3, lease_seconds=5)
+        with successor.open(30) as abandoned:
+            assert abandoned["pid"] == os.getpid()
+            pulled = sorted(p.name for p in (successor.local / "checkpoints").iterdir())
+            assert pulled == ["checkpoint", "cp-0000-b000004"]
+            with pytest.raises(LeaseLost, match="no longer holds"):  # the zombie's next commit
+                zombie.checkpoint_committed(fake_checkpoint(tmp_path / "a", "cp-0000-b000008", 8))
+            # Past the check in a race: its commit record lands, fenced out all the same.
+            zombie.lease.lost = None
+            zombie.lease.check = lambda: None
+            zombie.checkpoint_committed(fake_checkpoint(tmp_path / "b", "cp-0000-b000012", 12))
+            # A kill during another upload: files, no commit record.
+            zombie.store.write("checkpoints/cp-0000-b000016.dead.0/train_state.index", b"part")
+            successor.checkpoint_committed(fake_checkpoint(tmp_path / "c", "cp-0000-b000006", 6))
+            copy_run(url, tmp_path / "reader")
+            assert sorted(p.name for p in (tmp_path / "reader" / "checkpoints").glob("cp-*")) == [
+                "cp-0000-b000004", "cp-0000-b000006"]
+        zombie.lease.release = lambda last_step: None  # a zombie gives nothing back
+    keys = objects(bucket)
+    assert any(".dead." in k for k in keys) and any("cp-0000-b000012" in k for k in keys)
+    third = RemoteRun(url, keep=3, lease_seconds=5)
+    with third.open(0):  # the next writer clears what was never chosen
+        pass
+    names = {k.split("/")[3].split(".")[0] for k in objects(bucket) if "/checkpoints/" in k}
+    assert names == {"cp-0000-b000004", "cp-0000-b000006"}
+
+
+def cli(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([CKPTFLOW, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("make_url, env_change, words", [
+    (lambda b: "ftp://host/run", {}, "unknown storage scheme 'ftp'"),
+    (lambda b: "gs://bucket/run", {}, "gs:// run directories are not supported yet"),
+    (lambda b: "s3://no-such-bucket-here/run", {}, "no such bucket 'no-such-bucket-here'"),
+    (lambda b: f"s3://{b}/run", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                                 "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                 "AWS_CONFIG_FILE": "/nonexistent"}, "no credentials for s3://"),
+    (lambda b: f"s3://{b}/run", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+     "could not reach s3://"),
+    (lambda b: f"s3://{b}/other", {}, "holds 1 objects but no ckptflow run"),
+])
+def test_bad_store_input_is_one_line_exit_2_and_writes_nothing(bucket, tmp_path, make_url,
+                                                              env_change, words):
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe(f"{bucket}/other/notes.txt", b"mine")
+    before = objects(bucket)
+    cwd, env = machine(tmp_path, "m", os.environ["AWS_ENDPOINT_URL"])
+    for key, value in env_change.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    result = cli(["run", "--run-dir", make_url(bucket), "--data", "bundled"], env, cwd)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptflow: error: ") and words in lines[0]
+    assert objects(bucket) == before
+    assert not any(cwd.iterdir()) and not any((cwd.parent / "staging").iterdir())
+
+
+def test_without_s3fs_the_extra_is_named(tmp_path):
+    code = ("import sys; sys.modules['s3fs'] = None\n"
+            "from ckptflow.flows.cli import main\n"
+            "sys.exit(main(['verify', 's3://bucket/run']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("ckptflow: error: s3://bucket/run needs the s3fs package, "
+                                     "which is not installed. Install it with: pip install "
+                                     "'ckptflow[s3]'.")
+
+
+RUN_ARGS = ["--data", "bundled", "--train-samples", "512", "--test-samples", "128",
+            "--batch-size", "32", "--save-every-batches", "2", "--checkpoint-budget", "0",
+            "--epochs", "3", "--units", "64", "--seed", "7", "--formats", "keras",
+            "--lease-seconds", "5", "--wait-for-lock", "60"]
+
+
+def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
+        bucket, tmp_path, prefect_api_url):
+    from ckptflow.flows.train_pipeline import train_pipeline
+
+    reference = train_pipeline(small_config(
+        tmp_path / "reference", train_samples=512, save_every_batches=2, epochs=3,
+        formats=["keras"]))
+    expected = hashlib.sha256((tmp_path / "reference" / "exports" /
+                               "reference_predictions.npy").read_bytes()).hexdigest()
+
+    url = f"s3://{bucket}/runs/moved"
+    cwd_a, env_a = machine(tmp_path, "a", os.environ["AWS_ENDPOINT_URL"])
+    env_a["PREFECT_API_URL"] = prefect_api_url
+    with (tmp_path / "a.log").open("w") as log:
+        run_a = subprocess.Popen([CKPTFLOW, "run", "--run-dir", url, *RUN_ARGS], env=env_a,
+                                 cwd=cwd_a, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not any(k.endswith("COMMIT.json") for k in objects(bucket)):  # one committed there
+        assert run_a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    run_a.send_signal(signal.SIGKILL)  # machine A is gone, its disk with it
+    run_a.wait(timeout=60)
+    committed_by_a = sorted(k for k in objects(bucket) if k.endswith("COMMIT.json"))
+    for path in (tmp_path / "a").iterdir():
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+
+    cwd_b, env_b = machine(tmp_path, "b", os.environ["AWS_ENDPOINT_URL"])
+    env_b["PREFECT_API_URL"] = prefect_api_url
+    result = cli(["run", "--run-dir", url, *RUN_ARGS], env_b, cwd_b, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "took over run directory" in result.stdout + result.stderr
+    resumed = re.search(r"training: resumed from checkpoints/(cp-\S+)", result.stdout)
+    assert resumed, result.stdout
+    assert any(f"/{resumed.group(1)}." in k for k in committed_by_a)  # from A's last commit
+    manifest = json.loads(subprocess.run(
+        [sys.executable, "-c", f"import s3fs,sys; sys.stdout.buffer.write(s3fs.S3FileSystem()"
+         f".cat_file('{bucket}/runs/moved/manifest.json'))"], capture_output=True, env=env_b,
+        check=True).stdout)
+    assert manifest["training"]["step"] == reference["training"]["step"] == 48
+    assert manifest["training"]["attempts"][-1]["resumed_from"] == f"checkpoints/{resumed.group(1)}"
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert hashlib.sha256(fs.cat_file(f"{bucket}/runs/moved/exports/reference_predictions.npy")
+                          ).hexdigest() == expected  # bit-identical to the uninterrupted run
+
+    # verify from a third machine: passes; then one flipped byte in the store is named.
+    cwd_c, env_c = machine(tmp_path, "c", os.environ["AWS_ENDPOINT_URL"])
+    assert cli(["verify", url], env_c, cwd_c).returncode == 0
+    key = f"{bucket}/runs/moved/exports/model.keras"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe(key, bytes(data))
+    flipped = cli(["verify", url], env_c, cwd_c)
+    assert flipped.returncode == 1
+    assert "exports/model.keras" in flipped.stderr.strip().splitlines()[-1]
