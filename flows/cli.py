@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the SHA-256 before opening anything, then load every export in a fresh process with "
         "its own runtime, predict the test set and compare with the reference predictions and "
         "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect server.")
-    verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check")
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check: a path, or an s3:// URL "
+                        "(checked in a temporary local copy)")
     verify.add_argument("--json", action="store_true", help="print the rows as JSON")
     worker = sub.add_parser(
         "worker", help="join a multi-worker run as a non-chief worker (TF_CONFIG index 1, 2, ...)",
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     last_words: list[str] = []
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
     from ckptflow.core.errors import StopRequested
+    from ckptflow.core.lease import LeaseLost
     from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested
 
     # A sweep's points share the default grace.
@@ -320,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as exc:
         last_words.append(f"ckptflow: {exc}")
         return EXIT_STOPPED
+    except LeaseLost as exc:  # another run holds the run directory now: rerunning this one won't help
+        last_words.append(f"ckptflow: {exc}")
+        return EXIT_FAILED
     except Exception as exc:
         last_words.append(f"ckptflow: run failed: {type(exc).__name__}: {exc}. Run the same "
                           "command again to resume from the latest checkpoint.")

@@ -21,7 +21,7 @@ from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested  # noqa: E4
 from ckptflow.orchestration.deployment_allowlist import check_deployment_sweep  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
-from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
+from ckptflow.orchestration.retries import no_flow_retry_when_futile  # noqa: E402
 from ckptflow.stages.sweep import (  # noqa: E402
     dask_task_runner,
     failed_row,
@@ -52,7 +52,7 @@ def train_points(sweep: SweepConfig, points: list[TrainConfig]) -> list[dict]:
 def sweep_flow(sweep: SweepConfig = SweepConfig()) -> list[dict]:  # noqa: B008 (frozen)
     """Train and evaluate every grid point in parallel, then rank them in a markdown artifact."""
     route_logs_to_prefect()
-    with no_flow_retry_on_bad_input():
+    with no_flow_retry_when_futile():
         check_deployment_sweep(sweep)  # before any point starts
     points = grid_points(sweep)
     try:  # a signal only sets a flag, read while the points run and before the summary

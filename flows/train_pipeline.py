@@ -24,7 +24,7 @@ from ckptflow.orchestration.abandoned_runs import flow_run_note, mark_crashed  #
 from ckptflow.orchestration.deployment_allowlist import check_deployment_run  # noqa: E402
 from ckptflow.orchestration.logs import current_stage, route_logs_to_prefect  # noqa: E402
 from ckptflow.orchestration.results import RecordSerializer  # noqa: E402
-from ckptflow.orchestration.retries import no_flow_retry_on_bad_input  # noqa: E402
+from ckptflow.orchestration.retries import no_flow_retry_when_futile  # noqa: E402
 from ckptflow.stages.build_model import build_model_task  # noqa: E402
 from ckptflow.stages.evaluate import evaluate_task  # noqa: E402
 from ckptflow.stages.export import export_task  # noqa: E402
@@ -52,7 +52,7 @@ def train_pipeline(config: TrainConfig = TrainConfig()) -> dict:  # noqa: B008 (
     location = config.run_dir  # a path, or an object-store URL whose working copy the stages use
     try:  # a signal only sets a flag; it is read between stages and inside the long ones
         with StopOnSignal(config.stop_grace_seconds, where=current_stage), \
-                no_flow_retry_on_bad_input():
+                no_flow_retry_when_futile():
             check_deployment_run(config)  # before anything is imported or created
             note = flow_run_note()
             with opened_run(config, note) as (config, abandoned_lease), \

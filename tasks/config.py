@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ckptflow.core.formats import FORMAT_NAMES
 from ckptflow.core.models import TUTORIAL_MODEL, TUTORIAL_PARAMS
+from ckptflow.core.object_store import is_url
 from ckptflow.core.user_code import is_ref
 
 DATA_SOURCES = ("auto", "keras", "bundled")
@@ -155,6 +156,14 @@ class TrainConfig(BaseModel):
             return value
         raise ValueError(f"not a REF. Received: model={value!r}. Expected "
                          "package.module:function or path/to/file.py:function")
+
+    @model_validator(mode="after")
+    def _one_device_in_an_object_store(self) -> TrainConfig:
+        if is_url(self.run_dir) and self.strategy != "default":
+            raise ValueError(f"a run directory in an object store trains on one device for now. "
+                             f"Received: strategy={self.strategy!r} with run_dir="
+                             f"{self.run_dir!r}. Use a shared local path for {self.strategy}")
+        return self
 
     @model_validator(mode="after")
     def _options_of_their_own_model(self) -> TrainConfig:

@@ -98,6 +98,20 @@ def test_paths_must_resolve_under_an_allowed_root(tmp_path):
                                                            "runs"]  # nothing created
 
 
+def test_an_object_store_root_allows_urls_under_it_and_nothing_else(tmp_path):
+    allow = allowlist_of("train-pipeline/cloud", _train(run_dir="s3://ckpt/runs/nightly"),
+                         {"ckptflow_allow": {"roots": ["runs", "s3://ckpt/team/"]}}, tmp_path)
+    assert allow.url_roots == ("s3://ckpt/team", "s3://ckpt/runs/nightly")
+    for run_dir in ("s3://ckpt/team", "s3://ckpt/team/a", "s3://ckpt/team/a/b/",
+                    "s3://ckpt/runs/nightly", "runs/local"):
+        assert _refused(allow, TrainConfig(run_dir=run_dir)) is None, run_dir
+    for run_dir in ("s3://ckpt/teamx", "s3://ckpt/team/../other", "s3://ckpt/team/./a",
+                    "s3://other/team/a", "s3://ckpt/runs/nightly2", "s3://ckpt"):
+        refused = _refused(allow, TrainConfig(run_dir=run_dir))
+        assert refused is not None and refused.parameter == "run_dir", run_dir
+        assert refused.received == run_dir and "s3://ckpt/team" in refused.allowed
+
+
 def test_the_deployments_own_directories_are_allowed_roots(tmp_path):
     allow = allowlist_of("train-pipeline/x", _train(run_dir="/data/ckpt/x", data="/data/mnist.npz"),
                          {}, tmp_path)

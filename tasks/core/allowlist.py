@@ -51,11 +51,12 @@ class Allowlist:
         object.__setattr__(self, "workdir", workdir)
         object.__setattr__(self, "refs", {kind: frozenset(self._ref_key(r) for r in refs)
                                           for kind, refs in self.refs.items()})
-        roots = dict.fromkeys(_resolved(r, workdir) for r in self.roots if not is_url(r))
+        given = list(self.roots)
+        object.__setattr__(self, "url_roots", tuple(
+            dict.fromkeys(str(r).rstrip("/") for r in given if is_url(r))))
+        roots = dict.fromkeys(_resolved(r, workdir) for r in given if not is_url(r))
         object.__setattr__(self, "roots", tuple(r for r in roots if not any(  # the outermost
             r != other and r.is_relative_to(other) for other in roots)))
-        object.__setattr__(self, "url_roots", tuple(
-            str(r).rstrip("/") for r in self.roots if is_url(r)))
         object.__setattr__(self, "dask_addresses", frozenset(self.dask_addresses))
 
     def check_ref(self, kind: str, ref: str) -> None:

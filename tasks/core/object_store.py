@@ -190,8 +190,9 @@ class ObjectStore:
                                          "rerun resumes from it.")
                     failed.attempts = attempt + 1
                     raise failed from exc
-                log.log(logging.DEBUG if quiet else logging.WARNING,"%s %s failed (%s); retrying in %.1f s", what, url, first_line(exc),
-                            delays[attempt])
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "%s %s failed (%s); retrying in %.1f s", what, url, first_line(exc),
+                        delays[attempt])
                 time.sleep(delays[attempt])
         raise AssertionError("unreachable")
 

@@ -122,13 +122,20 @@ def download_run(store: ObjectStore, checkpoints: list[RemoteCheckpoint], into: 
 def copy_run(url: str, into: Path) -> None:
     """Copy the run at `url` into `into` as any reader sees it (no lease taken): for
     `ckptflow verify URL`, from any machine."""
+    check_store(url)
     store = ObjectStore(url)
-    store.check_access()
-    check_is_run(store)
     lease = read_lease(store)
     committed, _ = list_checkpoints(store)
     holder = lease.get("token") if lease.get("holder") else None
     download_run(store, chosen(committed, lease.get("fences") or {}, holder), into)
+
+
+def check_store(url: str) -> None:
+    """Before anything starts: the scheme, package, bucket, credentials and endpoint of `url`
+    work, and it is empty or a ckptflow run (else one BadInputError; nothing written)."""
+    store = ObjectStore(url)
+    store.check_access()
+    check_is_run(store)
 
 
 def check_is_run(store: ObjectStore) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from prefect.tasks import exponential_backoff
 
 from ckptflow.core.errors import BadInputError, is_transient
+from ckptflow.core.lease import LeaseLost
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -31,12 +32,13 @@ def retry_options(retries: int = 3) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def no_flow_retry_on_bad_input() -> Iterator[None]:
-    """Inside a flow: bad input ends the flow run Failed at once instead of retrying it (flows
-    take no retry condition, so the run's policy is set to no retries before the error leaves)."""
+def no_flow_retry_when_futile() -> Iterator[None]:
+    """Inside a flow: bad input, or a lease another run took over, ends the flow run Failed at
+    once instead of retrying it (flows take no retry condition, so the run's policy is set to no
+    retries before the error leaves)."""
     try:
         yield
-    except BadInputError:
+    except (BadInputError, LeaseLost):
         from prefect.client.orchestration import get_client
         from prefect.context import FlowRunContext
 

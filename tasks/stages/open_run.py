@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ckptflow.config import TrainConfig
-from ckptflow.core.errors import BadInputError
 from ckptflow.core.object_store import is_url
 
 
@@ -19,28 +18,9 @@ def opened_run(config: TrainConfig, note: dict | None = None
     if not is_url(config.run_dir):
         yield config, None
         return
-    check_one_device(config)
     from ckptflow.core.remote_run import RemoteRun
 
     remote = RemoteRun(config.run_dir, config.keep_checkpoints, config.lease_seconds)
     with remote.open(config.wait_for_lock, note) as abandoned:
         yield config.model_copy(update={"run_dir": str(remote.local)}), abandoned
 
-
-def check_location(config: TrainConfig) -> None:
-    """Before anything starts: an object-store run directory's scheme, package, bucket,
-    credentials and endpoint work, and its prefix is empty or a ckptflow run (one line, exit 2)."""
-    from ckptflow.core.object_store import ObjectStore
-    from ckptflow.core.remote_run import check_is_run
-
-    check_one_device(config)
-    store = ObjectStore(config.run_dir)
-    store.check_access()
-    check_is_run(store)
-
-
-def check_one_device(config: TrainConfig) -> None:
-    if config.strategy != "default":
-        raise BadInputError(f"a run directory in an object store trains on one device for now. "
-                            f"Received: --strategy {config.strategy} with --run-dir "
-                            f"{config.run_dir}. Use a shared local path for {config.strategy}.")

@@ -14,10 +14,10 @@ from ckptflow.core.formats import select_formats
 from ckptflow.core.identity import check_same_data, check_same_model
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.object_store import is_url
+from ckptflow.core.remote_run import check_store
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import data_digest
 from ckptflow.core.user_code import check_ref
-from ckptflow.stages.open_run import check_location
 from ckptflow.tutorial.data import load_mnist
 
 # Read by the Keras loader, which needs TensorFlow (and maybe the network): left to fetch-data.
@@ -32,7 +32,7 @@ def check_request(config: TrainConfig) -> None:
     if not config.uses_tutorial_data():
         check_ref(config.data, "--data")
     if is_url(config.run_dir):
-        check_location(config)
+        check_store(config.run_dir)
         return
     run = RunDir(config.run_dir)
     check_run_dir(run)
