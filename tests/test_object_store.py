@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -156,6 +157,50 @@ def test_a_zombie_cannot_commit_over_its_successor_and_its_leftovers_are_never_c
     assert names == {"cp-0000-b000004", "cp-0000-b000006"}
 
 
+class TcpProxy:
+    """127.0.0.1:port forwarding to `target`: `stop()` refuses and cuts every connection, as a
+    store that went down; `start()` listens again on the same port."""
+
+    def __init__(self, target: int):
+        self.target, self.port = target, free_port()
+        self.start()
+
+    def start(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.connections += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 def cli(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([CKPTFLOW, *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=timeout)
@@ -237,24 +282,35 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
     for path in (tmp_path / "a").iterdir():
         subprocess.run(["rm", "-rf", str(path)], check=True)
 
-    cwd_b, env_b = machine(tmp_path, "b", os.environ["AWS_ENDPOINT_URL"])
+    # Machine B reaches the store through a proxy that goes down for 3 s once B has committed.
+    proxy = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    cwd_b, env_b = machine(tmp_path, "b", f"http://127.0.0.1:{proxy.port}")
     env_b["PREFECT_API_URL"] = prefect_api_url
-    result = cli(["run", "--run-dir", url, *RUN_ARGS], env_b, cwd_b, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "took over run directory" in result.stdout + result.stderr
-    resumed = re.search(r"training: resumed from checkpoints/(cp-\S+)", result.stdout)
-    assert resumed, result.stdout
+    with (tmp_path / "b.log").open("w") as log:
+        run_b = subprocess.Popen([CKPTFLOW, "run", "--run-dir", url, *RUN_ARGS], env=env_b,
+                                 cwd=cwd_b, stdout=log, stderr=subprocess.STDOUT)
+    while not set(k for k in objects(bucket) if k.endswith("COMMIT.json")) - set(committed_by_a):
+        assert run_b.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proxy.stop()
+    time.sleep(3)
+    proxy.start()
+    assert run_b.wait(timeout=600) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    proxy.stop()
+    said = (tmp_path / "b.log").read_text()
+    assert "took over run directory" in said
+    assert re.search(r"failed \(.*\); retrying in", said), said[-3000:]  # the outage, outlasted
+    resumed = re.search(r"training: resumed from checkpoints/(cp-\S+)", said)
+    assert resumed, said[-3000:]
     assert any(f"/{resumed.group(1)}." in k for k in committed_by_a)  # from A's last commit
-    manifest = json.loads(subprocess.run(
-        [sys.executable, "-c", f"import s3fs,sys; sys.stdout.buffer.write(s3fs.S3FileSystem()"
-         f".cat_file('{bucket}/runs/moved/manifest.json'))"], capture_output=True, env=env_b,
-        check=True).stdout)
-    assert manifest["training"]["step"] == reference["training"]["step"] == 48
-    assert manifest["training"]["attempts"][-1]["resumed_from"] == f"checkpoints/{resumed.group(1)}"
-
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    manifest = json.loads(fs.cat_file(f"{bucket}/runs/moved/manifest.json"))
+    assert manifest["training"]["step"] == reference["training"]["step"] == 48
+    assert manifest["training"]["attempts"][-1]["resumed_from"] == f"checkpoints/{resumed.group(1)}"
+
     assert hashlib.sha256(fs.cat_file(f"{bucket}/runs/moved/exports/reference_predictions.npy")
                           ).hexdigest() == expected  # bit-identical to the uninterrupted run
 
