@@ -96,7 +96,8 @@ def child_training(args) -> dict:
     data = prepare_run(config)
     result["prepare_s"] = time.perf_counter() - started
     if remote is not None:
-        mirrored.clear()  # what the stage itself spends in the store, below
+        for seconds in mirrored.values():  # what the stage itself spends in the store, below
+            seconds.clear()
     wall, cpu = time.perf_counter(), _cpu()
     train_with_checkpoints(config.run_dir, config, data)
     result["stage_s"] = time.perf_counter() - wall
@@ -295,7 +296,7 @@ def measure_upload(args, server: Server, rows: list[dict]) -> None:
     made = run_child("checkpoint", server.env, run_dir=server.work / "checkpoints",
                      upload_units=args.upload_units)
     for arm in ("ours", "plain"):  # this process's first uploads, untimed
-        upload_once(server, Path(next(iter(made.values()))["path"]), arm, f"warm-up-{arm}")
+        upload_once(server, Path(next(iter(made.values()))["path"]), arm, f"upload-warm-up-{arm}")
     for round_ in range(args.rounds):
         for units, info in made.items():
             path = Path(info["path"])
@@ -315,7 +316,7 @@ def measure_upload(args, server: Server, rows: list[dict]) -> None:
 def measure_resume(args, server: Server, url: str, rows: list[dict]) -> None:
     arms = ("ours", "get", "get_file_each")
     for arm in arms:  # this process's first pulls, untimed
-        resume_once(server, url, arm, f"warm-up-{arm}")
+        resume_once(server, url, arm, f"resume-warm-up-{arm}")
     for round_ in range(args.rounds):
         for arm in (arms if round_ % 2 == 0 else tuple(reversed(arms))):
             row = {"measure": "resume", "arm": arm, "round": round_,

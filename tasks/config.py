@@ -305,6 +305,14 @@ class SweepConfig(BaseModel):
     workers: Annotated[int, Field(gt=0, le=256, description="Processes of the local Dask cluster "
                                   "(ignored with dask_address).")] = 2
 
+    @field_validator("sweep_dir")
+    @classmethod
+    def _local_sweep_dir(cls, value: str) -> str:
+        if is_url(value):
+            raise ValueError("a sweep directory in an object store is not supported yet. Give a "
+                             "local path (each point's run directory is made under it)")
+        return value
+
     @field_validator(*TUTORIAL_PARAMS)
     @classmethod
     def _distinct(cls, values: list) -> list:

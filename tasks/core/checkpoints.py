@@ -158,7 +158,11 @@ class CheckpointStore:
         checkpoint = Checkpoint(self.directory / name, capture.epoch, capture.batch,
                                 capture.step)
         if (mirror := mirror_of(self.directory)) is not None:  # a run in an object store
-            mirror.checkpoint_committed(checkpoint.path)
+            try:
+                mirror.checkpoint_committed(checkpoint.path)
+            except BaseException:  # not committed where the run lives, so not committed at all
+                discard(checkpoint.path)
+                raise
         self._prune(newest=checkpoint)
         write_tf_index(self.directory, [f"{c.name}/{TF_PREFIX}" for c in self._committed()])
         return checkpoint
