@@ -26,7 +26,7 @@ No timing is asserted. Results: bench/results/NAME.json (date, commit, command, 
 pairs, every row) and a short table on stdout.
 
 Usage:
-    python bench/object_store.py                    # 3 rounds, tutorial size (~4 min here)
+    python bench/object_store.py                    # 3 rounds, tutorial size (about 5 min here)
     python bench/object_store.py --rounds 2 --epochs 3 --name object_store   # a quick look
     python bench/object_store.py --only upload --upload-units 512,2048,8192
 """

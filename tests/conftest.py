@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,67 @@ class BackgroundRun:
     def server_port(self) -> int:
         return int(re.search(r"Starting temporary server on http://127.0.0.1:(\d+)",
                              self.said()).group(1))
+
+
+# A real S3 API server for the object-storage tests: moto's server mode on 127.0.0.1.
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on a free port of 127.0.0.1, for one test module."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not port_is_open(port):
+        assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def port_is_open(port: int) -> bool:
+    return not port_is_closed(port)
+
+
+def s3(endpoint: str):
+    """An s3fs client of the test server, with the test credentials."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, key=AWS["AWS_ACCESS_KEY_ID"],
+                             secret=AWS["AWS_SECRET_ACCESS_KEY"], endpoint_url=endpoint)
+
+
+def new_bucket(endpoint: str) -> str:
+    name = f"ckpt-{uuid.uuid4().hex[:10]}"
+    s3(endpoint).mkdir(name)
+    return name
+
+
+def objects(endpoint: str, bucket: str) -> dict[str, str]:
+    """Every object in the bucket and its ETag."""
+    return {k.split("/", 1)[1]: v["ETag"] for k, v in s3(endpoint).find(bucket, detail=True).items()}
+
+
+def machine(tmp_path: Path, name: str, endpoint: str) -> tuple[Path, dict]:
+    """A working directory and environment of their own (HOME, temp, staging), as on another
+    machine that shares only the store and the credentials."""
+    root = tmp_path / name
+    for sub in ("home", "staging", "cwd"):
+        (root / sub).mkdir(parents=True)
+    # Short: multiprocessing's forkserver (verify's loader) puts an AF_UNIX socket under TMPDIR,
+    # and such paths end at 107 bytes on Linux.
+    (root / "tmp").symlink_to(tempfile.mkdtemp(prefix=f"ckpt-{name}-"))
+    env = {**os.environ, **AWS, "AWS_ENDPOINT_URL": endpoint, "HOME": str(root / "home"),
+           "TMPDIR": os.readlink(root / "tmp"), "CKPTFLOW_STAGING_DIR": str(root / "staging"),
+           "PREFECT_HOME": str(root / "prefect")}
+    return root / "cwd", env

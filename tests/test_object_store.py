@@ -12,41 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CKPTFLOW, small_config
+from conftest import AWS, CKPTFLOW, free_port, machine, new_bucket, objects, small_config
 
 pytestmark = pytest.mark.xdist_group("s3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on a free port of 127.0.0.1, for this module."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-        assert server.poll() is None and time.monotonic() < deadline, "moto server did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=30)
-
-
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture
@@ -55,34 +28,12 @@ def bucket(s3_endpoint, monkeypatch, tmp_path):
     for key, value in {**AWS, "AWS_ENDPOINT_URL": s3_endpoint,
                        "CKPTFLOW_STAGING_DIR": str(tmp_path / "staging")}.items():
         monkeypatch.setenv(key, value)
-    import s3fs
-
-    name = f"ckpt-{uuid.uuid4().hex[:10]}"
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
-    return name
+    return new_bucket(s3_endpoint)
 
 
-def objects(bucket: str) -> dict[str, str]:
-    """Every object in the bucket and its ETag."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    return {k.split("/", 1)[1]: v["ETag"] for k, v in fs.find(bucket, detail=True).items()}
-
-
-def machine(tmp_path: Path, name: str, endpoint: str) -> tuple[Path, dict]:
-    """A working directory and environment of their own (HOME, temp, staging), as on another
-    machine that shares only the store."""
-    root = tmp_path / name
-    for sub in ("home", "staging", "cwd"):
-        (root / sub).mkdir(parents=True)
-    # Short: multiprocessing's forkserver (verify's loader) puts an AF_UNIX socket under TMPDIR,
-    # and such paths end at 107 bytes on Linux.
-    (root / "tmp").symlink_to(tempfile.mkdtemp(prefix=f"ckpt-{name}-"))
-    env = {**os.environ, **AWS, "AWS_ENDPOINT_URL": endpoint, "HOME": str(root / "home"),
-           "TMPDIR": os.readlink(root / "tmp"), "CKPTFLOW_STAGING_DIR": str(root / "staging"),
-           "PREFECT_HOME": str(root / "prefect")}
-    return root / "cwd", env
+def stored(bucket: str) -> dict[str, str]:
+    """The bucket's objects (and ETags) on this module's server."""
+    return objects(os.environ["AWS_ENDPOINT_URL"], bucket)
 
 
 def fake_checkpoint(directory: Path, name: str, step: int) -> Path:
@@ -152,12 +103,12 @@ def test_a_zombie_cannot_commit_over_its_successor_and_its_leftovers_are_never_c
             assert sorted(p.name for p in (tmp_path / "reader" / "checkpoints").glob("cp-*")) == [
                 "cp-0000-b000004", "cp-0000-b000006"]
         zombie.lease.release = lambda last_step: None  # a zombie gives nothing back
-    keys = objects(bucket)
+    keys = stored(bucket)
     assert any(".dead." in k for k in keys) and any("cp-0000-b000012" in k for k in keys)
     third = RemoteRun(url, keep=3, lease_seconds=5)
     with third.open(0):  # the next writer clears what was never chosen
         pass
-    names = {k.split("/")[3].split(".")[0] for k in objects(bucket) if "/checkpoints/" in k}
+    names = {k.split("/")[3].split(".")[0] for k in stored(bucket) if "/checkpoints/" in k}
     assert names == {"cp-0000-b000004", "cp-0000-b000006"}
 
 
@@ -226,7 +177,7 @@ def test_bad_store_input_is_one_line_exit_2_and_writes_nothing(bucket, tmp_path,
     import s3fs
 
     s3fs.S3FileSystem(skip_instance_cache=True).pipe(f"{bucket}/other/notes.txt", b"mine")
-    before = objects(bucket)
+    before = stored(bucket)
     cwd, env = machine(tmp_path, "m", os.environ["AWS_ENDPOINT_URL"])
     for key, value in env_change.items():
         if value is None:
@@ -237,7 +188,7 @@ def test_bad_store_input_is_one_line_exit_2_and_writes_nothing(bucket, tmp_path,
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ckptflow: error: ") and words in lines[0]
-    assert objects(bucket) == before
+    assert stored(bucket) == before
     assert not any(cwd.iterdir()) and not any((cwd.parent / "staging").iterdir())
 
 
@@ -278,13 +229,13 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
         run_a = subprocess.Popen([CKPTFLOW, "run", "--run-dir", url, *RUN_ARGS], env=env_a,
                                  cwd=cwd_a, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not any(k.endswith("COMMIT.json") for k in objects(bucket)):  # one committed there
+    while not any(k.endswith("COMMIT.json") for k in stored(bucket)):  # one committed there
         assert run_a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
     run_a.send_signal(signal.SIGKILL)  # machine A is gone, its disk with it
     run_a.wait(timeout=60)
-    committed_by_a = sorted(k for k in objects(bucket) if k.endswith("COMMIT.json"))
+    committed_by_a = sorted(k for k in stored(bucket) if k.endswith("COMMIT.json"))
     for path in (tmp_path / "a").iterdir():
         subprocess.run(["rm", "-rf", os.path.realpath(path), str(path)], check=True)
 
@@ -295,7 +246,7 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
     with (tmp_path / "b.log").open("w") as log:
         run_b = subprocess.Popen([CKPTFLOW, "run", "--run-dir", url, *RUN_ARGS], env=env_b,
                                  cwd=cwd_b, stdout=log, stderr=subprocess.STDOUT)
-    while not set(k for k in objects(bucket) if k.endswith("COMMIT.json")) - set(committed_by_a):
+    while not set(k for k in stored(bucket) if k.endswith("COMMIT.json")) - set(committed_by_a):
         assert run_b.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)

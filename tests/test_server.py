@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cache_records, pickled_results
+from conftest import REPO, cache_records, machine, new_bucket, objects, pickled_results, s3
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900), pytest.mark.xdist_group("server")]
 
@@ -603,3 +603,69 @@ def test_no_deployment_run_wrote_a_pickled_result(stack, failed_then_retried):
     records = cache_records(stack.logs)
     assert records and {r["serializer"]["type"] for r in records} == {"ckptflow-records"}
     assert pickled_results(stack.logs) == []
+
+
+def test_a_deployment_run_in_s3_resumes_on_a_new_worker_after_its_machine_died(
+        stack, s3_endpoint, tmp_path):
+    """A deployment whose run_dir is an s3:// URL; its worker and flow run SIGKILLed mid-training
+    (the machine gone); Prefect's Crashed; a worker started elsewhere with an empty disk; `prefect
+    flow-run retry` (the UI's Retry) resumes at the last batch committed in the store."""
+    from prefect.states import Crashed
+
+    bucket = new_bucket(s3_endpoint)
+    url = f"s3://{bucket}/runs/deployed"
+    pool = "ckptflow-s3-test"
+    _cli(stack, "work-pool", "create", pool, "--type", "process")
+    deployment = tmp_path / "prefect.yaml"
+    deployment.write_text(json.dumps({  # JSON is YAML
+        "name": "ckptflow-s3-test", "pull": [{"prefect.deployments.steps.set_working_directory":
+                                              {"directory": str(REPO)}}],
+        "deployments": [{
+            "name": "train-s3", "entrypoint": "flows/train_pipeline.py:train_pipeline",
+            "parameters": {"config": {"run_dir": url}}, "schedules": [],
+            "work_pool": {"name": pool, "job_variables": {
+                "ckptflow_allow": {"roots": [f"s3://{bucket}/runs"]}}}}]}))
+    _cli(stack, "deploy", "--prefect-file", str(deployment), "-n", "train-s3")
+
+    def start_worker(name: str) -> subprocess.Popen:  # credentials in the worker's environment
+        cwd, env = machine(tmp_path, name, s3_endpoint)
+        env = {**env, **{k: v for k, v in stack.env.items() if k.startswith("PREFECT_")},
+               "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return _start([PREFECT, "worker", "start", "--pool", pool], env, tmp_path / f"{name}.log",
+                      cwd=cwd)
+
+    config = {**SMALL, "run_dir": url, "epochs": 3, "train_samples": 1024,
+              "save_every_batches": 4, "checkpoint_budget": 0, "lease_seconds": 5,
+              "wait_for_lock": 60}
+    worker_a = start_worker("a")
+    try:
+        flow_run_id = _run_deployment(stack, config, name="train-pipeline/train-s3")
+        deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
+        while not any(k.endswith("COMMIT.json") for k in objects(s3_endpoint, bucket)):
+            assert time.monotonic() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.05)
+        for pid in [worker_a.pid, *(p for p, _ in _descendants(worker_a.pid))]:
+            os.kill(pid, signal.SIGKILL)  # machine A is gone: its worker, its flow run, its disk
+        worker_a.wait(timeout=60)
+        shutil.rmtree(tmp_path / "a", ignore_errors=True)
+    finally:
+        _stop(worker_a)
+    last_by_a = max(json.loads(s3(s3_endpoint).cat_file(f"{bucket}/{k}"))["step"]
+                    for k in objects(s3_endpoint, bucket) if k.endswith("COMMIT.json"))
+    with _client(stack) as client:  # what Prefect records once the run's heartbeats stop
+        client.set_flow_run_state(flow_run_id, Crashed(message="worker lost"), force=True)
+
+    worker_b = start_worker("b")
+    try:
+        _cli(stack, "flow-run", "retry", flow_run_id)
+        completed = _wait_final(stack, flow_run_id)
+    finally:
+        _stop(worker_b)
+    logs = _logs(stack, flow_run_id)
+    assert completed.state.is_completed(), f"{completed.state}\n{logs[-3000:]}"
+    assert "took over run directory" in logs
+    manifest = json.loads(s3(s3_endpoint).cat_file(f"{bucket}/runs/deployed/manifest.json"))
+    attempt = manifest["training"]["attempts"][-1]
+    assert manifest["training"]["step"] == 96
+    assert attempt["batches_trained"] == 96 - last_by_a > 0  # from A's last commit, none redone
+    assert f"optimizer step {last_by_a}" in logs
