@@ -163,10 +163,14 @@ class ObjectStore:
         self._retrying(lambda: self.fs.put_file(str(local), self._key(rel)), "upload",
                        self.url_of(rel))
 
-    def download(self, rel: str, local: Path) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self._retrying(lambda: self.fs.get_file(self._key(rel), str(local)), "download",
-                       self.url_of(rel))
+    def download(self, files: dict[str, Path]) -> None:
+        """Download objects {relative key: local path}, concurrently."""
+        for local in files.values():
+            local.parent.mkdir(parents=True, exist_ok=True)
+        if files:
+            self._retrying(lambda: self.fs.get([self._key(r) for r in files],
+                                               [str(p) for p in files.values()]),
+                           "download", self.url)
 
     def delete(self, rels: list[str]) -> None:
         if rels:

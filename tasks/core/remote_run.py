@@ -98,15 +98,18 @@ def download_run(store: ObjectStore, checkpoints: list[RemoteCheckpoint], into: 
     whose files match their commit records (the others dropped, with a warning); returns these."""
     discard(into)
     into.mkdir(parents=True)
-    for rel in store.list():
-        if rel != LEASE and not rel.startswith(CHECKPOINTS):
-            store.download(rel, into / rel)
     local_store = CheckpointStore(RunDir(into).checkpoints)
+    listing = store.list()
+    files = {rel: into / rel for rel in listing
+             if rel != LEASE and not rel.startswith(CHECKPOINTS)}
+    files.update({f"{remote.prefix}/{name}": local_store.directory / remote.name / name
+                  for remote in checkpoints for name in remote.files
+                  if f"{remote.prefix}/{name}" in listing})  # a missing one fails verify below
+    store.download(files)
     kept = []
     for remote in checkpoints:
         path = local_store.directory / remote.name
-        for file_name in remote.files:
-            store.download(f"{remote.prefix}/{file_name}", path / file_name)
+        path.mkdir(parents=True, exist_ok=True)
         (path / COMMIT).write_bytes(remote.commit)
         problem = local_store.verify(Checkpoint(path, 0, 0, remote.step))
         if problem is None:
