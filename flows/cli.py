@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the SHA-256 before opening anything, then load every export in a fresh process with "
         "its own runtime, predict the test set and compare with the reference predictions and "
         "the recorded accuracy. Exits 1 if any row fails. Needs no Prefect server.")
-    verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check: a path, or an s3:// URL "
-                        "(checked in a temporary local copy)")
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to check: a "
+                        "path, or an s3:// URL (checked in a temporary local copy)")
     verify.add_argument("--json", action="store_true", help="print the rows as JSON")
     worker = sub.add_parser(
         "worker", help="join a multi-worker run as a non-chief worker (TF_CONFIG index 1, 2, ...)",

@@ -669,3 +669,11 @@ def test_a_deployment_run_in_s3_resumes_on_a_new_worker_after_its_machine_died(
     assert manifest["training"]["step"] == 96
     assert attempt["batches_trained"] == 96 - last_by_a > 0  # from A's last commit, none redone
     assert f"optimizer step {last_by_a}" in logs
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from ckptflow.orchestration.artifacts import artifact_key
+
+    with _client(stack) as client:  # keyed by the URL, not by either machine's working copy
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))}
+    assert {artifact_key(url, what) for what in ("report", "history", "progress")} <= keys

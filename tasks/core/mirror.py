@@ -14,6 +14,8 @@ from typing import Protocol
 
 
 class Mirror(Protocol):
+    url: str  # where the run lives
+
     def checkpoint_committed(self, path: Path) -> None:
         """A checkpoint directory was committed locally: commit it in the store too."""
 
@@ -41,3 +43,10 @@ def mirror_of(path: Path) -> Mirror | None:
     real = Path(os.path.realpath(path))
     with _guard:
         return next((_mirrors[str(p)] for p in (real, *real.parents) if str(p) in _mirrors), None)
+
+
+def location_of(run_dir: str | Path) -> str:
+    """Where the run in `run_dir` lives, as its user named it: its mirror's URL for a working
+    copy (Prefect's artifact keys and descriptions name that), else the path itself."""
+    mirror = mirror_of(Path(run_dir))
+    return mirror.url if mirror is not None else str(run_dir)

@@ -19,6 +19,7 @@ from ckptflow.core.manifest import (
     set_artifacts,
     update_manifest,
 )
+from ckptflow.core.mirror import location_of
 from ckptflow.core.models import describe_metrics, evaluation_batch_size
 from ckptflow.core.restore import fresh_model_factory, restore_model
 from ckptflow.core.resume_point import CheckpointRef
@@ -106,7 +107,7 @@ def evaluate_task(config: TrainConfig, data: DataRecord, checkpoint: CheckpointR
     from ckptflow.orchestration.artifacts import publish_evaluation
 
     record = evaluate(config.run_dir, data, checkpoint)
-    summary = (f"## {config.run_dir}: evaluation\n\n"
+    summary = (f"## {location_of(config.run_dir)}: evaluation\n\n"
                f"| model | checkpoint | test metrics |\n|---|---|---|\n"
                f"| untrained | model/initial.keras | {describe_metrics(record.untrained_metrics)} |\n"
                f"| trained ({record.epoch} epochs) | {record.checkpoint} | "

@@ -19,6 +19,7 @@ from ckptflow.core.manifest import (
     read_manifest,
     set_artifacts,
 )
+from ckptflow.core.mirror import location_of
 from ckptflow.core.models import describe_metrics
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import describe_validation
@@ -143,9 +144,9 @@ def report_task(config: TrainConfig) -> str:
     run = RunDir(config.run_dir)
     markdown = write_report(run)
     create_markdown_artifact(markdown=markdown, key=artifact_key(config.run_dir, "report"),
-                             description=f"ckptflow report of {config.run_dir}")
+                             description=f"ckptflow report of {location_of(config.run_dir)}")
     history = pd.read_csv(run.history).round(4).to_dict(orient="records")
     create_table_artifact(table=history, key=artifact_key(config.run_dir, "history"),
-                          description=f"Per-epoch metrics of {config.run_dir}")
+                          description=f"Per-epoch metrics of {location_of(config.run_dir)}")
     log.info("report: %s", run.report)
     return str(run.report)
