@@ -158,10 +158,13 @@ class ObjectStore:
                 raise PreconditionFailed(self.url_of(rel)) from None
             raise
 
-    def upload(self, local: Path, rel: str) -> None:
-        """Upload a local file whole (one PUT, or a multipart upload completed at once)."""
-        self._retrying(lambda: self.fs.put_file(str(local), self._key(rel)), "upload",
-                       self.url_of(rel))
+    def upload(self, files: dict[str, Path]) -> None:
+        """Upload local files {relative key: local path}, concurrently, each whole (one PUT, or
+        a multipart upload completed at once: an object appears entire or not at all)."""
+        if files:
+            self._retrying(lambda: self.fs.put([str(p) for p in files.values()],
+                                               [self._key(r) for r in files]),
+                           "upload", self.url_of(next(iter(files))))
 
     def download(self, files: dict[str, Path]) -> None:
         """Download objects {relative key: local path}, concurrently."""

@@ -36,7 +36,8 @@ log = logging.getLogger("ckptflow.store")
 
 STAGING_ENV = "CKPTFLOW_STAGING_DIR"
 CHECKPOINTS = "checkpoints/"
-RUN_MARKERS = ("manifest.json", LEASE)  # what a prefix holding a ckptflow run has
+MANIFEST = "manifest.json"
+RUN_MARKERS = (MANIFEST, LEASE)  # what a prefix holding a ckptflow run has
 
 
 def staging_root() -> Path:
@@ -219,8 +220,7 @@ class RemoteRun:
         """Commit the local checkpoint at `path` in the store; then prune the oldest there."""
         commit = (path / COMMIT).read_bytes()
         prefix = f"{CHECKPOINTS}{path.name}.{self.lease.token}.{next(self._sequence)}"
-        for file_name in json.loads(commit)["files"]:
-            self.store.upload(path / file_name, f"{prefix}/{file_name}")
+        self.store.upload({f"{prefix}/{name}": path / name for name in json.loads(commit)["files"]})
         self.lease.check()  # a run that lost its lease stops here; a race past it is fenced
         self.store.write(f"{prefix}/{COMMIT}", commit, create_only=True)
         self._last_step = int(json.loads(commit)["step"])
@@ -238,12 +238,14 @@ class RemoteRun:
             self.lease.check()
             files = {p.relative_to(self.local).as_posix(): p for p in self.local.rglob("*")
                      if p.is_file() and _is_output(p.relative_to(self.local))}
-            changed = sorted((r for r, p in files.items() if self._pushed.get(r) != _signature(p)),
-                             key=lambda r: r == "manifest.json")
-            for rel in changed:
-                signature = _signature(files[rel])
-                self.store.upload(files[rel], rel)
-                self._pushed[rel] = signature
+            changed = {r: _signature(p) for r, p in files.items()
+                       if self._pushed.get(r) != _signature(p)}
+            manifest = changed.pop(MANIFEST, None)
+            self.store.upload({rel: files[rel] for rel in changed})
+            if manifest is not None:  # last: it never names an output the store lacks
+                self.store.upload({MANIFEST: files[MANIFEST]})
+                changed[MANIFEST] = manifest
+            self._pushed.update(changed)
             gone = [rel for rel in self._pushed if rel not in files]
             self.store.delete(gone)
             for rel in gone:
