@@ -292,3 +292,33 @@ def test_a_sweep_directory_in_an_object_store_is_refused_not_made_locally(tmp_pa
         "not supported yet. Give a local path (each point's run directory is made under it) "
         "(received 's3://bucket/sweeps')"]
     assert not any(tmp_path.iterdir())  # no local folder named "s3:"
+
+
+def test_a_working_copy_keeps_what_is_current_and_fetches_what_changed(bucket, tmp_path):
+    from ckptflow.core.remote_run import RemoteRun
+
+    url = f"s3://{bucket}/runs/cached"
+    first = RemoteRun(url, keep=3, lease_seconds=5)
+    with first.open(0):
+        (first.local / "exports").mkdir()
+        (first.local / "exports" / "model.bin").write_bytes(b"weights v1")
+        (first.local / "report.md").write_text("report v1")
+        (first.local / "manifest.json").write_text("{}")
+        first.outputs_committed()
+        first.checkpoint_committed(fake_checkpoint(first.local / "checkpoints", "cp-0000-b000004", 4))
+    kept = {p: p.stat().st_mtime_ns for p in first.local.rglob("*") if p.is_file()
+            and ".synced" not in p.name}
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe(f"{bucket}/runs/cached/exports/model.bin", b"weights v2")  # changed in the store
+    (first.local / "report.md").write_text("edited here")  # changed in the working copy
+    second = RemoteRun(url, keep=3, lease_seconds=5)
+    with second.open(0):
+        assert (second.local / "exports" / "model.bin").read_bytes() == b"weights v2"
+        assert (second.local / "report.md").read_text() == "report v1"  # the store's, again
+        unchanged = [p for p, mtime in kept.items() if p.stat().st_mtime_ns == mtime]
+        assert sorted(p.relative_to(second.local).as_posix() for p in unchanged) == [
+            "checkpoints/cp-0000-b000004/COMMIT.json",
+            "checkpoints/cp-0000-b000004/train_state.index", "manifest.json"]

@@ -108,12 +108,13 @@ class ObjectStore:
                                     "instance role applies.") from None
             raise
 
-    def list(self, rel_prefix: str = "") -> dict[str, int]:
-        """Every object under `rel_prefix`, as {relative key: size}."""
+    def list(self, rel_prefix: str = "") -> dict[str, str]:
+        """Every object under `rel_prefix`, as {relative key: ETag} (the version stored)."""
         base = self._key("")
         found = self._retrying(lambda: self.fs.find(self._key(rel_prefix), detail=True,
-                                                    withdirs=False), "list", self.url_of(rel_prefix))
-        return {k[len(base) + 1:]: int(v.get("size") or 0) for k, v in found.items()
+                                                    withdirs=False, refresh=True),
+                               "list", self.url_of(rel_prefix))
+        return {k[len(base) + 1:]: str(v.get("ETag", "")) for k, v in found.items()
                 if v.get("type") != "directory"}
 
     def read(self, rel: str) -> bytes | None:

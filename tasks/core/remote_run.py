@@ -37,6 +37,7 @@ log = logging.getLogger("ckptflow.store")
 STAGING_ENV = "CKPTFLOW_STAGING_DIR"
 CHECKPOINTS = "checkpoints/"
 MANIFEST = "manifest.json"
+SYNCED = ".synced.json"  # in the working copy: which outputs it holds as the store has them
 RUN_MARKERS = (MANIFEST, LEASE)  # what a prefix holding a ckptflow run has
 
 
@@ -93,25 +94,41 @@ def chosen(checkpoints: list[RemoteCheckpoint], fences: Fences,
             if c.token == holder or (c.token in fences and c.step <= fences[c.token])]
 
 
-def download_run(store: ObjectStore, checkpoints: list[RemoteCheckpoint], into: Path
-                 ) -> list[RemoteCheckpoint]:
-    """Make `into` (emptied first) the store's run: every output, and those of `checkpoints`
-    whose files match their commit records (the others dropped, with a warning); returns these."""
-    discard(into)
-    into.mkdir(parents=True)
+def download_run(store: ObjectStore, checkpoints: list[RemoteCheckpoint], into: Path,
+                 current: dict[str, str] | None = None) -> tuple[list[RemoteCheckpoint], dict]:
+    """Make `into` the store's run: every output, and those of `checkpoints` whose files match
+    their commit records (the others dropped, with a warning). What `into` already holds is kept
+    where it is the same: an output listed in `current` ({key: ETag}) with the ETag the store
+    has, a checkpoint with the same commit record; everything else there is removed first.
+    Returns the checkpoints kept and the outputs' ETags."""
+    into.mkdir(parents=True, exist_ok=True)
     local_store = CheckpointStore(RunDir(into).checkpoints)
     listing = store.list()
-    files = {rel: into / rel for rel in listing
-             if rel != LEASE and not rel.startswith(CHECKPOINTS)}
+    outputs = {rel: etag for rel, etag in listing.items() if rel != LEASE and _is_output(Path(rel))}
+    same = {rel for rel, etag in outputs.items() if (current or {}).get(rel) == etag}
+    held = {c.name for c in checkpoints if _read_bytes(local_store.directory / c.name / COMMIT)
+            == c.commit}
+    for path in sorted(into.rglob("*"), reverse=True):  # what is not the store's goes
+        rel = path.relative_to(into)
+        if rel.as_posix() in same or (len(rel.parts) > 1 and rel.parts[0] == "checkpoints"
+                                      and rel.parts[1] in held):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if not any(path.iterdir()):
+                path.rmdir()
+        else:
+            path.unlink()
+    files = {rel: into / rel for rel in outputs if rel not in same}
     files.update({f"{remote.prefix}/{name}": local_store.directory / remote.name / name
-                  for remote in checkpoints for name in remote.files
+                  for remote in checkpoints if remote.name not in held for name in remote.files
                   if f"{remote.prefix}/{name}" in listing})  # a missing one fails verify below
     store.download(files)
     kept = []
     for remote in checkpoints:
         path = local_store.directory / remote.name
-        path.mkdir(parents=True, exist_ok=True)
-        (path / COMMIT).write_bytes(remote.commit)
+        if remote.name not in held:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / COMMIT).write_bytes(remote.commit)
         problem = local_store.verify(Checkpoint(path, 0, 0, remote.step))
         if problem is None:
             kept.append(remote)
@@ -120,7 +137,9 @@ def download_run(store: ObjectStore, checkpoints: list[RemoteCheckpoint], into: 
             discard(path)
     if kept:
         write_tf_index(local_store.directory, [f"{c.name}/{TF_PREFIX}" for c in kept])
-    return kept
+    log.info("pulled %s: %d objects downloaded, %d outputs and %d checkpoints already here",
+             store, len(files), len(same), len(held))
+    return kept, outputs
 
 
 def copy_run(url: str, into: Path) -> None:
@@ -187,6 +206,7 @@ class RemoteRun:
             finally:
                 register(self.local, None)
             self.outputs_committed()
+            self._record_synced()
         finally:
             self.lease.release(self._last_step)
 
@@ -210,11 +230,29 @@ class RemoteRun:
                                if any(k.startswith(p + "/") for p in doomed)])
 
     def pull(self) -> None:
-        """Make the working copy the store's run."""
-        self._committed = download_run(self.store, self._committed, self.local)
+        """Make the working copy the store's run, downloading only what it does not hold: the
+        outputs recorded as the store's when the last run here ended (their ETags), unchanged
+        since, are kept. The record goes first, so a run that dies leaves none."""
+        record = self.local / SYNCED
+        try:
+            synced = json.loads(record.read_text())
+        except (OSError, ValueError):
+            synced = {}
+        record.unlink(missing_ok=True)
+        current = {rel: etag for rel, (etag, size, mtime_ns) in synced.items()
+                   if _signature_or_none(self.local / rel) == (size, mtime_ns)}
+        self._committed, _ = download_run(self.store, self._committed, self.local, current)
         self._pushed = {p.relative_to(self.local).as_posix(): _signature(p)
                         for p in self.local.rglob("*") if p.is_file()
                         and _is_output(p.relative_to(self.local))}
+
+    def _record_synced(self) -> None:
+        """As the run ends well: record the store's ETag of every output the working copy
+        holds unchanged since it was copied, for the next run here to keep."""
+        listing = self.store.list()
+        synced = {rel: [listing[rel], *signature] for rel, signature in self._pushed.items()
+                  if rel in listing and _signature_or_none(self.local / rel) == signature}
+        (self.local / SYNCED).write_text(json.dumps(synced))
 
     def checkpoint_committed(self, path: Path) -> None:
         """Commit the local checkpoint at `path` in the store; then prune the oldest there."""
@@ -257,6 +295,20 @@ def _is_output(rel: Path) -> bool:
     files (the lock, temporary writes) not at all."""
     return rel.parts[0] != CHECKPOINTS.rstrip("/") and not any(
         p.startswith(".") for p in rel.parts)
+
+
+def _signature_or_none(path: Path) -> tuple[int, int] | None:
+    try:
+        return _signature(path)
+    except OSError:
+        return None
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _signature(path: Path) -> tuple[int, int]:
