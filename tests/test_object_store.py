@@ -267,6 +267,13 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
     manifest = json.loads(fs.cat_file(f"{bucket}/runs/moved/manifest.json"))
     assert manifest["training"]["step"] == reference["training"]["step"] == 96
     assert manifest["training"]["attempts"][-1]["resumed_from"] == f"checkpoints/{resumed.group(1)}"
+    # Again on machine B: its working copy is current, nothing is downloaded, nothing trained.
+    again = cli(["run", "--run-dir", url, *RUN_ARGS],
+                {**env_b, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}, cwd_b)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "training: already complete at 3 epochs" in again.stdout
+    assert re.search(r"pulled s3://\S+: 0 objects downloaded, \d+ outputs and 5 checkpoints "
+                     "already here", again.stdout + again.stderr), again.stdout[-3000:]
 
     assert hashlib.sha256(fs.cat_file(f"{bucket}/runs/moved/exports/reference_predictions.npy")
                           ).hexdigest() == expected  # bit-identical to the uninterrupted run
