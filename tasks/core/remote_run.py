@@ -145,18 +145,17 @@ def download_run(store: ObjectStore, checkpoints: list[RemoteCheckpoint], into: 
 def copy_run(url: str, into: Path) -> None:
     """Copy the run at `url` into `into` as any reader sees it (no lease taken): for
     `ckptflow verify URL`, from any machine."""
-    check_store(url)
     store = ObjectStore(url)
+    check_store(store)
     lease = read_lease(store)
     committed, _ = list_checkpoints(store)
     holder = lease.get("token") if lease.get("holder") else None
     download_run(store, chosen(committed, lease.get("fences") or {}, holder), into)
 
 
-def check_store(url: str) -> None:
-    """Before anything starts: the scheme, package, bucket, credentials and endpoint of `url`
-    work, and it is empty or a ckptflow run (else one BadInputError; nothing written)."""
-    store = ObjectStore(url)
+def check_store(store: ObjectStore) -> None:
+    """Before anything starts: the bucket, credentials and endpoint of `store` work, and it is
+    empty or a ckptflow run (else one BadInputError; nothing written)."""
     store.check_access()
     check_is_run(store)
 
@@ -193,8 +192,7 @@ class RemoteRun:
     def open(self, wait_seconds: float, note: dict | None = None) -> Iterator[dict | None]:
         """Hold the run: lease taken, working copy pulled, commits mirrored. Yields the record
         of an earlier holder whose lease expired (it died holding it), or None."""
-        self.store.check_access()
-        check_is_run(self.store)
+        check_store(self.store)
         self.lease = StoreLease(self.store, self.lease_seconds, note)
         abandoned = self.lease.acquire(wait_seconds, self._fence)
         try:

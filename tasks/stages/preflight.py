@@ -13,7 +13,7 @@ from ckptflow.core.errors import BadInputError
 from ckptflow.core.formats import select_formats
 from ckptflow.core.identity import check_same_data, check_same_model
 from ckptflow.core.manifest import read_manifest
-from ckptflow.core.object_store import is_url
+from ckptflow.core.object_store import ObjectStore, is_url
 from ckptflow.core.remote_run import check_store
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import data_digest
@@ -32,7 +32,7 @@ def check_request(config: TrainConfig) -> None:
     if not config.uses_tutorial_data():
         check_ref(config.data, "--data")
     if is_url(config.run_dir):
-        check_store(config.run_dir)
+        check_store(ObjectStore(config.run_dir))  # scheme and package checked as it opens
         return
     run = RunDir(config.run_dir)
     check_run_dir(run)
