@@ -36,6 +36,16 @@ def stored(bucket: str) -> dict[str, str]:
     return objects(os.environ["AWS_ENDPOINT_URL"], bucket)
 
 
+def checkpoint_prefixes(bucket: str, committed: bool) -> set[str]:
+    """The bucket's checkpoint prefixes with (or without) their commit record."""
+    files: dict[str, set[str]] = {}
+    for key in stored(bucket):
+        prefix, _, name = key.rpartition("/")
+        if "/checkpoints/" in key and "." in prefix.rpartition("/")[2]:
+            files.setdefault(prefix, set()).add(name)
+    return {p for p, names in files.items() if ("COMMIT.json" in names) == committed}
+
+
 def fake_checkpoint(directory: Path, name: str, step: int) -> Path:
     """A checkpoint directory as the local store commits one (files and their commit record)."""
     path = directory / name
@@ -113,11 +123,15 @@ def test_a_zombie_cannot_commit_over_its_successor_and_its_leftovers_are_never_c
 
 
 class TcpProxy:
-    """127.0.0.1:port forwarding to `target`: `stop()` refuses and cuts every connection, as a
-    store that went down; `start()` listens again on the same port."""
+    """127.0.0.1:port forwarding to `target`, each connection at most `bytes_per_second` when it
+    is set (a slow link): `stop()` refuses and cuts every connection, as a store that went down;
+    `start()` listens again on the same port."""
+
+    CHUNK = 4096
 
     def __init__(self, target: int):
         self.target, self.port = target, free_port()
+        self.bytes_per_second: float | None = None
         self.start()
 
     def start(self) -> None:
@@ -141,11 +155,12 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
-            while data := source.recv(65536):
+            while data := source.recv(self.CHUNK):
                 sink.sendall(data)
+                if self.bytes_per_second:
+                    time.sleep(len(data) / self.bytes_per_second)
         except OSError:
             pass
         finally:
@@ -223,19 +238,30 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
                                "reference_predictions.npy").read_bytes()).hexdigest()
 
     url = f"s3://{bucket}/runs/moved"
-    cwd_a, env_a = machine(tmp_path, "a", os.environ["AWS_ENDPOINT_URL"])
+    link_a = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    cwd_a, env_a = machine(tmp_path, "a", f"http://127.0.0.1:{link_a.port}")
     env_a["PREFECT_API_URL"] = prefect_api_url
     with (tmp_path / "a.log").open("w") as log:
         run_a = subprocess.Popen([CKPTFLOW, "run", "--run-dir", url, *RUN_ARGS], env=env_a,
                                  cwd=cwd_a, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not any(k.endswith("COMMIT.json") for k in stored(bucket)):  # one committed there
-        assert run_a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    run_a.send_signal(signal.SIGKILL)  # machine A is gone, its disk with it
+
+    def wait_for(condition):
+        while not (found := condition()):
+            assert run_a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return found
+
+    wait_for(lambda: checkpoint_prefixes(bucket, committed=True))  # one committed there
+    link_a.bytes_per_second = 20_000  # a slow link: the next upload takes seconds
+    uploading = wait_for(lambda: checkpoint_prefixes(bucket, committed=False))
+    link_a.stop()  # machine A is gone mid-upload: its link cut, it killed, its disk deleted
+    run_a.send_signal(signal.SIGKILL)
     run_a.wait(timeout=60)
+    time.sleep(0.5)  # any request the server had whole is answered
     committed_by_a = sorted(k for k in stored(bucket) if k.endswith("COMMIT.json"))
+    assert uploading <= checkpoint_prefixes(bucket, committed=False)  # left as it was
     for path in (tmp_path / "a").iterdir():
         subprocess.run(["rm", "-rf", os.path.realpath(path), str(path)], check=True)
 
@@ -275,6 +301,7 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
     assert re.search(r"pulled s3://\S+: 0 objects downloaded, \d+ outputs and 5 checkpoints "
                      "already here", again.stdout + again.stderr), again.stdout[-3000:]
 
+    assert not checkpoint_prefixes(bucket, committed=False)  # B cleared what A left half-way
     assert hashlib.sha256(fs.cat_file(f"{bucket}/runs/moved/exports/reference_predictions.npy")
                           ).hexdigest() == expected  # bit-identical to the uninterrupted run
 
