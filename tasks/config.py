@@ -286,8 +286,9 @@ class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     sweep_dir: Annotated[str, Field(
-        min_length=1, description="Directory holding one run directory per grid point. The "
-        "same directory again skips finished points and resumes the others.")] = "sweeps/default"
+        min_length=1, description="Directory holding one run directory per grid point, or an "
+        "object-store URL (s3://BUCKET/PREFIX) holding one run per point. The same directory "
+        "again skips finished points and resumes the others.")] = "sweeps/default"
     units: Annotated[list[int], Field(min_length=1, description="Hidden units to try.")] = [64, 128]
     dropout: Annotated[list[float], Field(min_length=1, description="Dropout rates to try.")] = [0.0, 0.2]
     learning_rate: Annotated[list[float], Field(
@@ -304,14 +305,6 @@ class SweepConfig(BaseModel):
         "a local Dask cluster of `workers` processes.")] = None
     workers: Annotated[int, Field(gt=0, le=256, description="Processes of the local Dask cluster "
                                   "(ignored with dask_address).")] = 2
-
-    @field_validator("sweep_dir")
-    @classmethod
-    def _local_sweep_dir(cls, value: str) -> str:
-        if is_url(value):
-            raise ValueError("a sweep directory in an object store is not supported yet. Give a "
-                             "local path (each point's run directory is made under it)")
-        return value
 
     @field_validator(*TUTORIAL_PARAMS)
     @classmethod
@@ -367,11 +360,18 @@ def grid_point_name(params: dict[str, Any]) -> str:
     return "-".join(f"{name}{text(value)}" for name, value in params.items())
 
 
+def point_dir(sweep: SweepConfig, name: str) -> str:
+    """A point's run directory: `name` under the sweep directory, a local path or a URL."""
+    if is_url(sweep.sweep_dir):
+        return f"{sweep.sweep_dir.rstrip('/')}/{name}"
+    return str(Path(sweep.sweep_dir) / name)
+
+
 def grid_points(sweep: SweepConfig) -> list[TrainConfig]:
     """One validated TrainConfig per grid point (pydantic's error names a bad value)."""
     if sweep.grid is None:
         return [TrainConfig(**sweep.settings, units=u, dropout=d, learning_rate=lr,
-                            run_dir=str(Path(sweep.sweep_dir) / f"units{u}-dropout{d:g}-lr{lr:g}"))
+                            run_dir=point_dir(sweep, f"units{u}-dropout{d:g}-lr{lr:g}"))
                 for u, d, lr in itertools.product(sweep.units, sweep.dropout,
                                                   sweep.learning_rate)]
     shared = {k: v for k, v in sweep.settings.items() if k != "model_params"}
@@ -380,5 +380,5 @@ def grid_points(sweep: SweepConfig) -> list[TrainConfig]:
     for values in itertools.product(*sweep.grid.values()):
         params = dict(zip(sweep.grid, values, strict=True))
         points.append(TrainConfig(**shared, model_params=base | params,
-                                  run_dir=str(Path(sweep.sweep_dir) / grid_point_name(params))))
+                                  run_dir=point_dir(sweep, grid_point_name(params))))
     return points

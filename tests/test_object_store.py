@@ -317,15 +317,37 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
     assert "exports/model.keras" in flipped.stderr.strip().splitlines()[-1]
 
 
-def test_a_sweep_directory_in_an_object_store_is_refused_not_made_locally(tmp_path):
-    result = subprocess.run([CKPTFLOW, "sweep", "--sweep-dir", "s3://bucket/sweeps"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "ckptflow: error: invalid parameters: sweep_dir: a sweep directory in an object store is "
-        "not supported yet. Give a local path (each point's run directory is made under it) "
-        "(received 's3://bucket/sweeps')"]
-    assert not any(tmp_path.iterdir())  # no local folder named "s3:"
+def test_a_sweep_in_an_object_store_trains_each_point_there_and_another_machine_skips_them(
+        bucket, tmp_path, prefect_api_url):
+    url = f"s3://{bucket}/sweeps/s"
+    args = ["sweep", "--sweep-dir", url, "--workers", "1", "--units", "16,24", "--dropout", "0",
+            "--data", "bundled", "--train-samples", "256", "--test-samples", "64", "--epochs", "1",
+            "--save-every-batches", "3", "--seed", "7"]
+    cwd_a, env_a = machine(tmp_path, "a", os.environ["AWS_ENDPOINT_URL"])
+    first = cli(args, {**env_a, "PREFECT_API_URL": prefect_api_url}, cwd_a, timeout=300)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert first.stdout.splitlines()[0] == (
+        "2 points: units16-dropout0-lr0.001 trained, units24-dropout0-lr0.001 trained")
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for point in ("units16-dropout0-lr0.001", "units24-dropout0-lr0.001"):
+        manifest = json.loads(fs.cat_file(f"{bucket}/sweeps/s/{point}/manifest.json"))
+        assert manifest["evaluation"]["epoch"] == 1 and manifest["training"]["step"] == 8
+        assert any(f"/{point}/checkpoints/" in k
+                   for k in checkpoint_prefixes(bucket, committed=True))
+    summary = fs.cat_file(f"{bucket}/sweeps/s/summary.md").decode()
+    assert summary.startswith(f"# Sweep {url}\n") and summary.count("| trained |") == 2
+    assert not list(cwd_a.iterdir())  # nothing made locally under a folder named `s3:`
+
+    # Another machine: each point is finished in the store, so nothing is pulled or trained.
+    cwd_b, env_b = machine(tmp_path, "b", os.environ["AWS_ENDPOINT_URL"])
+    again = cli(args, {**env_b, "PREFECT_API_URL": prefect_api_url}, cwd_b, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stdout.splitlines()[0] == (
+        "2 points: units16-dropout0-lr0.001 skipped, units24-dropout0-lr0.001 skipped")
+    assert not list((tmp_path / "b" / "staging").iterdir())
+    assert fs.cat_file(f"{bucket}/sweeps/s/summary.md").decode().count("| skipped |") == 2
 
 
 def test_a_working_copy_keeps_what_is_current_and_fetches_what_changed(bucket, tmp_path):

@@ -45,6 +45,12 @@ def staging_root() -> Path:
     return Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "ckptflow" / "staging")
 
 
+def stored_manifest(url: str) -> dict:
+    """The manifest of the run at `url` as the store holds it ({} before the run's first)."""
+    data = ObjectStore(url).read(MANIFEST)
+    return json.loads(data) if data else {}
+
+
 def working_copy_path(url: str) -> Path:
     """The local working copy of the run at `url` (one per URL and machine)."""
     return staging_root() / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]

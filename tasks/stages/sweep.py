@@ -17,17 +17,25 @@ from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.manifest import read_manifest, update_manifest
 from ckptflow.core.models import TUTORIAL_PARAMS
+from ckptflow.core.object_store import ObjectStore, is_url
+from ckptflow.core.remote_run import stored_manifest
 from ckptflow.orchestration.logs import route_logs_to_prefect
 from ckptflow.orchestration.retries import retry_options
+from ckptflow.stages.open_run import opened_run
 
 log = logging.getLogger("ckptflow.sweep")
 
 SUMMARY = "summary.md"
 
 
+def point_manifest(run_dir: str) -> dict[str, Any]:
+    """A point's manifest, from its directory or its object store ({} before its first run)."""
+    return stored_manifest(run_dir) if is_url(run_dir) else read_manifest(Path(run_dir))
+
+
 def is_finished(config: TrainConfig) -> bool:
     """True when the point's run directory is evaluated at `epochs` with these very settings."""
-    manifest = read_manifest(Path(config.run_dir))
+    manifest = point_manifest(config.run_dir)
     done = manifest.get("parameters", {})
     same = all(done.get(k) == v for k, v in config.model_dump().items()
                if k in (*RUN_FIELDS, "epochs"))
@@ -44,17 +52,17 @@ def run_point(config: TrainConfig) -> dict[str, Any]:
     from ckptflow.stages.prepare import prepare_run
     from ckptflow.training.stage import train_with_checkpoints
 
-    with run_dir_lock(config.run_dir, config.wait_for_lock):
-        data = prepare_run(config)
-        trained = train_with_checkpoints(config.run_dir, config, data)
-        evaluate(config.run_dir, data, trained.checkpoint_ref())
-        update_manifest(config.run_dir, completes_with="evaluation")  # verify expects no exports
+    with opened_run(config) as (local, _), run_dir_lock(local.run_dir, local.wait_for_lock):
+        data = prepare_run(local)
+        trained = train_with_checkpoints(local.run_dir, local, data)
+        evaluate(local.run_dir, data, trained.checkpoint_ref())
+        update_manifest(local.run_dir, completes_with="evaluation")  # verify expects no exports
     return point_row(config, "resumed" if trained.resumed_from else "trained")
 
 
 def point_row(config: TrainConfig, status: str) -> dict[str, Any]:
     """The summary row of a point, read from its manifest."""
-    manifest = read_manifest(Path(config.run_dir))
+    manifest = point_manifest(config.run_dir)
     training, evaluation = manifest.get("training") or {}, manifest.get("evaluation") or {}
     return {
         "point": Path(config.run_dir).name, **config.model_kwargs(), "status": status,
@@ -117,7 +125,10 @@ def sweep_summary_task(sweep: SweepConfig, rows: list[dict[str, Any]]) -> str:
     from ckptflow.orchestration.artifacts import artifact_key
 
     markdown = summary_markdown(sweep, rank(rows))
-    atomic_write_bytes(Path(sweep.sweep_dir) / SUMMARY, markdown.encode())
+    if is_url(sweep.sweep_dir):
+        ObjectStore(sweep.sweep_dir).write(SUMMARY, markdown.encode())
+    else:
+        atomic_write_bytes(Path(sweep.sweep_dir) / SUMMARY, markdown.encode())
     create_markdown_artifact(markdown=markdown, key=artifact_key(sweep.sweep_dir, "sweep"),
                              description=f"ckptflow sweep {sweep.sweep_dir}, ranked")
     return markdown
