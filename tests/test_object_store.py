@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AWS, CKPTFLOW, free_port, machine, new_bucket, objects, small_config
+from conftest import AWS, CKPTFLOW, free_port, machine, moto_server, new_bucket, objects, small_config
 
 pytestmark = pytest.mark.xdist_group("s3")
 
@@ -207,6 +207,43 @@ def test_bad_store_input_is_one_line_exit_2_and_writes_nothing(bucket, tmp_path,
     assert not any(cwd.iterdir()) and not any((cwd.parent / "staging").iterdir())
 
 
+def test_credentials_that_may_not_write_are_refused_in_one_line_and_write_nothing(
+        tmp_path, prefect_api_url):
+    import boto3
+
+    # A store that checks credentials and policies once its first four requests (below) are done.
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="4") as endpoint:
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1",
+                 "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+        boto3.client("s3", **admin).create_bucket(Bucket="ckpt-read-only")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": ["s3:List*", "s3:Get*", "s3:Head*"],  # moto's HEAD
+                "Resource": "*"}]}))
+        url = "s3://ckpt-read-only/run"
+        for name, key_id, secret, words in [
+                ("unknown", "AKIAUNKNOWN", "secret", f"access denied: could not reach {url} ("),
+                ("reader", key["AccessKeyId"], key["SecretAccessKey"],
+                 f"access denied: could not write {url}/lease.json (Access Denied)")]:
+            cwd, env = machine(tmp_path, name, endpoint)
+            env.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret,
+                       PREFECT_API_URL=prefect_api_url)
+            result = cli(["run", "--run-dir", url, "--data", "bundled"], env, cwd)
+            assert result.returncode == 2, (result.stdout + result.stderr)[-2000:]
+            assert [line for line in result.stderr.splitlines() if "ckptflow:" in line] == [
+                result.stderr.strip().splitlines()[-1]]
+            assert result.stderr.strip().splitlines()[-1].startswith(f"ckptflow: error: {words}")
+            assert "Traceback" not in result.stdout + result.stderr
+            assert "Run the same command again" not in result.stderr
+            reader = boto3.client("s3", **{**admin, "aws_access_key_id": key["AccessKeyId"],
+                                           "aws_secret_access_key": key["SecretAccessKey"]})
+            assert reader.list_objects_v2(Bucket="ckpt-read-only")["KeyCount"] == 0
+            assert not any(cwd.iterdir())
+
+
 def test_without_s3fs_the_extra_is_named(tmp_path):
     code = ("import sys; sys.modules['s3fs'] = None\n"
             "from ckptflow.flows.cli import main\n"
@@ -219,7 +256,7 @@ def test_without_s3fs_the_extra_is_named(tmp_path):
                                      "'ckptflow[s3]'.")
 
 
-# 96 batches, a checkpoint every 4: A is killed at its first commit in the store, long before
+# 96 batches, a checkpoint every 4: A is killed in its second upload to the store, long before
 # the end even on a loaded machine.
 RUN_ARGS = ["--data", "bundled", "--train-samples", "1024", "--test-samples", "128",
             "--batch-size", "32", "--save-every-batches", "4", "--checkpoint-budget", "0",

@@ -24,12 +24,16 @@ T = TypeVar("T")
 SUPPORTED = {"s3": ("s3fs", "s3")}  # scheme -> (package, ckptflow's extra)
 PLANNED = ("gs", "gcs", "az", "abfs", "abfss")
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # backoff of a transient error, ~15 s in all
-_ANSWERED = (FileNotFoundError, FileExistsError, PermissionError)  # the store's own answers
+_ANSWERED = (FileNotFoundError, FileExistsError)  # the store's own answers
 
 
 class StoreFailed(WriteFailed):
     """The object store kept failing (unreachable, 5xx, throttled) after retries; what is
     committed there stands, and a rerun resumes from it."""
+
+
+class AccessDenied(BadInputError):
+    """The credentials may not do what the run needs there: no retry or rerun helps."""
 
 
 class PreconditionFailed(Exception):
@@ -93,10 +97,6 @@ class ObjectStore:
             if "bucket" in str(exc).lower():
                 raise BadInputError(f"no such bucket {self.bucket!r} in {self.url}. Create it, or "
                                     "fix the URL.") from None
-        except PermissionError as exc:
-            raise BadInputError(f"access to {self.url} was denied ({first_line(exc)}). Check "
-                                "the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                                "AWS_PROFILE, ~/.aws) and the bucket's policy.") from None
         except StoreFailed as exc:
             raise BadInputError(f"could not reach {self.url} ({exc.attempts} attempts in "
                                 f"{sum(RETRY_DELAYS_S[:3]):.1f} s): {first_line(exc.__cause__)}. "
@@ -187,6 +187,12 @@ class ObjectStore:
         for attempt in range(len(delays) + 1):
             try:
                 return call()
+            except PermissionError as exc:
+                raise AccessDenied(
+                    f"access denied: could not {what} {url} ({first_line(exc)}). A run needs "
+                    "credentials that may list, read, write and delete under its URL: check "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws, and the "
+                    "bucket's policy.") from None
             except _ANSWERED:
                 raise
             except Exception as exc:
