@@ -330,6 +330,7 @@ def test_a_run_killed_on_one_machine_resumes_on_another_bit_identical(
     manifest = json.loads(fs.cat_file(f"{bucket}/runs/moved/manifest.json"))
     assert manifest["training"]["step"] == reference["training"]["step"] == 96
     assert manifest["training"]["attempts"][-1]["resumed_from"] == f"checkpoints/{resumed.group(1)}"
+    assert manifest["parameters"]["run_dir"] == url  # where the run lives, not B's working copy
     # Again on machine B: its working copy is current, nothing is downloaded, nothing trained.
     again = cli(["run", "--run-dir", url, *RUN_ARGS],
                 {**env_b, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}, cwd_b)

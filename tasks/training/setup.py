@@ -17,6 +17,7 @@ from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.datasets import training_pipeline
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
+from ckptflow.core.mirror import location_of
 from ckptflow.core.models import ModelSource, seed_everything
 from ckptflow.core.resume_point import CheckpointRef, find_resume_point
 from ckptflow.core.run_dir import RunDir
@@ -190,7 +191,7 @@ def finish_training(run: RunDir, config: TrainConfig, store: CheckpointStore, st
         "start_batch": record.start_batch, "end_epoch": record.epoch,
         "batches_trained": record.batches_trained, **attempt,
     })
-    update_manifest(run, parameters=config.model_dump(),
+    update_manifest(run, parameters={**config.model_dump(), "run_dir": location_of(config.run_dir)},
                     training={**record.model_dump(), "attempts": attempts})
     set_artifacts(run, "checkpoint", [  # only checkpoints that match their commit records
         artifact_entry(run, c.path, "checkpoint", "ckptflow-checkpoint", epoch=c.epoch,
