@@ -33,9 +33,11 @@ def point_manifest(run_dir: str) -> dict[str, Any]:
     return stored_manifest(run_dir) if is_url(run_dir) else read_manifest(Path(run_dir))
 
 
-def is_finished(config: TrainConfig) -> bool:
-    """True when the point's run directory is evaluated at `epochs` with these very settings."""
-    manifest = point_manifest(config.run_dir)
+def is_finished(config: TrainConfig, manifest: dict[str, Any] | None = None) -> bool:
+    """True when the point's run directory is evaluated at `epochs` with these very settings
+    (`manifest`: its manifest, if already read)."""
+    if manifest is None:
+        manifest = point_manifest(config.run_dir)
     done = manifest.get("parameters", {})
     same = all(done.get(k) == v for k, v in config.model_dump().items()
                if k in (*RUN_FIELDS, "epochs"))
@@ -45,9 +47,10 @@ def is_finished(config: TrainConfig) -> bool:
 
 def run_point(config: TrainConfig) -> dict[str, Any]:
     """Train and evaluate one grid point, or skip it if finished; return its summary row."""
-    if is_finished(config):
+    manifest = point_manifest(config.run_dir)
+    if is_finished(config, manifest):
         log.info("%s: finished earlier, skipped", config.run_dir)
-        return point_row(config, "skipped")
+        return point_row(config, "skipped", manifest)
     from ckptflow.stages.evaluate import evaluate
     from ckptflow.stages.prepare import prepare_run
     from ckptflow.training.stage import train_with_checkpoints
@@ -56,13 +59,13 @@ def run_point(config: TrainConfig) -> dict[str, Any]:
         data = prepare_run(local)
         trained = train_with_checkpoints(local.run_dir, local, data)
         evaluate(local.run_dir, data, trained.checkpoint_ref())
-        update_manifest(local.run_dir, completes_with="evaluation")  # verify expects no exports
-    return point_row(config, "resumed" if trained.resumed_from else "trained")
+        # verify expects no exports; the manifest returned is the one the store now holds too
+        manifest = update_manifest(local.run_dir, completes_with="evaluation")
+    return point_row(config, "resumed" if trained.resumed_from else "trained", manifest)
 
 
-def point_row(config: TrainConfig, status: str) -> dict[str, Any]:
-    """The summary row of a point, read from its manifest."""
-    manifest = point_manifest(config.run_dir)
+def point_row(config: TrainConfig, status: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The summary row of a point, from its manifest."""
     training, evaluation = manifest.get("training") or {}, manifest.get("evaluation") or {}
     return {
         "point": Path(config.run_dir).name, **config.model_kwargs(), "status": status,
@@ -73,7 +76,7 @@ def point_row(config: TrainConfig, status: str) -> dict[str, Any]:
 
 
 def failed_row(config: TrainConfig, error: str) -> dict[str, Any]:
-    return {**point_row(config, "failed"), "error": error}
+    return {**point_row(config, "failed", point_manifest(config.run_dir)), "error": error}
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
