@@ -60,7 +60,16 @@ EXAMPLES = REPO / "examples" / "digits_cnn"
 DIGITS_CONFIG = dict(model=f"{EXAMPLES / 'model.py'}:build", data=f"{EXAMPLES / 'data.py'}:load",
                      batch_size=64, save_every_batches=2, checkpoint_budget=0.0, epochs=2,
                      seed=11, keep_checkpoints=3)
-CONFIGS = {"tutorial": DRILL_CONFIG, "digits": DIGITS_CONFIG}
+# The regression example with a validation set of its own and its callbacks: ReduceLROnPlateau
+# halves the rate after epoch 7 and EarlyStopping ends the run after epoch 9 of 30 (5 batches an
+# epoch), so a resume is exact only if their counters come back from the checkpoint.
+REGRESSION = REPO / "examples" / "diabetes_regression"
+DIABETES_CONFIG = dict(
+    model=f"{REGRESSION / 'model.py'}:build", model_params={"learning_rate": 0.1},
+    data=f"{REGRESSION / 'data.py'}:load", data_params={"validation_share": 0.2},
+    callbacks=f"{REGRESSION / 'callbacks.py'}:plateau_and_early_stop", batch_size=64,
+    save_every_batches=2, checkpoint_budget=0.0, epochs=30, seed=11, keep_checkpoints=3)
+CONFIGS = {"tutorial": DRILL_CONFIG, "digits": DIGITS_CONFIG, "diabetes": DIABETES_CONFIG}
 _drilled = dict(DRILL_CONFIG)  # what the forked children train (set by run_drill)
 
 
@@ -85,6 +94,9 @@ class DrillReport:
     signal: str = "SIGKILL"
     seconds: float = 0.0
     lost_per_kill: list[int] = field(default_factory=list)
+    rate_changed_at_step: int | None = None  # where a callback first changed the learning rate
+    kills_after_rate_change: int = 0  # every other kill is aimed there, when there is one
+    stopped_early: dict | None = None  # the reference's; each round's must match (in the digest)
 
 
 def _config(run_dir: Path, **overrides):
@@ -145,6 +157,10 @@ def _child_digest(fd: int, run_dir: Path) -> None:
     digest = hashlib.sha256()
     for v in model.variables:
         digest.update(v.numpy().tobytes())
+    state = latest.read_state()
+    if state.get("callbacks") is not None:  # their counters and the stop, as the run ended
+        digest.update(json.dumps([state["callbacks"], state.get("stopped_early")],
+                                 sort_keys=True).encode())
     _say(fd, f"digest {latest.step} {digest.hexdigest()}")
 
 
@@ -218,6 +234,21 @@ def _digest(run_dir: Path) -> str:
     return line.split()[2]
 
 
+def _callbacks_outcome(run_dir: Path, total_steps: int) -> tuple[int | None, dict | None]:
+    """Where a callback first changed the learning rate (the step), and the stop it made."""
+    import pandas as pd
+
+    run = RunDir(run_dir)
+    history = pd.read_csv(run.history)
+    manifest = json.loads((run.root / "manifest.json").read_text())
+    stopped = manifest["training"].get("stopped_early")
+    if "learning_rate" not in history:
+        return None, stopped
+    rates = history["learning_rate"].tolist()
+    changed = next((i for i, rate in enumerate(rates) if rate != rates[0]), None)
+    return (None if changed is None else changed * total_steps // len(rates)), stopped
+
+
 def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Random,
                 report: DrillReport, step_seconds: float, total_steps: int,
                 number: int = signal.SIGKILL) -> None:
@@ -258,6 +289,11 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
                     time.sleep(rng.uniform(0, 0.004))
                     break
                 child.poll(0.0005)
+        elif report.rate_changed_at_step is not None and done_kills % 2 == 1:
+            # at a random step after a callback changed the rate
+            target = rng.randint(max(step_now, report.rate_changed_at_step) + 1, total_steps)
+            while child.exit is None and int((child.last("step") or "step 0").split()[1]) < target:
+                child.poll(0.01)
         else:  # kill at a random moment of the training still to do (SIGTERM: once it trains)
             while child.last("step") is None and child.exit is None:
                 child.poll(0.05)
@@ -278,6 +314,9 @@ def _kill_round(run_dir: Path, kills: int, in_write_share: float, rng: random.Ra
             bool(set(checkpoints.glob(".tmp-cp-*")) - leftovers))
         last = child.last("step")
         last_step_before_kill = int(last.split()[1]) if last else step_now
+        report.kills_after_rate_change += int(report.rate_changed_at_step is not None
+                                              and last_step_before_kill
+                                              > report.rate_changed_at_step)
         report.corrupt_committed_seen += len(_committed_corrupt(checkpoints))
 
 
@@ -313,6 +352,7 @@ def run_drill(work_dir: Path, kills: int, in_write_share: float = 0.3, seed: int
     total_steps = int(steps[-1][1])
     step_seconds = (float(steps[-1][2]) - float(steps[0][2])) / max(len(steps) - 1, 1)
     report.reference_sha256 = _digest(reference)
+    report.rate_changed_at_step, report.stopped_early = _callbacks_outcome(reference, total_steps)
 
     remaining = kills
     while remaining > 0:

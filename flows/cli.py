@@ -355,6 +355,8 @@ def format_summary(summary: dict) -> str:
                   f"{t['start_batch']}), trained {t['batches_trained']} batches to epoch {t['epoch']}")
     else:
         status = f"trained from scratch to epoch {t['epoch']} ({t['batches_trained']} batches)"
+    if t.get("stopped_early"):
+        status += f"; stopped early by {t['stopped_early']['by']} after epoch {t['epoch']}"
     lines = [
         f"run directory: {summary['run_dir']}",
         f"data: {summary['data']['source']} ({summary['data']['reason']}); "

@@ -24,7 +24,8 @@ Strategy = Literal["default", "mirrored", "multi-worker"]
 # rather than silently mixed into the run. A user's model adds its REF and params.
 IDENTITY_FIELDS = (*TUTORIAL_PARAMS, "batch_size", "seed")
 # Everything that makes one run what it is: the model, the data and the fields above.
-RUN_FIELDS = ("model", "model_params", *IDENTITY_FIELDS, "data", "data_params", *TUTORIAL_DATA_FIELDS)
+RUN_FIELDS = ("model", "model_params", *IDENTITY_FIELDS, "data", "data_params", *TUTORIAL_DATA_FIELDS,
+              "callbacks", "callbacks_params")
 
 
 class TrainConfig(BaseModel):
@@ -60,6 +61,16 @@ class TrainConfig(BaseModel):
         ".npz laid out like Keras' mnist.npz or a CSV of 784 pixels + label.")] = "auto"
     data_params: Annotated[dict[str, Any], Field(
         description="Keyword arguments of the data function, as JSON.")] = {}
+    callbacks: Annotated[str | None, Field(
+        description="Your Keras callbacks: a function returning a list of them (EarlyStopping, "
+        "ReduceLROnPlateau, LearningRateScheduler, your own), as package.module:function or "
+        "path/to/file.py:function (called with --callbacks-params as keywords, and seed=--seed "
+        "if it takes one). They are called where fit() calls them, and their state is in every "
+        "checkpoint (your own callback's through get_state()/set_state()). Default: "
+        "none.")] = None
+    callbacks_params: Annotated[dict[str, Any], Field(
+        description="Keyword arguments of the callbacks function, as JSON, e.g. "
+        "'{\"patience\": 3}'.")] = {}
     train_samples: Annotated[int, Field(gt=0, description="Tutorial data: training images to "
                                         "use.")] = 1000
     test_samples: Annotated[int, Field(gt=0, description="Tutorial data: test images to "
@@ -157,6 +168,26 @@ class TrainConfig(BaseModel):
         raise ValueError(f"not a REF. Received: model={value!r}. Expected "
                          "package.module:function or path/to/file.py:function")
 
+    @field_validator("callbacks")
+    @classmethod
+    def _callbacks_ref(cls, value: str | None) -> str | None:
+        if value is None or is_ref(value):
+            return value or None
+        raise ValueError(f"not a REF. Received: callbacks={value!r}. Expected "
+                         "package.module:function or path/to/file.py:function")
+
+    @model_validator(mode="after")
+    def _callbacks_on_one_device(self) -> TrainConfig:
+        if self.callbacks_params and self.callbacks is None:
+            raise ValueError(f"callbacks_params without callbacks. Received: callbacks_params="
+                             f"{self.callbacks_params}. Name the function they are for with "
+                             "--callbacks")
+        if self.callbacks is not None and self.strategy != "default":
+            raise ValueError(f"callbacks run on one device for now. Received: strategy="
+                             f"{self.strategy!r} with callbacks={self.callbacks!r}. Use "
+                             "strategy default, or drop the callbacks")
+        return self
+
     @model_validator(mode="after")
     def _one_device_in_an_object_store(self) -> TrainConfig:
         if is_url(self.run_dir) and self.strategy != "default":
@@ -211,7 +242,8 @@ class TrainConfig(BaseModel):
 
     def code_refs(self) -> dict[str, str]:
         """The functions this run imports, by kind: {"model": REF, "data": REF (a function's)}."""
-        return {"model": self.model} | ({} if self.uses_tutorial_data() else {"data": self.data})
+        return ({"model": self.model} | ({} if self.uses_tutorial_data() else {"data": self.data})
+                | ({"callbacks": self.callbacks} if self.callbacks else {}))
 
     def paths(self) -> dict[str, str]:
         """The files and directories this run reads or writes, by parameter name."""
@@ -236,11 +268,13 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
+        callbacks = ({"callbacks": self.callbacks, "callbacks_params": self.callbacks_params}
+                     if self.callbacks else {})  # they steer training (a stop, the rate)
         if self.uses_tutorial_model():
             kwargs = self.model_kwargs()
-            return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS}
+            return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS} | callbacks
         return {"model": self.model, "model_params": self.model_params,
-                "batch_size": self.batch_size, "seed": self.seed}
+                "batch_size": self.batch_size, "seed": self.seed} | callbacks
 
 
 def _changed(config: BaseModel, name: str) -> bool:

@@ -11,8 +11,8 @@ def check_same_model(run: RunDir, recorded: dict | None, identity: dict) -> None
     """Refuse `identity` if the run directory was started with other model settings."""
     if recorded and recorded.get("identity") != identity:
         raise BadInputError(
-            f"run directory {run} was started with a different model "
-            f"({describe_difference(recorded.get('identity') or {}, identity)}). Use another "
+            f"run directory {run} was started with a different model or different training "
+            f"settings ({describe_difference(recorded.get('identity') or {}, identity)}). Use another "
             "--run-dir, or the original settings.")
 
 

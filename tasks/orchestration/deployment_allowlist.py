@@ -16,7 +16,7 @@ from ckptflow.core.allowlist import DEFAULT_ROOT, JOB_VARIABLE, Allowlist
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.models import TUTORIAL_MODEL
 
-_KINDS = ("model", "data")
+_KINDS = ("model", "data", "callbacks")
 
 
 def check_deployment_run(config: TrainConfig) -> None:

@@ -34,7 +34,8 @@ def _summary(config: TrainConfig, run: RunDir, manifest: dict) -> dict[str, Any]
     training, data = manifest.get("training") or {}, manifest["data"]
     requested = config.model_dump(mode="json")  # as the manifest holds it
     recorded = {**manifest["parameters"], "run_dir": config.run_dir}  # the directory may move
-    if (recorded != requested or training.get("epoch") != config.epochs
+    trained = training.get("epoch") == config.epochs or training.get("stopped_early")
+    if (recorded != requested or not trained
             or data.get("kind") == "pipeline"  # fetch-data reads a pipeline again, every run
             or (manifest.get("verified") or {}).get("artifacts_sha256") != artifacts_digest(manifest)):
         return None

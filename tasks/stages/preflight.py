@@ -31,6 +31,8 @@ def check_request(config: TrainConfig) -> None:
     check_ref(config.model, "--model")  # found, not imported: that needs TensorFlow
     if not config.uses_tutorial_data():
         check_ref(config.data, "--data")
+    if config.callbacks is not None:
+        check_ref(config.callbacks, "--callbacks")
     if is_url(config.run_dir):
         check_store(ObjectStore(config.run_dir))  # scheme and package checked as it opens
         return

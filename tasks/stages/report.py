@@ -90,7 +90,9 @@ def _markdown(run: RunDir, manifest: dict, history) -> str:
         f"- **Model**: {model.get('parameters')} parameters, "
         + ", ".join(f"{k}={v}" for k, v in model.get("identity", {}).items()),
         f"- **Training**: {training.get('epoch')} epochs, {training.get('step')} optimizer steps; "
-        + (f"this run resumed from `{resumed}`" if resumed else "this run started from scratch"),
+        + (f"this run resumed from `{resumed}`" if resumed else "this run started from scratch")
+        + (f"; stopped early by {stop['by']} after epoch {stop['epoch']} of {config.get('epochs')}"
+           if (stop := training.get("stopped_early")) else ""),
         *([f"- **Checkpoints**: {cost}"] if (cost := checkpoint_cost(training)) else []),
         f"- **Test**: {_metrics_text(evaluation, 'test')} "
         f"(untrained model: {_metrics_text(evaluation, 'untrained')})",

@@ -34,15 +34,16 @@ def point_manifest(run_dir: str) -> dict[str, Any]:
 
 
 def is_finished(config: TrainConfig, manifest: dict[str, Any] | None = None) -> bool:
-    """True when the point's run directory is evaluated at `epochs` with these very settings
-    (`manifest`: its manifest, if already read)."""
+    """True when the point's run directory is evaluated at `epochs` (or where a callback stopped
+    it) with these very settings (`manifest`: its manifest, if already read)."""
     if manifest is None:
         manifest = point_manifest(config.run_dir)
     done = manifest.get("parameters", {})
     same = all(done.get(k) == v for k, v in config.model_dump().items()
                if k in (*RUN_FIELDS, "epochs"))
-    evaluation = manifest.get("evaluation") or {}
-    return same and evaluation.get("epoch", 0) >= config.epochs
+    evaluation, training = manifest.get("evaluation") or {}, manifest.get("training") or {}
+    stopped_early = training.get("stopped_early") and evaluation.get("epoch") == training["epoch"]
+    return same and (evaluation.get("epoch", 0) >= config.epochs or bool(stopped_early))
 
 
 def run_point(config: TrainConfig) -> dict[str, Any]:

@@ -3,14 +3,17 @@
 Batch by batch from wherever training stands: Keras 3 `fit` cannot start an epoch mid-way, nor
 continue a tf.data iterator. The epoch's metrics are the model's metric objects, saved in every
 checkpoint, so a resumed run writes the history an uninterrupted one writes. A SIGTERM or SIGINT
-ends training before the next batch, with a checkpoint committed there. What differs between
-strategies is an adapter with the methods of `OneDevice` (`Replicas`: under a strategy).
+ends training before the next batch, with a checkpoint committed there. The user's callbacks are
+called where `fit` calls them (an epoch resumed mid-way has begun already: no second
+`on_epoch_begin`), and one that sets `model.stop_training` ends training as `fit` ends it. What
+differs between strategies is an adapter with the methods of `OneDevice` (`Replicas`: under a strategy).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import numbers
 from collections.abc import Callable
 
 from ckptflow.config import TrainConfig
@@ -71,7 +74,8 @@ class OneDevice:
         self.model, self.batches = start.model, start.batches
         self.model.make_train_function()
 
-    def epoch_steps(self, epoch: int, batch: int) -> Callable[[int], None]:
+    def epoch_steps(self, epoch: int, batch: int) -> Callable[[int], dict]:
+        """A function that trains one batch and returns the step's logs."""
         iterator = self.batches.iterator(epoch, batch)
         return lambda _: self.model.train_function(iterator)
 
@@ -97,6 +101,7 @@ class TrainingLoop:
         self.run, self.config, self.start, self.strategy, self.saves = (
             run, config, start, strategy, saves)
         self.model, self.state, self.steps = start.model, start.state, start.batches.steps
+        self.callbacks = start.callbacks
         self.on_batch_end = on_batch_end if strategy.chief else None
         self.outputs = (EpochOutputs(run, config, self.state, on_epoch_end)
                         if strategy.chief else None)
@@ -105,12 +110,14 @@ class TrainingLoop:
     def train(self, stop: GracefulStop) -> None:
         """Train to `config.epochs`, or commit where a stop finds training and raise StopRequested."""
         try:
-            while self.state.epoch < self.config.epochs:
+            self.callbacks.begin(self.state.callbacks)
+            while self.state.epoch < self.config.epochs and self.state.stopped_early is None:
                 self.train_rest_of_epoch(stop)
                 if self.agreed_stop(stop):
                     self.stop_here(self.stopping)
                 self.close_epoch()
             self.saves.wait()
+            self.callbacks.on_train_end(logs=self.last_logs())
         finally:  # when the attempt fails: the commit in flight lands (a signal meanwhile only
             self.saves.close()  # sets the flag: still inside GracefulStop); no events file left open
             if self.outputs is not None:
@@ -126,18 +133,27 @@ class TrainingLoop:
         if state.batch == 0:
             self.model.reset_metrics()  # as `fit` does when an epoch starts
         train_batch = self.strategy.epoch_steps(state.epoch, state.batch)
+        callbacks = self.callbacks
         while state.batch < self.steps and not self.agreed_stop(stop):
-            train_batch(state.batch)
+            if callbacks:
+                if state.batch == 0:
+                    callbacks.on_epoch_begin(state.epoch)
+                callbacks.on_batch_begin(state.batch)
+            logs = train_batch(state.batch)
             state.advance(state.batch + 1, state.step + 1)
+            if callbacks:
+                callbacks.on_batch_end(state.batch - 1, logs)
             self.strategy.beat("training a batch")
             if self.saves.due(state.batch, self.steps):
-                self.saves.save(self.model, state.to_json(), epoch_end=False)
+                self.saves.save(self.model, self.state_to_save(), epoch_end=False)
                 self.strategy.beat("training a batch")
             self.saves.poll()
             if self.on_batch_end is not None:
                 self.on_batch_end(state)
             if self.strategy.chief:
                 maybe_io_error_at_step(self.run, self.config, state.step)
+            if callbacks.stopped_by is not None:
+                break  # the epoch closes as `fit` closes it: validated, its checkpoint committed
         if optimizer_step(self.model) != state.step:
             raise RuntimeError(f"optimizer at step {optimizer_step(self.model)} in epoch "
                                f"{state.epoch + 1}, the checkpoint state says {state.step}")
@@ -149,12 +165,36 @@ class TrainingLoop:
             *validation_split(self.start.arrays),
             batch_size=evaluation_batch_size(self.config.batch_size), verbose=0, return_dict=True)
         row = self.state.close_epoch(train, {k: float(v) for k, v in val.items()})
+        if self.callbacks:
+            self.end_epoch_in_callbacks(row)
+        state = self.state_to_save()
         closed = copy.deepcopy(self.state)  # as the epoch's checkpoint holds it
         then = None if self.outputs is None else (
             lambda checkpoint: self.outputs.epoch_committed(closed, row, checkpoint.name))
         self.strategy.beat("committing the epoch's checkpoint")
-        self.saves.save(self.model, self.state.to_json(), epoch_end=True, then=then)
+        self.saves.save(self.model, state, epoch_end=True, then=then)
         self.strategy.beat("training a batch")
+
+    def end_epoch_in_callbacks(self, row: dict) -> None:
+        """`on_epoch_end` with the epoch's logs; what the callbacks add to them (ReduceLROnPlateau's
+        learning_rate) joins the history row; a callback's stop ends training here."""
+        logs = {k: v for k, v in row.items() if k != "epoch"}
+        self.callbacks.on_epoch_end(row["epoch"] - 1, logs)
+        row.update({k: float(v) for k, v in logs.items()
+                    if k not in row and isinstance(v, numbers.Real)})
+        if self.callbacks.stopped_by is not None:
+            self.state.stopped_early = {"epoch": row["epoch"], "by": self.callbacks.stopped_by}
+            log.info("%s stopped training after epoch %d", self.callbacks.stopped_by, row["epoch"])
+
+    def state_to_save(self) -> dict:
+        """The state as a checkpoint of this moment holds it, the callbacks' own included."""
+        self.state.callbacks = self.callbacks.states()
+        return self.state.to_json()
+
+    def last_logs(self) -> dict:
+        """The last epoch's logs, as `fit` passes them to `on_train_end`."""
+        history = self.state.history
+        return {k: v for k, v in history[-1].items() if k != "epoch"} if history else {}
 
     def stop_here(self, signal_name: str) -> None:
         """Commit the batch reached (unless just committed), record the stop, raise StopRequested;
@@ -166,7 +206,7 @@ class TrainingLoop:
         latest = self.saves.latest
         if latest is None or latest.step != self.state.step:
             try:
-                self.saves.save(self.model, self.state.to_json(), epoch_end=False, stop=True)
+                self.saves.save(self.model, self.state_to_save(), epoch_end=False, stop=True)
                 self.saves.wait()
             except CheckpointWriteError as exc:
                 raise stopped_without_checkpoint(signal_name, self.state.step, exc,

@@ -23,6 +23,7 @@ from ckptflow.core.resume_point import CheckpointRef, find_resume_point
 from ckptflow.core.run_dir import RunDir
 from ckptflow.core.snapshot import Arrays, DataRecord, example_rows, load_verified
 from ckptflow.training.batches import ArrayBatches, PipelineBatches
+from ckptflow.training.callbacks import Callbacks
 from ckptflow.training.faults import maybe_fail_after_epoch
 from ckptflow.training.state import TrainState
 
@@ -46,6 +47,7 @@ class TrainRecord(BaseModel):
     batches_trained: int
     best_val_accuracy: float | None
     history_path: str
+    stopped_early: dict[str, Any] | None = None  # {"epoch", "by"}: a callback ended training
 
     def checkpoint_ref(self) -> CheckpointRef:
         """The final checkpoint alone: what evaluation and export depend on."""
@@ -55,11 +57,12 @@ class TrainRecord(BaseModel):
 
 @dataclass
 class TrainingStart:
-    """A training attempt as it begins: its model, batches and test arrays, its state, and the
-    checkpoint it resumed from."""
+    """A training attempt as it begins: its model, batches, callbacks and test arrays, its
+    state, and the checkpoint it resumed from."""
 
     model: object
     batches: ArrayBatches | PipelineBatches
+    callbacks: Callbacks
     arrays: Arrays
     state: TrainState
     resumed: Checkpoint | None
@@ -100,10 +103,16 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=
     if announce and resumed is not None:
         log.info("resuming from %s: epoch %d, batch %d, optimizer step %d", resumed.name,
                  state.epoch, state.batch, state.step)
-    if announce and state.epoch >= config.epochs:
+    if announce and state.stopped_early is not None:
+        log.info("run was stopped early by %s after epoch %d: nothing to train",
+                 state.stopped_early["by"], state.stopped_early["epoch"])
+    elif announce and state.epoch >= config.epochs:
         log.info("run already has %d epochs (asked for %d): nothing to train", state.epoch,
                  config.epochs)
-    return TrainingStart(model=model, batches=batches, arrays=arrays, state=state,
+    callbacks = Callbacks.build(config.callbacks, config.callbacks_params, config.seed, model,
+                                config.epochs, batches.steps)
+    return TrainingStart(model=model, batches=batches, callbacks=callbacks, arrays=arrays,
+                         state=state,
                          resumed=resumed, resumed_from=point.path if point else None,
                          start_epoch=state.epoch, start_batch=state.batch, start_step=state.step)
 
@@ -134,7 +143,8 @@ class EpochOutputs:
 
         self.run, self.config, self.on_epoch_end = run, config, on_epoch_end
         self.summaries = (tf.summary.create_file_writer(str(run.tensorboard))
-                          if state.epoch < config.epochs else None)
+                          if state.epoch < config.epochs and state.stopped_early is None
+                          else None)
 
     def epoch_committed(self, state: TrainState, row: dict[str, Any], checkpoint: str) -> None:
         """Once the epoch's checkpoint is committed: history, TensorBoard, log, callback, drill."""
@@ -167,8 +177,9 @@ def write_history(run: RunDir, history: list[dict[str, Any]]) -> None:
     """The per-epoch history as `metrics/history.csv`, atomically."""
     import pandas as pd
 
-    buffer = io.StringIO()
-    columns = list(history[0]) if history else ["epoch", "loss", "val_loss"]
+    buffer = io.StringIO()  # a callback may add a column from some epoch on (learning_rate)
+    columns = list(dict.fromkeys(k for row in history for k in row)) or ["epoch", "loss",
+                                                                         "val_loss"]
     pd.DataFrame(history, columns=columns).to_csv(buffer, index=False)
     atomic_write_bytes(run.history, buffer.getvalue().encode())
 
@@ -183,7 +194,8 @@ def finish_training(run: RunDir, config: TrainConfig, store: CheckpointStore, st
         epoch=state.epoch, batch=latest.batch, step=state.step, resumed_from=start.resumed_from,
         start_epoch=start.start_epoch, start_batch=start.start_batch,
         batches_trained=state.step - start.start_step,
-        best_val_accuracy=state.best.get("val_accuracy"), history_path=run.relative(run.history))
+        best_val_accuracy=state.best.get("val_accuracy"), history_path=run.relative(run.history),
+        stopped_early=state.stopped_early)
     attempts = read_manifest(run).get("training", {}).get("attempts", [])
     attempts.append({
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -21,6 +21,8 @@ class TrainState:
     data_sha256: str
     config: dict[str, Any]
     saved_at: str | None = field(default=None)
+    callbacks: list[dict[str, Any]] | None = field(default=None)  # each user callback's state
+    stopped_early: dict[str, Any] | None = field(default=None)  # {"epoch", "by"}: training ended
 
     @classmethod
     def fresh(cls, identity: dict[str, Any], data_sha256: str, config: dict[str, Any]) -> TrainState:
@@ -56,6 +58,10 @@ class TrainState:
                 "config": self.config}
         if self.saved_at is not None:
             data["saved_at"] = self.saved_at
+        if self.callbacks is not None:
+            data["callbacks"] = self.callbacks
+        if self.stopped_early is not None:
+            data["stopped_early"] = self.stopped_early
         return data
 
     @classmethod
@@ -64,7 +70,8 @@ class TrainState:
         return cls(epoch=data["epoch"], batch=data["batch"], step=data["step"],
                    history=data["history"], best=data["best"], identity=data["identity"],
                    data_sha256=data["data_sha256"], config=data["config"],
-                   saved_at=data.get("saved_at"))
+                   saved_at=data.get("saved_at"), callbacks=data.get("callbacks"),
+                   stopped_early=data.get("stopped_early"))
 
 
 def best_metric(row: dict[str, Any]) -> str:
