@@ -25,7 +25,7 @@ Strategy = Literal["default", "mirrored", "multi-worker"]
 IDENTITY_FIELDS = (*TUTORIAL_PARAMS, "batch_size", "seed")
 # Everything that makes one run what it is: the model, the data and the fields above.
 RUN_FIELDS = ("model", "model_params", *IDENTITY_FIELDS, "data", "data_params", *TUTORIAL_DATA_FIELDS,
-              "callbacks", "callbacks_params")
+              "callbacks", "callbacks_params", "class_weight")
 
 
 class TrainConfig(BaseModel):
@@ -71,6 +71,11 @@ class TrainConfig(BaseModel):
     callbacks_params: Annotated[dict[str, Any], Field(
         description="Keyword arguments of the callbacks function, as JSON, e.g. "
         "'{\"patience\": 3}'.")] = {}
+    class_weight: Annotated[dict[int, float] | None, Field(
+        description="Weight of each class in the training loss, as fit's class_weight, as "
+        "JSON, e.g. '{\"0\": 1.0, \"1\": 5.0}' (integer or one-hot labels; a class not "
+        "named weighs 1). Not with per-example weights (w_train or (x, y, weight) "
+        "elements).")] = None
     train_samples: Annotated[int, Field(gt=0, description="Tutorial data: training images to "
                                         "use.")] = 1000
     test_samples: Annotated[int, Field(gt=0, description="Tutorial data: test images to "
@@ -176,8 +181,19 @@ class TrainConfig(BaseModel):
         raise ValueError(f"not a REF. Received: callbacks={value!r}. Expected "
                          "package.module:function or path/to/file.py:function")
 
+    @field_validator("class_weight")
+    @classmethod
+    def _class_weights(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value is None:
+            return None
+        bad = {k: w for k, w in value.items() if k < 0 or not 0 <= w < float("inf")}
+        if not value or bad:
+            raise ValueError(f"expected class indices >= 0 with finite weights >= 0. Received: "
+                             f"{bad or value}")
+        return dict(sorted(value.items()))
+
     @model_validator(mode="after")
-    def _callbacks_on_one_device(self) -> TrainConfig:
+    def _callbacks_and_class_weight(self) -> TrainConfig:
         if self.callbacks_params and self.callbacks is None:
             raise ValueError(f"callbacks_params without callbacks. Received: callbacks_params="
                              f"{self.callbacks_params}. Name the function they are for with "
@@ -186,6 +202,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"callbacks run on one device for now. Received: strategy="
                              f"{self.strategy!r} with callbacks={self.callbacks!r}. Use "
                              "strategy default, or drop the callbacks")
+        if self.class_weight is not None and self.strategy != "default":
+            raise ValueError(f"class_weight trains on one device for now. Received: strategy="
+                             f"{self.strategy!r}. Use strategy default, or drop class_weight")
         return self
 
     @model_validator(mode="after")
@@ -268,13 +287,15 @@ class TrainConfig(BaseModel):
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
-        callbacks = ({"callbacks": self.callbacks, "callbacks_params": self.callbacks_params}
+        steering = ({"callbacks": self.callbacks, "callbacks_params": self.callbacks_params}
                      if self.callbacks else {})  # they steer training (a stop, the rate)
+        if self.class_weight:  # keys as JSON has them: a checkpoint's identity compares equal
+            steering["class_weight"] = {str(k): w for k, w in self.class_weight.items()}
         if self.uses_tutorial_model():
             kwargs = self.model_kwargs()
-            return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS} | callbacks
+            return {name: kwargs.get(name, getattr(self, name)) for name in IDENTITY_FIELDS} | steering
         return {"model": self.model, "model_params": self.model_params,
-                "batch_size": self.batch_size, "seed": self.seed} | callbacks
+                "batch_size": self.batch_size, "seed": self.seed} | steering
 
 
 def _changed(config: BaseModel, name: str) -> bool:

@@ -1,9 +1,10 @@
 """A user's data, from the function `--data` names: NumPy arrays, or tf.data pipelines.
 
-Arrays (`x_train`, `y_train`, `x_test`, `y_test`, optionally `x_val`, `y_val`; features may be a
-dict) are snapshotted whole. Of `{"train", "test"}` (optionally `"validation"`) pipelines of
-unbatched `(features, label)` elements the test and validation sets are snapshotted, the
-training pipeline fingerprinted and rebuilt by training.
+Arrays (`x_train`, `y_train`, `x_test`, `y_test`, optionally `x_val`, `y_val` and `w_train`,
+each training example's weight; features may be a dict) are snapshotted whole. Of
+`{"train", "test"}` (optionally `"validation"`) pipelines of unbatched `(features, label)`
+elements (`(features, label, weight)` for training) the test and validation sets are
+snapshotted, the training pipeline fingerprinted and rebuilt by training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.models import seed_everything
-from ckptflow.core.snapshot import SPLITS, VAL_SPLITS, Arrays, data_digest
+from ckptflow.core.snapshot import SPLITS, TRAIN_WEIGHTS, VAL_SPLITS, Arrays, data_digest
 from ckptflow.core.user_code import call, resolve
 
 PIPELINE_SPLITS = ("train", "test")
@@ -65,7 +66,7 @@ def call_data_function(ref: str, params: dict[str, Any], seed: int):
 def load_user_data(ref: str, params: dict[str, Any], seed: int) -> UserData:
     """The validated data of `ref` (a pipeline's test set read, its training set fingerprinted)."""
     value = call_data_function(ref, params, seed)
-    if set(value) in (set(SPLITS), {*SPLITS, *VAL_SPLITS}):
+    if set(value) - {TRAIN_WEIGHTS} in (set(SPLITS), {*SPLITS, *VAL_SPLITS}):
         return UserData(arrays=checked_arrays(ref, value))
     if set(value) in (set(PIPELINE_SPLITS), {*PIPELINE_SPLITS, VALIDATION}):
         train, test = checked_pipelines(ref, value)
@@ -78,9 +79,9 @@ def load_user_data(ref: str, params: dict[str, Any], seed: int) -> UserData:
             arrays |= read_elements(ref, value[VALIDATION], "val")
         return UserData(arrays=arrays, train=train, train_count=count, train_fingerprint=print_)
     raise BadInputError(f"--data {ref} returned keys {sorted(map(str, value))}. Expected "
-                        f"{list(SPLITS)} (arrays) or {list(PIPELINE_SPLITS)} (tf.data), "
-                        f"each optionally with a validation set ({list(VAL_SPLITS)}, "
-                        f"{VALIDATION!r}).")
+                        f"{list(SPLITS)} (arrays, optionally {TRAIN_WEIGHTS!r}) or "
+                        f"{list(PIPELINE_SPLITS)} (tf.data), each optionally with a validation "
+                        f"set ({list(VAL_SPLITS)}, {VALIDATION!r}).")
 
 
 def training_pipeline(ref: str, params: dict[str, Any], seed: int):
@@ -111,6 +112,8 @@ def checked_arrays(ref: str, value: dict) -> Arrays:
                                 f"rows ({sorted(rows)}). Give one label per example.")
         if rows == {0}:
             raise BadInputError(f"--data {ref}: {part} split is empty. Give at least one example.")
+    if TRAIN_WEIGHTS in value:
+        arrays[TRAIN_WEIGHTS] = _weights(ref, value[TRAIN_WEIGHTS], len(arrays["y_train"]))
     for part in [p for p in ("test", "val") if f"y_{p}" in arrays]:
         x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
         if _layout(arrays["x_train"]) != _layout(x) or arrays["y_train"].shape[1:] != y.shape[1:]:
@@ -133,6 +136,16 @@ def _numeric(ref: str, name: str, value) -> np.ndarray:
         raise BadInputError(f"--data {ref}: {name} holds NaN or infinite values. Clean or "
                             "impute them first.")
     return array
+
+
+def _weights(ref: str, value, rows: int) -> np.ndarray:
+    """Per-example training weights: one finite number >= 0 per training example."""
+    weights = _numeric(ref, TRAIN_WEIGHTS, value)
+    if weights.shape not in ((rows,), (rows, 1)) or (weights < 0).any():
+        raise BadInputError(f"--data {ref}: {TRAIN_WEIGHTS} holds {weights.dtype} of shape "
+                            f"{weights.shape}{', some negative' if (weights < 0).any() else ''}. "
+                            f"Expected one weight >= 0 per training example, shape ({rows},).")
+    return weights.reshape(rows).astype("float32")
 
 
 def _leaves(x) -> list[np.ndarray]:
@@ -158,17 +171,19 @@ def checked_pipelines(ref: str, value: dict):
                                 f"{list(SPLITS)}.")
     specs = {split: value[split].element_spec for split in splits}
     for split, spec in specs.items():
-        if not (isinstance(spec, tuple) and len(spec) == 2):
+        sizes = (2, 3) if split == "train" else (2,)  # training elements may carry a weight
+        if not (isinstance(spec, tuple) and len(spec) in sizes):
             raise BadInputError(f"--data {ref}: {split} elements are {spec}. Expected "
-                                "(features, label) pairs, e.g. "
-                                "Dataset.from_tensor_slices((x, y)).")
+                                "(features, label) pairs, e.g. Dataset.from_tensor_slices((x, "
+                                "y))" + (", or (features, label, weight)" if len(sizes) > 1
+                                         else "") + ".")
         leaves = tf.nest.flatten(spec)
         if all(s.shape.rank and s.shape[0] is None for s in leaves):
             raise BadInputError(f"--data {ref}: {split} looks batched (every component's first "
                                 f"dimension is unknown: {spec}). Return unbatched elements; "
                                 "ckptflow batches with --batch-size.")
     for split in splits[1:]:
-        if not _same_structure(specs["train"], specs[split]):
+        if not _same_structure(specs["train"][:2], specs[split]):
             raise BadInputError(f"--data {ref}: train and {split} elements differ "
                                 f"({specs['train']} vs {specs[split]}). Give every pipeline the "
                                 "same features and label.")

@@ -18,6 +18,7 @@ Arrays = dict[str, np.ndarray | dict[str, np.ndarray]]
 SPLITS = ("x_train", "y_train", "x_test", "y_test")
 TEST_SPLITS = ("x_test", "y_test")
 VAL_SPLITS = ("x_val", "y_val")  # optional: a validation set of the user's own
+TRAIN_WEIGHTS = "w_train"  # optional: each training example's weight in the loss
 
 
 class DataRecord(BaseModel):

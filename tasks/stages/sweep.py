@@ -39,7 +39,7 @@ def is_finished(config: TrainConfig, manifest: dict[str, Any] | None = None) -> 
     if manifest is None:
         manifest = point_manifest(config.run_dir)
     done = manifest.get("parameters", {})
-    same = all(done.get(k) == v for k, v in config.model_dump().items()
+    same = all(done.get(k) == v for k, v in config.model_dump(mode="json").items()
                if k in (*RUN_FIELDS, "epochs"))
     evaluation, training = manifest.get("evaluation") or {}, manifest.get("training") or {}
     stopped_early = training.get("stopped_early") and evaluation.get("epoch") == training["epoch"]

@@ -20,11 +20,35 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-class ArrayBatches:
-    """Batches of in-memory arrays (features an array or a dict of arrays) in each epoch's order."""
+def class_weight_vector(class_weight: dict[int, float], classes: int = 0) -> np.ndarray:
+    """Weight by class index, as fit's class_weight: a class not named weighs 1."""
+    weights = np.ones(max(max(class_weight) + 1, classes), dtype="float32")
+    weights[list(class_weight)] = list(class_weight.values())
+    return weights
 
-    def __init__(self, x, y, seed: int, batch_size: int):
-        self._arrays, self._tensors = (x, y), None
+
+def class_indices(y, batched: bool):
+    """The class of a label (`batched`: of each label of a batch): an integer label as it is,
+    a one-hot one by its argmax."""
+    import tensorflow as tf
+
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank - int(batched) >= 1 and (y.shape[-1] or 0) > 1:
+        return tf.argmax(y, axis=-1)
+    return tf.cast(tf.reshape(y, [-1] if batched else []), tf.int64)
+
+
+class ArrayBatches:
+    """Batches of in-memory arrays (features an array or a dict of arrays) in each epoch's order,
+    each with its examples' weights when there are any (`weights`, or from `class_weight`)."""
+
+    def __init__(self, x, y, seed: int, batch_size: int, weights: np.ndarray | None = None,
+                 class_weight: dict[int, float] | None = None):
+        if class_weight is not None:
+            classes = class_indices(y, batched=True).numpy()
+            weights = class_weight_vector(class_weight, int(classes.max()) + 1)[classes]
+        self.weighted = weights is not None
+        self._arrays, self._tensors = (x, y) + ((weights,) if self.weighted else ()), None
         self.seed, self.batch_size, self.count = seed, batch_size, len(y)
         self.steps = math.ceil(self.count / batch_size)
 
@@ -32,34 +56,46 @@ class ArrayBatches:
         return {}
 
     def arrays(self):
-        """(x, y) as NumPy arrays, for a loop that slices batches itself."""
+        """(x, y) as NumPy arrays, for a loop that slices batches itself (unweighted only)."""
+        if self.weighted:
+            raise BadInputError("per-example weights train on one device for now. Use "
+                                "--strategy default, or drop the weights.")
         return self._arrays
 
     def iterator(self, epoch: int, batch: int):
-        """The batches of `epoch` from `batch` on."""
+        """The batches of `epoch` from `batch` on: (x, y), or (x, y, weights)."""
         import tensorflow as tf
 
         if self._tensors is None:  # one copy of the data, as tensors; the arrays let go
             self._tensors = tf.nest.map_structure(tf.constant, self._arrays)
             self._arrays = None
-        x, y = self._tensors
+        tensors = self._tensors
         rest = epoch_order(self.seed, epoch, self.count)[batch * self.batch_size:]
         indices = tf.data.Dataset.from_tensor_slices(rest).batch(self.batch_size)
-        return iter(indices.map(lambda idx: (tf.nest.map_structure(lambda a: tf.gather(a, idx), x),
-                                             tf.gather(y, idx))))
+        return iter(indices.map(
+            lambda idx: tf.nest.map_structure(lambda a: tf.gather(a, idx), tensors)))
 
 
 class PipelineBatches:
     """A tf.data pipeline, batched by ckptflow, as one checkpointable iterator over all epochs of
-    `ceil(count / batch_size)` batches each."""
+    `ceil(count / batch_size)` batches each (with `class_weight`, each element weighted by its
+    label's class)."""
 
-    def __init__(self, train, count: int, batch_size: int, ref: str):
+    def __init__(self, train, count: int, batch_size: int, ref: str,
+                 class_weight: dict[int, float] | None = None):
         import tensorflow as tf
 
         options = tf.data.Options()
         # A pipeline whose state lives outside TensorFlow (py_function, a Python generator)
         # cannot be restored exactly: refuse to save it rather than save it wrong.
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.FAIL
+        if class_weight is not None:
+            if len(train.element_spec) == 3:
+                raise BadInputError(f"--data {ref} weighs each example ((x, y, weight) "
+                                    "elements) and class_weight is given too. Give one of them.")
+            vector = tf.constant(class_weight_vector(class_weight))
+            train = train.map(
+                lambda x, y: (x, y, tf.gather(vector, class_indices(y, batched=False))))
         self.steps = math.ceil(count / batch_size)
         self._iterator = iter(train.batch(batch_size).repeat().with_options(options))
         _check_checkpointable(self._iterator, ref)

@@ -15,13 +15,14 @@ from pydantic import BaseModel
 from ckptflow.config import TrainConfig
 from ckptflow.core.checkpoints import Checkpoint, CheckpointStore
 from ckptflow.core.datasets import training_pipeline
+from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.mirror import location_of
 from ckptflow.core.models import ModelSource, seed_everything
 from ckptflow.core.resume_point import CheckpointRef, find_resume_point
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import Arrays, DataRecord, example_rows, load_verified
+from ckptflow.core.snapshot import TRAIN_WEIGHTS, Arrays, DataRecord, example_rows, load_verified
 from ckptflow.training.batches import ArrayBatches, PipelineBatches
 from ckptflow.training.callbacks import Callbacks
 from ckptflow.training.faults import maybe_fail_after_epoch
@@ -121,11 +122,16 @@ def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays
                  ) -> ArrayBatches | PipelineBatches:
     """The snapshot's training arrays, or the data function's pipeline rebuilt."""
     if data.kind != "pipeline":
+        weights = arrays.pop(TRAIN_WEIGHTS, None)
+        if weights is not None and config.class_weight is not None:
+            raise BadInputError(f"--data {data.source} gives {TRAIN_WEIGHTS} and class_weight is "
+                                "given too. Give one of them.")
         return ArrayBatches(arrays.pop("x_train"), arrays.pop("y_train"), config.seed,
-                            config.batch_size)
+                            config.batch_size, weights, config.class_weight)
     source = data.request["source"]
     train = training_pipeline(source, data.request.get("data_params") or {}, data.request["seed"])
-    return PipelineBatches(train, data.train_samples, config.batch_size, source)
+    return PipelineBatches(train, data.train_samples, config.batch_size, source,
+                           config.class_weight)
 
 
 def training_trackables(model, batches) -> dict:
