@@ -87,6 +87,19 @@ def test_a_changed_file_or_an_unverified_set_goes_through_the_pipeline(copied_ru
     assert finished_summary(config) is None
 
 
+def test_a_run_made_before_a_parameter_existed_is_still_answered_from_its_manifest(copied_run):
+    """An upgrade that adds parameters (callbacks, class_weight) leaves finished runs finished;
+    asking for a new parameter's non-default value does not."""
+    manifest_path = copied_run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for newer in ("callbacks", "callbacks_params", "class_weight"):
+        del manifest["parameters"][newer]
+    manifest_path.write_text(json.dumps(manifest))
+    summary = finished_summary(TrainConfig(run_dir=str(copied_run)))
+    assert summary["training"]["batches_trained"] == 0
+    assert finished_summary(TrainConfig(run_dir=str(copied_run), class_weight={1: 2.0})) is None
+
+
 @pytest.mark.parametrize("change", [
     {"training": [1]}, {"verified": "yes"}, {"parameters": ["x"]}, {"evaluation": None},
     {"data": {}}])

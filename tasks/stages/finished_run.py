@@ -33,7 +33,9 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
 def _summary(config: TrainConfig, run: RunDir, manifest: dict) -> dict[str, Any] | None:
     training, data = manifest.get("training") or {}, manifest["data"]
     requested = config.model_dump(mode="json")  # as the manifest holds it
-    recorded = {**manifest["parameters"], "run_dir": config.run_dir}  # the directory may move
+    # a parameter newer than the run's ckptflow stands at its default; the directory may move
+    defaults = TrainConfig.model_construct().model_dump(mode="json")
+    recorded = {**defaults, **manifest["parameters"], "run_dir": config.run_dir}
     trained = training.get("epoch") == config.epochs or training.get("stopped_early")
     if (recorded != requested or not trained
             or data.get("kind") == "pipeline"  # fetch-data reads a pipeline again, every run
