@@ -63,7 +63,7 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
     snapshot = safe_path(run_dir, (manifest.get("data") or {}).get("path", "data/mnist.npz"))
     identity = manifest["model"]["identity"]
     shapes = manifest["model"].get("weight_shapes", [])
-    loads, native_log = [], _native_log(run_dir)
+    loads, (native_log, temporary_log) = [], _native_log(run_dir)
     for row, entry, path in exports:
         fmt = FORMATS.get(entry["format"])
         if fmt is None:
@@ -96,6 +96,8 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
         elif differs:
             row.ok, row.problem = False, (f"{differs[0]} {row.metrics.get(differs[0])} differs "
                                           f"from the recorded {recorded[differs[0]]}")
+    if temporary_log and all(row.ok for row, *_ in loads):  # kept where a warning names it
+        native_log.unlink(missing_ok=True)
 
 
 def _load_in_fresh_processes(snapshot: Path, identity: dict, loads: list[tuple[str, Path]],
@@ -147,16 +149,18 @@ def start_loader(native_log: Path | None = None) -> None:
         forkserver.ensure_running()
 
 
-def _native_log(run_dir: Path) -> Path:
-    """The run directory's native log, or a temporary file where the run directory is read-only
-    (verify reads other people's runs)."""
+def _native_log(run_dir: Path) -> tuple[Path, bool]:
+    """(the run directory's native log, False), or where the run directory is read-only (verify
+    reads other people's runs) (a new temporary file, True)."""
     path = RunDir(run_dir).native_log
     try:
         path.parent.mkdir(exist_ok=True)
         with path.open("a"):
-            return path
+            return path, False
     except OSError:
-        return Path(tempfile.gettempdir()) / f"ckptflow-verify-{os.getpid()}.log"
+        handle, name = tempfile.mkstemp(prefix="ckptflow-verify-", suffix=".log")
+        os.close(handle)
+        return Path(name), True
 
 
 def inspect_hdf5(path: Path, weight_shapes: list[list[int]]) -> str:
