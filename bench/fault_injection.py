@@ -69,7 +69,9 @@ DIABETES_CONFIG = dict(
     data=f"{REGRESSION / 'data.py'}:load", data_params={"validation_share": 0.2},
     callbacks=f"{REGRESSION / 'callbacks.py'}:plateau_and_early_stop", batch_size=64,
     save_every_batches=2, checkpoint_budget=0.0, epochs=30, seed=11, keep_checkpoints=3)
-CONFIGS = {"tutorial": DRILL_CONFIG, "digits": DIGITS_CONFIG, "diabetes": DIABETES_CONFIG}
+CONFIGS = {"tutorial": DRILL_CONFIG, "digits": DIGITS_CONFIG, "diabetes": DIABETES_CONFIG,
+           # the tf.data example with no iterator in its checkpoints: each resume replays
+           "digits-replay": dict(DIGITS_CONFIG, pipeline_resume="replay")}
 _drilled = dict(DRILL_CONFIG)  # what the forked children train (set by run_drill)
 
 

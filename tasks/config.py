@@ -97,6 +97,12 @@ class TrainConfig(BaseModel):
         description="Commit checkpoints on a background thread: training waits only for a copy "
         "of the state in memory, and for the previous commit if it is still being written. One "
         "device only (under a strategy every save is written as training waits).")] = True
+    pipeline_resume: Annotated[Literal["iterator", "replay"], Field(
+        description="Where a tf.data training pipeline stands in a checkpoint. iterator: its "
+        "exact state, shuffle buffer included, serialized while training waits at each save. "
+        "replay: nothing saved; a resume rebuilds the pipeline and skips the batches already "
+        "trained, which costs a pass over them and needs a deterministic pipeline (shuffles "
+        "seeded, or by the run's seed as ckptflow seeds them).")] = "iterator"
     epoch_keras_files: Annotated[bool, Field(
         description="Also write the tutorial's cp-EEEE.weights.h5 and cp-EEEE.keras into each "
         "epoch-end checkpoint (resuming reads only the TF checkpoint beside them).")] = True

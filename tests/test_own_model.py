@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, tree_digest, weights_digest
 
 from ckptflow.config import TrainConfig
+from ckptflow.core.checkpoints import CheckpointStore
 from ckptflow.core.errors import BadInputError, InjectedIOError
 from ckptflow.core.manifest import read_manifest
 from ckptflow.core.restore import restore_model
@@ -229,6 +230,39 @@ def test_a_subclassed_model_resumes_mid_epoch_bit_identical_and_exports(tmp_path
                                  ["tf_checkpoint", "weights_h5", "keras"])
     assert [e.format for e in exports] == ["tf_checkpoint", "weights_h5", "keras"]
     assert all(e.max_abs_diff == 0.0 and e.test_accuracy is not None for e in exports)
+
+
+def test_a_replayed_pipeline_saves_no_iterator_and_resumes_bit_identical(tmp_path):
+    """pipeline_resume=replay: checkpoints hold no iterator (no shuffle buffer to serialize as
+    training waits); a resume rebuilds the pipeline and skips the batches trained, ending with
+    the weights of a run whose checkpoints held the iterator. Either mode resumes the other's."""
+    import tensorflow as tf
+
+    def holds_iterator(run_dir) -> bool:
+        latest = CheckpointStore(RunDir(run_dir).checkpoints).latest()
+        names = [name for name, _ in tf.train.list_variables(str(latest.path / "train_state"))]
+        return any(name.split("/")[0] == "data" for name in names)
+
+    values = dict(**DIGITS, batch_size=64, save_every_batches=4)  # 22 batches an epoch
+    straight = config(tmp_path / "straight", **values)
+    reference = train_with_checkpoints(straight.run_dir, straight, prepare_run(straight))
+    assert holds_iterator(straight.run_dir)
+
+    replayed = config(tmp_path / "replayed", **values, pipeline_resume="replay",
+                      io_error_at_step=30)  # epoch 2, batch 8: just saved
+    data = prepare_run(replayed)
+    with pytest.raises(InjectedIOError):
+        train_with_checkpoints(replayed.run_dir, replayed, data)
+    assert not holds_iterator(replayed.run_dir)
+    assert CheckpointStore(RunDir(replayed.run_dir).checkpoints).latest().read_state()[
+        "pipeline_replay"] is True
+    # resumed in the other mode: the batches replayed, the iterator saved again from there
+    record = train_with_checkpoints(replayed.run_dir, replayed.model_copy(
+        update={"pipeline_resume": "iterator"}), data)
+    assert (record.start_epoch, record.start_batch, record.batches_trained) == (1, 8, 14)
+    assert holds_iterator(replayed.run_dir)
+    assert weights_digest(restore_model(replayed.run_dir, record.checkpoint)) == \
+        weights_digest(restore_model(straight.run_dir, reference.checkpoint))
 
 
 def _metrics_on(model, arrays, split: str) -> dict[str, float]:

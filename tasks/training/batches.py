@@ -77,12 +77,13 @@ class ArrayBatches:
 
 
 class PipelineBatches:
-    """A tf.data pipeline, batched by ckptflow, as one checkpointable iterator over all epochs of
+    """A tf.data pipeline, batched by ckptflow, as one iterator over all epochs of
     `ceil(count / batch_size)` batches each (with `class_weight`, each element weighted by its
-    label's class)."""
+    label's class). Checkpoints hold the iterator's state, or with `replay` nothing: batch N of
+    the run is then the iterator's Nth, found again by skipping N."""
 
     def __init__(self, train, count: int, batch_size: int, ref: str,
-                 class_weight: dict[int, float] | None = None):
+                 class_weight: dict[int, float] | None = None, replay: bool = False):
         import tensorflow as tf
 
         options = tf.data.Options()
@@ -96,15 +97,32 @@ class PipelineBatches:
             vector = tf.constant(class_weight_vector(class_weight))
             train = train.map(
                 lambda x, y: (x, y, tf.gather(vector, class_indices(y, batched=False))))
-        self.steps = math.ceil(count / batch_size)
-        self._iterator = iter(train.batch(batch_size).repeat().with_options(options))
-        _check_checkpointable(self._iterator, ref)
+        self.steps, self.replay, self.ref = math.ceil(count / batch_size), replay, ref
+        self._batches = train.batch(batch_size).repeat().with_options(options)
+        self._skip, self._iterator = 0, None
 
     def trackables(self) -> dict:
-        return {"data": self._iterator}
+        """What this run's checkpoints hold of the pipeline."""
+        return {} if self.replay else self.iterator_state()
+
+    def iterator_state(self) -> dict:
+        """The iterator as a trackable: what a checkpoint saved without `replay` holds."""
+        return {"data": self.iterator(0, 0)}
+
+    def replay_to(self, step: int) -> None:
+        """Stand `step` batches into the run, the batches before it produced again and skipped
+        (for a checkpoint that holds no iterator state). Before the iterator is made: each new
+        iterator of a shuffled pipeline draws a new order."""
+        if self._iterator is not None:
+            raise RuntimeError("replay_to after the iterator was made")
+        self._skip = step
 
     def iterator(self, epoch: int, batch: int):
-        """The run's one iterator (where it stands is in its own state)."""
+        """The run's one iterator (where it stands is in its own state), made on first use."""
+        if self._iterator is None:
+            self._iterator = iter(self._batches.skip(self._skip) if self._skip else self._batches)
+            if not self.replay:
+                _check_checkpointable(self._iterator, self.ref)
         return self._iterator
 
 

@@ -96,8 +96,13 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=
         resumed = Checkpoint(run.root / point.path, point.epoch, point.batch, point.step)
         store = CheckpointStore(run.checkpoints)
         state = TrainState.from_json(resumed.read_state())
-        store.restore(resumed, model, training_trackables(model, batches))
+        pipeline = isinstance(batches, PipelineBatches)
+        store.restore(resumed, model, {"metrics": model.metrics_variables, **(
+            batches.iterator_state() if pipeline and not state.pipeline_replay else {})})
+        if pipeline and state.pipeline_replay:  # the checkpoint holds no iterator
+            batches.replay_to(state.step)
         state.config = config.model_dump()
+    state.pipeline_replay = getattr(batches, "replay", False)  # how this attempt saves
     if optimizer_step(model) != state.step:
         raise RuntimeError(f"{resumed.path if resumed else run.initial_model}: optimizer restored "
                            f"at step {optimizer_step(model)}, state says {state.step}")
@@ -131,12 +136,12 @@ def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays
     source = data.request["source"]
     train = training_pipeline(source, data.request.get("data_params") or {}, data.request["seed"])
     return PipelineBatches(train, data.train_samples, config.batch_size, source,
-                           config.class_weight)
+                           config.class_weight, replay=config.pipeline_resume == "replay")
 
 
 def training_trackables(model, batches) -> dict:
     """What a checkpoint holds beside the model: the unfinished epoch's metrics, the batches'
-    position (a pipeline's iterator)."""
+    position (a pipeline's iterator, unless it is replayed)."""
     return {"metrics": model.metrics_variables, **batches.trackables()}
 
 

@@ -23,6 +23,7 @@ class TrainState:
     saved_at: str | None = field(default=None)
     callbacks: list[dict[str, Any]] | None = field(default=None)  # each user callback's state
     stopped_early: dict[str, Any] | None = field(default=None)  # {"epoch", "by"}: training ended
+    pipeline_replay: bool = field(default=False)  # no iterator state: replay `step` batches
 
     @classmethod
     def fresh(cls, identity: dict[str, Any], data_sha256: str, config: dict[str, Any]) -> TrainState:
@@ -62,6 +63,8 @@ class TrainState:
             data["callbacks"] = self.callbacks
         if self.stopped_early is not None:
             data["stopped_early"] = self.stopped_early
+        if self.pipeline_replay:
+            data["pipeline_replay"] = True
         return data
 
     @classmethod
@@ -71,7 +74,8 @@ class TrainState:
                    history=data["history"], best=data["best"], identity=data["identity"],
                    data_sha256=data["data_sha256"], config=data["config"],
                    saved_at=data.get("saved_at"), callbacks=data.get("callbacks"),
-                   stopped_early=data.get("stopped_early"))
+                   stopped_early=data.get("stopped_early"),
+                   pipeline_replay=data.get("pipeline_replay", False))
 
 
 def best_metric(row: dict[str, Any]) -> str:
