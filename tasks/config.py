@@ -304,6 +304,12 @@ class TrainConfig(BaseModel):
                 "batch_size": self.batch_size, "seed": self.seed} | steering
 
 
+def recorded_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's parameters as this version dumps a TrainConfig (JSON): a parameter added since
+    the run was made stands at its default."""
+    return {**TrainConfig.model_construct().model_dump(mode="json"), **parameters}
+
+
 def _changed(config: BaseModel, name: str) -> bool:
     """Whether field `name` holds something other than its default."""
     return getattr(config, name) != type(config).model_fields[name].default

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -192,15 +193,19 @@ def test_another_user_verifies_a_run_directory_or_is_told_in_one_line(finished_r
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run[0], run_dir)  # files 0644, directories 0755 under umask 022
     owned_by_someone_else(run_dir)
-    scratch = tmp_path / "their-tmp"  # the other user's temporary directory
-    scratch.mkdir(mode=0o1777)
+    # the other user's temporary directory, short: the loader's socket lives there too (AF_UNIX
+    # paths end at 107 bytes)
+    scratch = Path(tempfile.mkdtemp(prefix="ckv-", dir="/tmp"))
     scratch.chmod(0o1777)
-    result = run_cli("verify", str(run_dir), as_another_user=True,
-                     env_extra={"TMPDIR": str(scratch)})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stdout.count(" OK ") >= 10
-    # the native log it could not keep in the run directory is gone once every load passed
-    assert list(scratch.glob("ckptflow-*")) == []
+    try:
+        result = run_cli("verify", str(run_dir), as_another_user=True,
+                         env_extra={"TMPDIR": str(scratch)})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert result.stdout.count(" OK ") >= 10
+        # the native log it could not keep in the run directory is gone once every load passed
+        assert list(scratch.glob("ckptflow-*")) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     run_dir.chmod(0o700)  # now closed to others
     result = run_cli("verify", str(run_dir), as_another_user=True)
     assert result.returncode == 2

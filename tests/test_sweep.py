@@ -110,3 +110,21 @@ def test_bad_sweep_options_get_one_line_and_exit_2_before_any_work(tmp_path):
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("ckptflow: error:") and "units" in line and "greater than 0" in line
     assert not (tmp_path / "s").exists()
+
+
+def test_a_point_is_finished_at_its_epochs_or_where_a_callback_stopped_it_in_any_version(tmp_path):
+    """From the manifest alone: evaluated at `epochs` with these settings, or at the epoch a
+    callback stopped training; a manifest made before a parameter existed counts it at its
+    default."""
+    [point] = grid_points(SweepConfig(sweep_dir=str(tmp_path), units=[16], dropout=[0.0],
+                                      learning_rate=[0.001], settings={"epochs": 5}))
+    older = {k: v for k, v in point.model_dump(mode="json").items()
+             if k not in ("callbacks", "callbacks_params", "class_weight", "pipeline_resume")}
+    done = {"parameters": older, "evaluation": {"epoch": 5}, "training": {"epoch": 5}}
+    assert is_finished(point, done)
+    stopped = {"parameters": older, "evaluation": {"epoch": 3},
+               "training": {"epoch": 3, "stopped_early": {"epoch": 3, "by": "EarlyStopping"}}}
+    assert is_finished(point, stopped)
+    assert not is_finished(point, {**stopped, "training": {"epoch": 3}})  # just unfinished
+    assert not is_finished(point, {**stopped, "evaluation": {"epoch": 2}})  # not evaluated there
+    assert not is_finished(point.model_copy(update={"class_weight": {1: 2.0}}), done)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ckptflow.config import TrainConfig
+from ckptflow.config import TrainConfig, recorded_parameters
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.integrity import check_file, checked_manifest, completeness_rows
 from ckptflow.core.manifest import artifacts_digest
@@ -33,9 +33,7 @@ def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
 def _summary(config: TrainConfig, run: RunDir, manifest: dict) -> dict[str, Any] | None:
     training, data = manifest.get("training") or {}, manifest["data"]
     requested = config.model_dump(mode="json")  # as the manifest holds it
-    # a parameter newer than the run's ckptflow stands at its default; the directory may move
-    defaults = TrainConfig.model_construct().model_dump(mode="json")
-    recorded = {**defaults, **manifest["parameters"], "run_dir": config.run_dir}
+    recorded = {**recorded_parameters(manifest["parameters"]), "run_dir": config.run_dir}
     trained = training.get("epoch") == config.epochs or training.get("stopped_early")
     if (recorded != requested or not trained
             or data.get("kind") == "pipeline"  # fetch-data reads a pipeline again, every run

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import task
 
-from ckptflow.config import RUN_FIELDS, SweepConfig, TrainConfig
+from ckptflow.config import RUN_FIELDS, SweepConfig, TrainConfig, recorded_parameters
 from ckptflow.core.files import atomic_write_bytes
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.manifest import read_manifest, update_manifest
@@ -38,7 +38,7 @@ def is_finished(config: TrainConfig, manifest: dict[str, Any] | None = None) -> 
     it) with these very settings (`manifest`: its manifest, if already read)."""
     if manifest is None:
         manifest = point_manifest(config.run_dir)
-    done = manifest.get("parameters", {})
+    done = recorded_parameters(manifest.get("parameters") or {})
     same = all(done.get(k) == v for k, v in config.model_dump(mode="json").items()
                if k in (*RUN_FIELDS, "epochs"))
     evaluation, training = manifest.get("evaluation") or {}, manifest.get("training") or {}
