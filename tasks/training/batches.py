@@ -55,6 +55,10 @@ class ArrayBatches:
     def trackables(self) -> dict:
         return {}
 
+    def resumed_at(self, step: int, replayed: bool) -> dict:
+        """What a checkpoint holds of where the batches stand: nothing, (epoch, batch) says it."""
+        return {}
+
     def arrays(self):
         """(x, y) as NumPy arrays, for a loop that slices batches itself (unweighted only)."""
         if self.weighted:
@@ -103,19 +107,19 @@ class PipelineBatches:
 
     def trackables(self) -> dict:
         """What this run's checkpoints hold of the pipeline."""
-        return {} if self.replay else self.iterator_state()
+        return {} if self.replay else {"data": self.iterator(0, 0)}
 
-    def iterator_state(self) -> dict:
-        """The iterator as a trackable: what a checkpoint saved without `replay` holds."""
-        return {"data": self.iterator(0, 0)}
-
-    def replay_to(self, step: int) -> None:
-        """Stand `step` batches into the run, the batches before it produced again and skipped
-        (for a checkpoint that holds no iterator state). Before the iterator is made: each new
-        iterator of a shuffled pipeline draws a new order."""
+    def resumed_at(self, step: int, replayed: bool) -> dict:
+        """What a checkpoint at `step` holds of the pipeline: its iterator, to restore; or, saved
+        `replayed`, nothing: the iterator then stands at `step` by skipping the batches before
+        it. Before the iterator is made: each new iterator of a shuffled pipeline draws a new
+        order."""
         if self._iterator is not None:
-            raise RuntimeError("replay_to after the iterator was made")
-        self._skip = step
+            raise RuntimeError("resumed_at after the iterator was made")
+        if replayed:
+            self._skip = step
+            return {}
+        return {"data": self.iterator(0, 0)}
 
     def iterator(self, epoch: int, batch: int):
         """The run's one iterator (where it stands is in its own state), made on first use."""

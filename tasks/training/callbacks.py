@@ -36,10 +36,9 @@ class Callbacks:
     """The run's callbacks, each hook called in the order `fit` calls them; none: every hook
     is a no-op."""
 
-    def __init__(self, callbacks: list, ref: str | None = None):
-        self.callbacks, self.ref = callbacks, ref
+    def __init__(self, callbacks: list, ref: str | None = None, model=None):
+        self.callbacks, self.ref, self.model = callbacks, ref, model
         self.stopped_by: str | None = None  # the callback that set `model.stop_training`
-        self.model = None
 
     @classmethod
     def build(cls, ref: str | None, params: dict[str, Any], seed: int, model, epochs: int,
@@ -52,8 +51,7 @@ class Callbacks:
         callbacks = list(made) if isinstance(made, list | tuple) else [made]
         for callback in callbacks:
             _check_supported(callback, ref)
-        built = cls(callbacks, ref)
-        built.model = model
+        built = cls(callbacks, ref, model)
         for callback in callbacks:
             callback.set_model(model)
             callback.set_params({"verbose": 0, "epochs": epochs, "steps": steps})

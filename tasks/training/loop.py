@@ -56,7 +56,7 @@ def train_on_one_device(run: RunDir, config: TrainConfig, data: DataRecord,
         store, SavePolicy(config.save_every_batches, config.checkpoint_budget),
         keras_model=ModelSource.from_identity(config.identity()).factory(
             *example_rows(start.arrays)),
-        extra=training_trackables(start.model, start.batches),
+        extra=training_trackables(start.model, start.batches.trackables()),
         background=config.background_checkpoints, latest=start.resumed)
     loop = TrainingLoop(run, config, start, OneDevice(start), saves, on_epoch_end, on_batch_end)
     with GracefulStop(config.stop_grace_seconds) as stop:

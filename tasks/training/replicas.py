@@ -90,7 +90,7 @@ def train_replicas(run: RunDir, config: TrainConfig, data: DataRecord, strategy,
         replicas.beat("training the first batch")
         # budget 0 and on this thread: every worker saves at the same batches (docs/distributed.md)
         saves = CheckpointSaves(store, SavePolicy(config.save_every_batches, budget=0.0),
-                                extra=training_trackables(start.model, start.batches),
+                                extra=training_trackables(start.model, start.batches.trackables()),
                                 background=False, latest=start.resumed)
         loop = TrainingLoop(run, config, start, replicas, saves, on_epoch_end, on_batch_end)
         loop.train(stop)

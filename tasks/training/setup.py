@@ -96,13 +96,10 @@ def start_training(run: RunDir, config: TrainConfig, data: DataRecord, strategy=
         resumed = Checkpoint(run.root / point.path, point.epoch, point.batch, point.step)
         store = CheckpointStore(run.checkpoints)
         state = TrainState.from_json(resumed.read_state())
-        pipeline = isinstance(batches, PipelineBatches)
-        store.restore(resumed, model, {"metrics": model.metrics_variables, **(
-            batches.iterator_state() if pipeline and not state.pipeline_replay else {})})
-        if pipeline and state.pipeline_replay:  # the checkpoint holds no iterator
-            batches.replay_to(state.step)
+        store.restore(resumed, model, training_trackables(
+            model, batches.resumed_at(state.step, state.pipeline_replay)))
         state.config = config.model_dump()
-    state.pipeline_replay = getattr(batches, "replay", False)  # how this attempt saves
+    state.pipeline_replay = isinstance(batches, PipelineBatches) and batches.replay  # its saves
     if optimizer_step(model) != state.step:
         raise RuntimeError(f"{resumed.path if resumed else run.initial_model}: optimizer restored "
                            f"at step {optimizer_step(model)}, state says {state.step}")
@@ -139,10 +136,10 @@ def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays
                            config.class_weight, replay=config.pipeline_resume == "replay")
 
 
-def training_trackables(model, batches) -> dict:
-    """What a checkpoint holds beside the model: the unfinished epoch's metrics, the batches'
-    position (a pipeline's iterator, unless it is replayed)."""
-    return {"metrics": model.metrics_variables, **batches.trackables()}
+def training_trackables(model, position: dict) -> dict:
+    """What a checkpoint holds beside the model: the unfinished epoch's metrics, and `position`,
+    the batches' (a pipeline's iterator, unless it is replayed)."""
+    return {"metrics": model.metrics_variables, **position}
 
 
 class EpochOutputs:
