@@ -15,7 +15,9 @@ Usage:
     python bench/fault_injection.py --stage finish --kills 40    # evaluate, export, report, verify
 
 `--example digits` trains examples/digits_cnn (a registered custom layer, a shuffled and mapped
-tf.data pipeline whose iterator every checkpoint holds) instead of the tutorial.
+tf.data pipeline whose iterator every checkpoint holds) instead of the tutorial; `--example
+diabetes` the regression example's two-headed model with its own validation set, ReduceLROnPlateau
+and EarlyStopping (every other kill after the rate changed).
 
 `--stage finish` kills the stages after training instead: evaluate + export + report, forked
 as the flow runs them, in copies of three trained run directories taken in turn (never
@@ -60,13 +62,15 @@ EXAMPLES = REPO / "examples" / "digits_cnn"
 DIGITS_CONFIG = dict(model=f"{EXAMPLES / 'model.py'}:build", data=f"{EXAMPLES / 'data.py'}:load",
                      batch_size=64, save_every_batches=2, checkpoint_budget=0.0, epochs=2,
                      seed=11, keep_checkpoints=3)
-# The regression example with a validation set of its own and its callbacks: ReduceLROnPlateau
-# halves the rate after epoch 7 and EarlyStopping ends the run after epoch 9 of 30 (5 batches an
-# epoch), so a resume is exact only if their counters come back from the checkpoint.
+# The regression example's two-headed model (two named outputs, dict labels) with a validation
+# set of its own and its callbacks: ReduceLROnPlateau halves the rate and EarlyStopping ends the
+# run well before epoch 30 (5 batches an epoch), so a resume is exact only if their counters come
+# back from the checkpoint.
 REGRESSION = REPO / "examples" / "diabetes_regression"
 DIABETES_CONFIG = dict(
-    model=f"{REGRESSION / 'model.py'}:build", model_params={"learning_rate": 0.1},
-    data=f"{REGRESSION / 'data.py'}:load", data_params={"validation_share": 0.2},
+    model=f"{REGRESSION / 'model.py'}:build_two_heads", model_params={"learning_rate": 0.1},
+    data=f"{REGRESSION / 'data.py'}:load",
+    data_params={"validation_share": 0.2, "high_risk": True},
     callbacks=f"{REGRESSION / 'callbacks.py'}:plateau_and_early_stop", batch_size=64,
     save_every_batches=2, checkpoint_budget=0.0, epochs=30, seed=11, keep_checkpoints=3)
 CONFIGS = {"tutorial": DRILL_CONFIG, "digits": DIGITS_CONFIG, "diabetes": DIABETES_CONFIG,
@@ -863,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(mid-epoch saves off)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--example", choices=sorted(CONFIGS), default="tutorial",
-                        help="what to train: the tutorial (default) or examples/digits_cnn")
+                        help="what to train: the tutorial (default), examples/digits_cnn (digits, "
+                        "digits-replay) or examples/diabetes_regression's two-headed model "
+                        "(diabetes)")
     parser.add_argument("--stage", choices=("train", "finish"), default="train",
                         help="what to kill: training (default), or evaluate, export, report and "
                         "verify after it (the tutorial only)")

@@ -54,9 +54,9 @@ def test_a_tf_data_pipeline_killed_mid_epoch_resumes_bit_identical(tmp_path):
 
 
 def test_callbacks_killed_after_they_changed_the_rate_resume_with_their_counters(tmp_path):
-    """examples/diabetes_regression with its own validation set, ReduceLROnPlateau and
-    EarlyStopping: six SIGKILLs, every other one after the rate was halved; each round ends
-    with the weights, callback counters and early stop of an unkilled run."""
+    """examples/diabetes_regression's two-headed model (dict labels) with its own validation set,
+    ReduceLROnPlateau and EarlyStopping: six SIGKILLs, every other one after the rate was halved;
+    each round ends with the weights, callback counters and early stop of an unkilled run."""
     report = drill(tmp_path, "--example", "diabetes", "--kills", "6", "--in-write-share", "0.3",
                    "--seed", "1")
     assert report["example"] == "diabetes" and report["kills"] == 6

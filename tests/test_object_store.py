@@ -142,6 +142,12 @@ class TcpProxy:
     def stop(self) -> None:
         self.listener.close()
         for connection in self.connections:
+            # shutdown first: a close() alone does not wake a thread blocked in recv(), so the
+            # peer would see no reset and wait out its read timeout instead of an outage.
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             connection.close()
 
     def _accept(self, listener: socket.socket) -> None:

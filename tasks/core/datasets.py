@@ -1,7 +1,8 @@
 """A user's data, from the function `--data` names: NumPy arrays, or tf.data pipelines.
 
 Arrays (`x_train`, `y_train`, `x_test`, `y_test`, optionally `x_val`, `y_val` and `w_train`,
-each training example's weight; features may be a dict) are snapshotted whole. Of
+each training example's weight; features and labels may be a dict or list of arrays, for a model
+of several inputs or outputs) are snapshotted whole. Of
 `{"train", "test"}` (optionally `"validation"`) pipelines of unbatched `(features, label)`
 elements (`(features, label, weight)` for training) the test and validation sets are
 snapshotted, the training pipeline fingerprinted and rebuilt by training.
@@ -17,7 +18,16 @@ import numpy as np
 
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.models import seed_everything
-from ckptflow.core.snapshot import SPLITS, TRAIN_WEIGHTS, VAL_SPLITS, Arrays, data_digest
+from ckptflow.core.snapshot import (
+    SPLITS,
+    TRAIN_WEIGHTS,
+    VAL_SPLITS,
+    Arrays,
+    Nested,
+    data_digest,
+    leaves,
+    row_count,
+)
 from ckptflow.core.user_code import call, resolve
 
 PIPELINE_SPLITS = ("train", "test")
@@ -40,7 +50,9 @@ class UserData:
 
     @property
     def train_samples(self) -> int:
-        return self.train_count if self.train_count is not None else len(self.arrays["y_train"])
+        if self.train_count is not None:
+            return self.train_count
+        return row_count(self.arrays["y_train"])
 
     def digest(self) -> str:
         """What identifies the data: the arrays' digest, or the pipeline's training elements
@@ -97,30 +109,36 @@ def checked_arrays(ref: str, value: dict) -> Arrays:
     """The splits as NumPy arrays, refused if rows, feature names or shapes disagree."""
     arrays: Arrays = {}
     for split in [s for s in (*SPLITS, *VAL_SPLITS) if s in value]:
-        item = value[split]
-        if isinstance(item, dict) and split.startswith("x_"):
-            if not item:
-                raise BadInputError(f"--data {ref}: {split} is an empty dict. Give one array per "
-                                    "model input.")
-            arrays[split] = {str(k): _numeric(ref, f"{split}[{k!r}]", v) for k, v in item.items()}
-        else:
-            arrays[split] = _numeric(ref, split, item)
+        arrays[split] = _split_arrays(ref, split, value[split])
     for part in [p for p in ("train", "test", "val") if f"y_{p}" in arrays]:
-        rows = {len(a) for a in _leaves(arrays[f"x_{part}"])} | {len(arrays[f"y_{part}"])}
+        rows = {len(a) for a in leaves(arrays[f"x_{part}"]) + leaves(arrays[f"y_{part}"])}
         if len(rows) > 1:
             raise BadInputError(f"--data {ref}: x_{part} and y_{part} have different numbers of "
                                 f"rows ({sorted(rows)}). Give one label per example.")
         if rows == {0}:
             raise BadInputError(f"--data {ref}: {part} split is empty. Give at least one example.")
     if TRAIN_WEIGHTS in value:
-        arrays[TRAIN_WEIGHTS] = _weights(ref, value[TRAIN_WEIGHTS], len(arrays["y_train"]))
+        arrays[TRAIN_WEIGHTS] = _weights(ref, value[TRAIN_WEIGHTS], row_count(arrays["y_train"]))
     for part in [p for p in ("test", "val") if f"y_{p}" in arrays]:
-        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
-        if _layout(arrays["x_train"]) != _layout(x) or arrays["y_train"].shape[1:] != y.shape[1:]:
-            raise BadInputError(f"--data {ref}: train and {part} examples differ in shape "
-                                f"({_layout(arrays['x_train'])} vs {_layout(x)}). Give every "
-                                "split the same features.")
+        for kind in ("x", "y"):
+            train, other = _layout(arrays[f"{kind}_train"]), _layout(arrays[f"{kind}_{part}"])
+            if train != other:
+                raise BadInputError(f"--data {ref}: train and {part} examples differ in shape "
+                                    f"({kind}_train {train} vs {kind}_{part} {other}). Give "
+                                    "every split the same features and labels.")
     return arrays
+
+
+def _split_arrays(ref: str, split: str, item) -> Nested:
+    """One split as an array, or a dict or list of arrays (several model inputs or outputs)."""
+    if isinstance(item, dict | list | tuple):
+        if not item:
+            raise BadInputError(f"--data {ref}: {split} is an empty {type(item).__name__}. Give "
+                                f"one array per model {'input' if split[0] == 'x' else 'output'}.")
+        if isinstance(item, dict):
+            return {str(k): _numeric(ref, f"{split}[{k!r}]", v) for k, v in item.items()}
+        return [_numeric(ref, f"{split}[{i}]", v) for i, v in enumerate(item)]
+    return _numeric(ref, split, item)
 
 
 def _numeric(ref: str, name: str, value) -> np.ndarray:
@@ -148,14 +166,13 @@ def _weights(ref: str, value, rows: int) -> np.ndarray:
     return weights.reshape(rows).astype("float32")
 
 
-def _leaves(x) -> list[np.ndarray]:
-    return list(x.values()) if isinstance(x, dict) else [x]
-
-
-def _layout(x) -> dict | tuple:
-    if isinstance(x, dict):
-        return {k: (v.shape[1:], v.dtype.str) for k, v in sorted(x.items())}
-    return (x.shape[1:], x.dtype.str)
+def _layout(value: Nested) -> dict | list | tuple:
+    """Per-example shapes and dtypes of one split's arrays (what every split must share)."""
+    if isinstance(value, dict):
+        return {k: _layout(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [_layout(v) for v in value]
+    return (value.shape[1:], value.dtype.str)
 
 
 def checked_pipelines(ref: str, value: dict):
@@ -204,18 +221,20 @@ def _same_structure(a, b) -> bool:
 def read_elements(ref: str, pipeline, part: str) -> Arrays:
     """A test or validation pipeline's elements as arrays `x_PART`, `y_PART`, in order (the
     snapshot holds them: evaluation, export and verify use the test set)."""
-    features, labels = [], []
-    for x, y in pipeline.as_numpy_iterator():
-        features.append(x)
-        labels.append(y)
-    if not labels:
+    import tensorflow as tf
+
+    elements = list(pipeline.as_numpy_iterator())
+    if not elements:
         raise BadInputError(f"--data {ref}: the {'validation' if part == 'val' else part} "
                             "pipeline is empty. Return at least one element.")
-    if isinstance(features[0], dict):
-        x = {k: np.stack([f[k] for f in features]) for k in features[0]}
-    else:
-        x = np.stack(features)
-    return {f"x_{part}": x, f"y_{part}": np.stack(labels)}
+    x, y = (tf.nest.map_structure(lambda *rows: np.stack(rows), *[e[i] for e in elements])
+            for i in (0, 1))
+    return {f"x_{part}": _untupled(x), f"y_{part}": _untupled(y)}
+
+
+def _untupled(value):
+    """tf.data's tuples of several labels as the list the snapshot stores."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def pipeline_fingerprint(train) -> tuple[int, str]:

@@ -2,8 +2,9 @@
 
 Adding a format is adding one `ExportFormat` entry to `FORMATS`. `predict` loads the file the way
 a user of that format would and returns the model's outputs for `x` (an array, or a dict of
-arrays). Weights-only formats load into a model from `fresh_model`, a factory the caller passes
-(the registry knows no architecture); `.keras`/`.h5` need the custom layers' modules imported.
+arrays) as the model returns them (for several outputs, a dict or list). Weights-only formats
+load into a model from `fresh_model`, a factory the caller passes (the registry knows no
+architecture); `.keras`/`.h5` need the custom layers' modules imported.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from typing import TYPE_CHECKING
 from ckptflow.core.checkpoints import write_tf_index
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.native_output import send_native_output_to
+from ckptflow.core.predictions import max_abs_diff, named
+from ckptflow.core.snapshot import TEST_SPLITS, example_rows, load_snapshot, row_count, select_rows
 
 if TYPE_CHECKING:
     import numpy as np
 
 ModelFactory = Callable[[], object]  # a fresh, compiled keras.Model of the run's architecture
-Predict = Callable[[Path, "np.ndarray", ModelFactory], "np.ndarray"]
+Predict = Callable[[Path, "np.ndarray", ModelFactory], object]
 
 
 @dataclass(frozen=True)
@@ -40,32 +43,29 @@ class ExportFormat:
     tolerance: float = 1e-5  # largest allowed |prediction - trained model's prediction|
     requires: tuple[str, ...] = ()  # modules it needs beyond ckptflow's dependencies
     hdf5: bool = False  # its dataset shapes can be inspected with h5py
-    multi_input: bool = True  # takes a dict of inputs (LiteRT and ONNX here do not)
+    multi_io: bool = True  # takes several inputs and outputs (LiteRT and ONNX here: one of each)
 
     def missing(self) -> list[str]:
         """The required modules that are not installed."""
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
 
-def predict_logits(model, x, chunk: int = 4096) -> np.ndarray:
-    """The model's outputs for `x`, by direct calls in chunks of `chunk` rows (~10x faster than
-    `model.predict`, which traces a new function for every freshly loaded model)."""
+def predict_logits(model, x, chunk: int = 4096):
+    """The model's outputs for `x` (an array, or a dict or list of arrays for several outputs),
+    by direct calls in chunks of `chunk` rows (~10x faster than `model.predict`, which traces a
+    new function for every freshly loaded model)."""
     import numpy as np
+    import tensorflow as tf
 
-    rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-    return np.concatenate([np.asarray(model(rows_of(x, i, i + chunk), training=False))
-                           for i in range(0, rows, chunk)])
-
-
-def rows_of(x, start: int, stop: int):
-    """Rows `start:stop` of features that are an array or a dict of arrays."""
-    return {k: v[start:stop] for k, v in x.items()} if isinstance(x, dict) else x[start:stop]
+    chunks = [model(select_rows(x, slice(i, i + chunk)), training=False)
+              for i in range(0, row_count(x), chunk)]
+    return tf.nest.map_structure(lambda *parts: np.concatenate(parts), *chunks)
 
 
 def _tensors(x):
     import tensorflow as tf
 
-    return {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else tf.constant(x)
+    return tf.nest.map_structure(tf.constant, x)
 
 
 def load_keras_model(path: str | Path, compile: bool = True):
@@ -115,24 +115,25 @@ def _predict_weights_h5(path: Path, x: np.ndarray, fresh_model: ModelFactory) ->
     return predict_logits(model, x)
 
 
-def _predict_saved_model(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
-    """`serve`, the `serving_default` signature and `keras.layers.TFSMLayer` must all agree."""
+def _predict_saved_model(path: Path, x: np.ndarray, fresh_model: ModelFactory):
+    """`serve`, the `serving_default` signature and `keras.layers.TFSMLayer` must all agree (on
+    every output: the signature names a list's outputs `output_0`, ...)."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))  # keep a reference: its variables die with it
     if "serving_default" not in loaded.signatures:
         raise ValueError(f"{path} has no serving_default signature")
-    served = loaded.serve(_tensors(x)).numpy()
+    outputs = loaded.serve(_tensors(x))
+    served = named(outputs)
     signature = (loaded.signatures["serving_default"](**_tensors(x)) if isinstance(x, dict)
                  else loaded.signatures["serving_default"](tf.constant(x)))
-    by_signature = next(iter(signature.values())).numpy()
-    by_layer = np.asarray(keras.layers.TFSMLayer(str(path), call_endpoint="serve")(x))
-    spread = max(np.max(np.abs(served - by_signature)), np.max(np.abs(served - by_layer)))
+    by_signature = named(signature if isinstance(served, dict) else next(iter(signature.values())))
+    by_layer = named(keras.layers.TFSMLayer(str(path), call_endpoint="serve")(x))
+    spread = max(max_abs_diff(served, by_signature), max_abs_diff(served, by_layer))
     if spread > 1e-6:
         raise ValueError(f"{path}: serve, serving_default and TFSMLayer disagree by {spread:.1e}")
-    return served
+    return outputs
 
 
 def _predict_litert(path: Path, x: np.ndarray, fresh_model: ModelFactory) -> np.ndarray:
@@ -179,10 +180,10 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  "tf.saved_model.load(...).serve + serving_default + TFSMLayer"),
     ExportFormat("litert", "model.tflite", _export("litert"), _predict_litert,
                  "ai_edge_litert Interpreter (batch resized)", tolerance=5e-5,
-                 requires=("ai_edge_litert",), multi_input=False),
+                 requires=("ai_edge_litert",), multi_io=False),
     ExportFormat("onnx", "model.onnx", _export("onnx"), _predict_onnx,
                  "onnxruntime InferenceSession (CPU)", tolerance=5e-5,
-                 requires=("onnxruntime", "onnx", "tf2onnx"), multi_input=False),
+                 requires=("onnxruntime", "onnx", "tf2onnx"), multi_io=False),
 )}
 FORMAT_NAMES = tuple(FORMATS)
 
@@ -191,12 +192,9 @@ def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict
                      native_log: str) -> None:
     """In a fresh process (verify's): load one export with its own runtime, predict the test set,
     score the predictions, and send the outcome (or the error, in one line) through `sender`."""
-    import numpy as np
-
     send_native_output_to(Path(native_log))
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # this process's entry point
     from ckptflow.core.models import ModelSource, prediction_metrics
-    from ckptflow.core.snapshot import TEST_SPLITS, example_rows, load_snapshot
     from ckptflow.core.user_code import resolve
 
     try:
@@ -205,10 +203,12 @@ def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict
         resolve(source.ref, "--model")  # imports the module that registers its custom layers
         fresh_model = source.factory(*example_rows(arrays))
         started = time.perf_counter()
-        predictions = np.asarray(FORMATS[name].predict(Path(path), arrays["x_test"], fresh_model))
+        outputs = FORMATS[name].predict(Path(path), arrays["x_test"], fresh_model)
         seconds = time.perf_counter() - started
+        scorer = fresh_model()
+        predictions = named(outputs, getattr(scorer, "output_names", None))
         sender.send({"predictions": predictions, "seconds": seconds,
-                     "metrics": prediction_metrics(fresh_model(), arrays["y_test"], predictions)})
+                     "metrics": prediction_metrics(scorer, arrays["y_test"], predictions)})
     except Exception as exc:  # reported as the row's problem, in one line
         sender.send({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
     finally:
@@ -216,10 +216,10 @@ def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict
 
 
 def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | None = None,
-                   multi_input: bool = False) -> tuple[list[ExportFormat], list[str]]:
+                   multi_io: bool = False) -> tuple[list[ExportFormat], list[str]]:
     """The formats to export and a note for each one skipped (a missing package; a model of
-    several inputs). `names=None`: every format that can be exported; naming one that cannot is
-    an error, since the user expects that file."""
+    several inputs or outputs). `names=None`: every format that can be exported; naming one that
+    cannot is an error, since the user expects that file."""
     registry = FORMATS if registry is None else registry
     if names is not None:
         unknown = [n for n in names if n not in registry]
@@ -228,9 +228,9 @@ def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | 
                                 f"{list(registry)}")
         chosen = [registry[n] for n in names]
         for fmt in chosen:
-            if multi_input and not fmt.multi_input:
-                raise BadInputError(f"format {fmt.name} takes models of one input; this model "
-                                    "has several (dict features). Leave the format out.")
+            if multi_io and not fmt.multi_io:
+                raise BadInputError(f"format {fmt.name} takes models of one input and one "
+                                    "output; this model has several. Leave the format out.")
             if fmt.missing():
                 raise BadInputError(
                     f"format {fmt.name} needs {', '.join(fmt.missing())}, which is not installed. "
@@ -238,8 +238,8 @@ def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | 
         return chosen, []
     chosen, skipped = [], []
     for fmt in registry.values():
-        if multi_input and not fmt.multi_input:
-            skipped.append(f"{fmt.name}: skipped, takes models of one input only")
+        if multi_io and not fmt.multi_io:
+            skipped.append(f"{fmt.name}: skipped, takes models of one input and one output only")
         elif fmt.missing():
             skipped.append(f"{fmt.name}: skipped, needs {', '.join(fmt.missing())} "
                            "(pip install -e '.[formats]')")

@@ -96,16 +96,19 @@ def _build(model, ref: str, x_sample, y_sample) -> None:
         raise BadInputError(f"--model {ref}: the model cannot take the data's features "
                             f"({_shapes(x_sample)}): {type(exc).__name__}: {first_line(exc)}. "
                             "Match the model's inputs to the data.") from exc
-    if isinstance(y_pred, dict | list | tuple):
-        raise BadInputError(f"--model {ref} has several outputs; ckptflow trains models with one "
-                            "output tensor. Return a model with a single output.")
+    if isinstance(y_pred, list | tuple) and len(y_pred) > 1 and not getattr(
+            model, "output_names", None):
+        raise BadInputError(f"--model {ref} returns {len(y_pred)} outputs as a list without "
+                            "names. Build it with the functional API (keras.Model(inputs, "
+                            "outputs)) or return a dict of outputs, so that each output's metrics "
+                            "and predictions are named.")
     try:
         model.compute_loss(x=x_sample, y=y_sample, y_pred=y_pred)
         model.compute_metrics(x_sample, y_sample, y_pred, sample_weight=None)
     except Exception as exc:
         raise BadInputError(f"--model {ref}: its loss or metrics cannot take the data's labels "
-                            f"({_shapes(y_sample)}) against outputs of shape "
-                            f"{tuple(y_pred.shape)}: {type(exc).__name__}: {first_line(exc)}. "
+                            f"({_shapes(y_sample)}) against outputs of "
+                            f"{_shapes(y_pred)}: {type(exc).__name__}: {first_line(exc)}. "
                             "Match the loss to the labels (e.g. sparse categorical "
                             "crossentropy for integer classes).") from exc
     model.reset_metrics()
@@ -135,16 +138,24 @@ def weight_shapes(model) -> list[list[int]]:
 
 def metric_names(model) -> list[str]:
     """The names the model's compiled metrics report (`accuracy`, `mae`, ...), loss excluded."""
-    return [name for name in model.get_metrics_result() if name != "loss"]
+    return [name for name in model.get_metrics_result() if name not in loss_names(model)]
+
+
+def loss_names(model) -> set[str]:
+    """The loss trackers among the results: `loss`, and each named output's (`aux_loss`)."""
+    return {"loss", *(f"{name}_loss" for name in getattr(model, "output_names", None) or ())}
 
 
 def prediction_metrics(model, y, predictions) -> dict[str, float]:
-    """The model's compiled metrics (loss excluded) of `predictions` against `y`."""
+    """The model's compiled metrics (losses excluded) of `predictions` against `y` (for a model
+    of several outputs, a dict by output name)."""
     import tensorflow as tf
 
     model.reset_metrics()
-    model.compute_metrics(None, y, tf.constant(predictions), sample_weight=None)
-    results = {k: float(v) for k, v in model.get_metrics_result().items() if k != "loss"}
+    model.compute_metrics(None, y, tf.nest.map_structure(tf.constant, predictions),
+                          sample_weight=None)
+    results = {k: float(v) for k, v in model.get_metrics_result().items()
+               if k not in loss_names(model)}
     model.reset_metrics()
     return results
 
@@ -160,10 +171,13 @@ def _without_names(value):
 def _shapes(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {tuple(getattr(v, 'shape', ()))[1:]}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(f"[{i}]: {tuple(getattr(v, 'shape', ()))[1:]}" for i, v in enumerate(value))
     return f"per-example shape {tuple(getattr(value, 'shape', ()))[1:]}"
 
 
 def describe_metrics(metrics: dict[str, float]) -> str:
-    """`accuracy 91.20%, loss 0.3012` (accuracy as a percentage, the rest as numbers)."""
-    return ", ".join(f"{k} {v:.2%}" if k == "accuracy" else f"{k} {v:.4g}"
-                     for k, v in sorted(metrics.items(), key=lambda kv: kv[0] != "accuracy"))
+    """`accuracy 91.20%, loss 0.3012` (accuracies, `cls_accuracy` too, as percentages and first;
+    the rest as numbers)."""
+    return ", ".join(f"{k} {v:.2%}" if k.endswith("accuracy") else f"{k} {v:.4g}"
+                     for k, v in sorted(metrics.items(), key=lambda kv: not kv[0].endswith("accuracy")))

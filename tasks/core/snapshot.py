@@ -1,5 +1,6 @@
 """The data snapshot: the arrays fetch-data chose, saved once into the run directory and read by
-every later stage (features that are a dict of arrays stored as `x_train/NAME`)."""
+every later stage. Features or labels of several arrays (a model of several inputs or outputs) are
+a dict stored as `x_train/NAME`, or a list stored as `y_train/[0]`, `y_train/[1]`, ..."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pydantic import BaseModel
 from ckptflow.core.errors import BadInputError
 from ckptflow.core.files import atomic_write_bytes
 
-Arrays = dict[str, np.ndarray | dict[str, np.ndarray]]
+Nested = np.ndarray | dict[str, np.ndarray] | list[np.ndarray]  # one split's array(s)
+Arrays = dict[str, Nested]
 SPLITS = ("x_train", "y_train", "x_test", "y_test")
 TEST_SPLITS = ("x_test", "y_test")
 VAL_SPLITS = ("x_val", "y_val")  # optional: a validation set of the user's own
@@ -69,11 +71,14 @@ def write_snapshot(path: Path, arrays: Arrays) -> None:
 
 
 def flatten(arrays: Arrays) -> dict[str, np.ndarray]:
-    """`{"x_train": {"a": A}}` as `{"x_train/a": A}`; plain arrays stay as they are."""
+    """`{"x_train": {"a": A}, "y_train": [B, C]}` as `{"x_train/a": A, "y_train/[0]": B,
+    "y_train/[1]": C}`; plain arrays stay as they are."""
     flat = {}
     for split, value in arrays.items():
         if isinstance(value, dict):
             flat.update({f"{split}/{name}": array for name, array in value.items()})
+        elif isinstance(value, list | tuple):
+            flat.update({f"{split}/[{i}]": array for i, array in enumerate(value)})
         else:
             flat[split] = value
     return flat
@@ -88,7 +93,29 @@ def unflatten(flat: dict[str, np.ndarray]) -> Arrays:
             arrays.setdefault(split, {})[name] = array
         else:
             arrays[split] = array
+    for split, value in arrays.items():
+        if isinstance(value, dict) and all(n.startswith("[") for n in value):
+            arrays[split] = [value[f"[{i}]"] for i in range(len(value))]
     return arrays
+
+
+def leaves(value: Nested) -> list[np.ndarray]:
+    """The arrays of one split, in order."""
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def row_count(value: Nested) -> int:
+    """Examples in one split (every array has one row per example)."""
+    return len(leaves(value)[0])
+
+
+def select_rows(value: Nested, rows) -> Nested:
+    """The rows `rows` (a slice or an index array) of every array of one split."""
+    if isinstance(value, dict):
+        return {k: v[rows] for k, v in value.items()}
+    return [v[rows] for v in value] if isinstance(value, list | tuple) else value[rows]
 
 
 def data_digest(arrays: Arrays) -> str:
@@ -113,8 +140,7 @@ def load_verified(path: Path, data: DataRecord) -> Arrays:
 
 def example_rows(arrays: Arrays, rows: int = 2) -> tuple:
     """The first `rows` test features and labels: what a fresh model is built on."""
-    x, y = arrays["x_test"], arrays["y_test"]
-    return ({k: v[:rows] for k, v in x.items()} if isinstance(x, dict) else x[:rows]), y[:rows]
+    return select_rows(arrays["x_test"], slice(rows)), select_rows(arrays["y_test"], slice(rows))
 
 
 def validation_split(arrays: Arrays) -> tuple:

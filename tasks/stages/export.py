@@ -3,7 +3,6 @@ before the set replaces the previous exports."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -29,6 +28,7 @@ from ckptflow.core.formats import ExportFormat, predict_logits, select_formats
 from ckptflow.core.manifest import artifact_entry, set_artifacts, update_manifest
 from ckptflow.core.models import prediction_metrics
 from ckptflow.core.native_output import native_output_to
+from ckptflow.core.predictions import max_abs_diff, named, suffix, to_bytes
 from ckptflow.core.restore import fresh_model_factory, restore_model
 from ckptflow.core.resume_point import CheckpointRef
 from ckptflow.core.run_dir import RunDir
@@ -61,7 +61,8 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     run = RunDir(run_dir)
     arrays = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
     x, y = arrays["x_test"], arrays["y_test"]
-    chosen, skipped = select_formats(formats, multi_input=isinstance(x, dict))
+    several = not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray))  # inputs or outputs
+    chosen, skipped = select_formats(formats, multi_io=several)
     for note in skipped:
         log.warning("export %s", note)
     names = [f.name for f in chosen]
@@ -76,9 +77,11 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     # The converters and runtimes print natively (LiteRT's XNNPACK line, tf2onnx's warnings):
     with native_output_to(run.native_log):  # to the run's log, not the terminal
         model = restore_model(run, checkpoint.path)
+        outputs = getattr(model, "output_names", None)
         fresh_model = fresh_model_factory(run, model_identity(run, checkpoint))
         scorer = fresh_model()  # its compiled metrics score each export's predictions
-        reference = predict_logits(model, x)
+        reference = named(predict_logits(model, x), outputs)
+        reference_path = run.reference.with_suffix(suffix(reference))
         # Every file is written and checked in one staging directory first; only when all of them
         # pass do they (and the reference they were checked against) replace the previous set.
         staging = run.exports / f".tmp-{uuid.uuid4().hex[:8]}"
@@ -88,18 +91,16 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
             for fmt in chosen:
                 raise_if_stop_requested()  # between formats: the staged ones are discarded
                 _save_export(fmt, model, staging / fmt.filename, run.exports / fmt.filename)
-                predictions = fmt.predict(staging / fmt.filename, x, fresh_model)
-                diff = float(np.max(np.abs(predictions - reference)))
+                predictions = named(fmt.predict(staging / fmt.filename, x, fresh_model), outputs)
+                diff = max_abs_diff(predictions, reference)
                 if not diff <= fmt.tolerance:
                     raise RuntimeError(f"{fmt.name} export predicts differently from the trained "
                                        f"model (max abs difference {diff:.2e} > {fmt.tolerance})")
                 checked.append((fmt, prediction_metrics(scorer, y, predictions), diff))
-            buffer = io.BytesIO()
-            np.save(buffer, reference)
-            atomic_write_bytes(staging / run.reference.name, buffer.getvalue())
+            atomic_write_bytes(staging / reference_path.name, to_bytes(reference))
             for fmt, _, _ in checked:
                 publish(staging / fmt.filename, run.exports / fmt.filename)
-            publish(staging / run.reference.name, run.reference)
+            publish(staging / reference_path.name, reference_path)
         finally:
             discard(staging)
     records = []
@@ -110,7 +111,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
                                     metrics=metrics, max_abs_diff=diff, loader=fmt.loader))
         log.info("export %-13s %9d bytes  %s  max |diff| %.1e", fmt.name, entry["bytes"],
                  "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), diff)
-    reference_entry = artifact_entry(run, run.reference, "reference", "npy",
+    reference_entry = artifact_entry(run, reference_path, "reference", reference_path.suffix[1:],
                                      checkpoint=checkpoint.path)
     set_artifacts(run, "export", [
         {"kind": "export", **r.model_dump(), "checkpoint": checkpoint.path,
@@ -118,6 +119,7 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     set_artifacts(run, "reference", [reference_entry])
     atomic_write_json(run.export_index, {"checkpoint": checkpoint.path,
                                         "commit_sha256": checkpoint.commit_sha256,
+                                        "reference": reference_entry["path"],
                                         "reference_sha256": reference_entry["sha256"],
                                         "exports": [r.model_dump() for r in records]})
     return records
@@ -132,7 +134,8 @@ def intact_exports(run_dir: str | Path, checkpoint: CheckpointRef) -> list[Expor
         return None
     if index.get("commit_sha256") != checkpoint.commit_sha256:
         return None
-    if not run.reference.exists() or sha256_path(run.reference) != index.get("reference_sha256"):
+    reference = reference_of(run, index)
+    if not reference.exists() or sha256_path(reference) != index.get("reference_sha256"):
         return None
     records = [ExportRecord(**r) for r in index["exports"]]
     for r in records:
@@ -147,9 +150,16 @@ def export_outputs(run_dir: str | Path) -> list[Path]:
     run = RunDir(run_dir)
     try:
         index = json.loads(run.export_index.read_text())
-        return [run.export_index, run.reference] + [run.root / r["path"] for r in index["exports"]]
+        return [run.export_index, reference_of(run, index)] + [run.root / r["path"]
+                                                               for r in index["exports"]]
     except (OSError, ValueError, KeyError, TypeError):
         return []
+
+
+def reference_of(run: RunDir, index: dict) -> Path:
+    """The reference predictions an export index names (an index older than multi-output models
+    names none: the `.npy` one)."""
+    return run.root / index["reference"] if "reference" in index else run.reference
 
 
 def _save_export(fmt: ExportFormat, model, staged: Path, final: Path) -> None:

@@ -14,7 +14,14 @@ from ckptflow.core.files import ensure_writable, sha256_file
 from ckptflow.core.identity import check_same_data
 from ckptflow.core.manifest import artifact_entry, read_manifest, set_artifacts, update_manifest
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import DataRecord, data_digest, describe_validation, load_snapshot, write_snapshot
+from ckptflow.core.snapshot import (
+    DataRecord,
+    data_digest,
+    describe_validation,
+    load_snapshot,
+    row_count,
+    write_snapshot,
+)
 from ckptflow.orchestration.retries import retry_options
 from ckptflow.tutorial.data import load_mnist
 
@@ -56,9 +63,9 @@ def fetch_data(run_dir: str | Path, source: str = "auto", train_samples: int = 1
         write_snapshot(snapshot, loaded.arrays)
     record = DataRecord(source=used, reason=reason, path=run.relative(snapshot),
                         file_sha256=sha256_file(snapshot), data_sha256=digest,
-                        train_samples=loaded.train_samples, test_samples=len(loaded.arrays["y_test"]),
+                        train_samples=loaded.train_samples, test_samples=row_count(loaded.arrays["y_test"]),
                         request=request, kind=loaded.kind,
-                        validation_samples=len(loaded.arrays["y_val"]) if "y_val" in loaded.arrays
+                        validation_samples=row_count(loaded.arrays["y_val"]) if "y_val" in loaded.arrays
                         else None,
                         snapshot_sha256=None if loaded.kind == "arrays" else data_digest(loaded.arrays))
     if recorded == record.model_dump():  # a pipeline read again and found the same: no write

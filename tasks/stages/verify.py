@@ -17,10 +17,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 
 from ckptflow.config import TrainConfig
+from ckptflow.core import predictions
 from ckptflow.core.errors import BadInputError, VerificationFailed
 from ckptflow.core.formats import FORMATS, load_and_predict
 from ckptflow.core.integrity import VerifyRow, check_file, checked_manifest, completeness_rows, safe_path
@@ -59,7 +59,7 @@ def verify_run_dir(run_dir: str | Path) -> list[VerifyRow]:
 
 def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
     reference_entry = next(a for a in manifest["artifacts"] if a["kind"] == "reference")
-    reference = np.load(run_dir / reference_entry["path"], allow_pickle=False)
+    reference = predictions.load(run_dir / reference_entry["path"])
     snapshot = safe_path(run_dir, (manifest.get("data") or {}).get("path", "data/mnist.npz"))
     identity = manifest["model"]["identity"]
     shapes = manifest["model"].get("weight_shapes", [])
@@ -82,9 +82,8 @@ def _check_exports(run_dir: Path, manifest: dict, exports: list) -> None:
             log.warning("loading %s failed (%s); the last lines of %s:\n%s", row.path,
                         row.problem, native_log, last_lines(native_log))
             continue
-        predictions = outcome["predictions"]
         row.load_seconds = round(outcome["seconds"], 3)
-        row.max_abs_diff = float(np.max(np.abs(predictions - reference)))
+        row.max_abs_diff = predictions.max_abs_diff(outcome["predictions"], reference)
         row.metrics = outcome["metrics"]
         row.accuracy = row.metrics.get("accuracy")
         recorded = entry.get("metrics") or {"accuracy": entry.get("test_accuracy")}
@@ -182,15 +181,16 @@ def inspect_hdf5(path: Path, weight_shapes: list[list[int]]) -> str:
 def format_table(rows: list[VerifyRow]) -> str:
     """The verdicts as a text table, with the model's first metric (the tutorial's accuracy)."""
     name = next((next(iter(r.metrics)) for r in rows if r.metrics), "accuracy")
+    width = max(10, len(name))  # a multi-output model's metric is named by its output
     lines = [f"{'kind':<10} {'format':<19} {'bytes':>11} {'load s':>7} {'max|diff|':>10} "
-             f"{name[:10]:>10}  ok  path / problem"]
+             f"{name:>{width}}  ok  path / problem"]
     for r in rows:
         value = r.metrics.get(name)
         lines.append(
             f"{r.kind:<10} {r.format:<19} {r.bytes if r.bytes is not None else '-':>11} "
             f"{r.load_seconds if r.load_seconds is not None else '-':>7} "
             f"{f'{r.max_abs_diff:.1e}' if r.max_abs_diff is not None else '-':>10} "
-            f"{f'{value:.4f}' if value is not None else '-':>10}  "
+            f"{f'{value:.4f}' if value is not None else '-':>{width}}  "
             f"{'OK' if r.ok else 'FAIL':<3} {r.path}{'  ' + r.problem if r.problem else ''}")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ import tempfile
 import numpy as np
 
 from ckptflow.core.errors import BadInputError, first_line
+from ckptflow.core.snapshot import row_count
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -38,6 +39,12 @@ def class_indices(y, batched: bool):
     return tf.cast(tf.reshape(y, [-1] if batched else []), tf.int64)
 
 
+def several_labels_weighed_by_class() -> BadInputError:
+    return BadInputError("class_weight weighs the labels of a model of one output, and these "
+                         "labels are several (a dict or list, one per output). Weigh each example "
+                         "instead (w_train, or (x, y, weight) elements), or drop class_weight.")
+
+
 class ArrayBatches:
     """Batches of in-memory arrays (features an array or a dict of arrays) in each epoch's order,
     each with its examples' weights when there are any (`weights`, or from `class_weight`)."""
@@ -45,11 +52,14 @@ class ArrayBatches:
     def __init__(self, x, y, seed: int, batch_size: int, weights: np.ndarray | None = None,
                  class_weight: dict[int, float] | None = None):
         if class_weight is not None:
+            if not isinstance(y, np.ndarray):
+                raise several_labels_weighed_by_class()
             classes = class_indices(y, batched=True).numpy()
             weights = class_weight_vector(class_weight, int(classes.max()) + 1)[classes]
         self.weighted = weights is not None
+        x, y = (tuple(v) if isinstance(v, list) else v for v in (x, y))  # tf.data stacks lists
         self._arrays, self._tensors = (x, y) + ((weights,) if self.weighted else ()), None
-        self.seed, self.batch_size, self.count = seed, batch_size, len(y)
+        self.seed, self.batch_size, self.count = seed, batch_size, row_count(y)
         self.steps = math.ceil(self.count / batch_size)
 
     def trackables(self) -> dict:
@@ -98,6 +108,8 @@ class PipelineBatches:
             if len(train.element_spec) == 3:
                 raise BadInputError(f"--data {ref} weighs each example ((x, y, weight) "
                                     "elements) and class_weight is given too. Give one of them.")
+            if len(tf.nest.flatten(train.element_spec[1])) > 1:
+                raise several_labels_weighed_by_class()
             vector = tf.constant(class_weight_vector(class_weight))
             train = train.map(
                 lambda x, y: (x, y, tf.gather(vector, class_indices(y, batched=False))))

@@ -30,7 +30,7 @@ from ckptflow.core.errors import BadInputError
 from ckptflow.core.lock import run_dir_lock
 from ckptflow.core.models import ModelSource
 from ckptflow.core.run_dir import RunDir
-from ckptflow.core.snapshot import DataRecord, example_rows
+from ckptflow.core.snapshot import DataRecord, example_rows, row_count, select_rows
 from ckptflow.training.batches import epoch_order
 from ckptflow.training.cluster import describe_worker, is_chief, strategy_for, worker_count
 from ckptflow.training.loop import TrainingLoop
@@ -110,12 +110,11 @@ class Replicas:
 
     def epoch_steps(self, epoch: int, batch: int) -> Callable[[int], None]:
         x, y = self.start.batches.arrays()
-        order, size = epoch_order(self.config.seed, epoch, len(y)), self.config.batch_size
+        order, size = epoch_order(self.config.seed, epoch, row_count(y)), self.config.batch_size
 
         def train_batch(b: int) -> None:
             idx = order[b * size:(b + 1) * size]
-            rows = {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
-            self.step(split_batch(self.strategy, rows, y[idx]))
+            self.step(split_batch(self.strategy, select_rows(x, idx), select_rows(y, idx)))
 
         return train_batch
 
@@ -157,17 +156,15 @@ def agree_on_start(strategy, step: int) -> None:
             "the same run directory: put it on a file system all of them mount.")
 
 
-def split_batch(strategy, x, y: np.ndarray):
-    """One contiguous slice of the global batch per replica, by global replica id."""
-    n = strategy.num_replicas_in_sync
-    ys = np.array_split(y, n)
-    if isinstance(x, dict):
-        parts = {k: np.array_split(v, n) for k, v in x.items()}
-        xs = [{k: v[i] for k, v in parts.items()} for i in range(n)]
-    else:
-        xs = np.array_split(x, n)
+def split_batch(strategy, x, y):
+    """One contiguous slice of the global batch per replica, by global replica id (features and
+    labels an array, or a dict or list of arrays)."""
+    n, rows = strategy.num_replicas_in_sync, row_count(y)
+    bounds = np.cumsum([0] + [rows // n + (i < rows % n) for i in range(n)])  # as np.array_split
+    parts = [(select_rows(x, slice(a, b)), select_rows(y, slice(a, b)))
+             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return strategy.experimental_distribute_values_from_function(
-        lambda ctx: (xs[ctx.replica_id_in_sync_group], ys[ctx.replica_id_in_sync_group]))
+        lambda ctx: parts[ctx.replica_id_in_sync_group])
 
 
 def step_function(model, strategy):
