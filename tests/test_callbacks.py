@@ -28,7 +28,8 @@ class Counter(keras.callbacks.Callback):
 
     def __init__(self, raise_at_epoch=None):
         super().__init__()
-        self.seen = {"epochs_begun": 0, "batches": 0, "epochs_ended": 0}
+        self.seen = {"epochs_begun": 0, "batches": 0, "validations": 0, "validated_batches": 0,
+                     "epochs_ended": 0}
         self.raise_at_epoch = raise_at_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -38,7 +39,16 @@ class Counter(keras.callbacks.Callback):
         assert isinstance(logs["loss"], float), logs
         self.seen["batches"] += 1
 
+    def on_test_batch_end(self, batch, logs=None):
+        assert isinstance(logs["loss"], float), logs
+        self.seen["validated_batches"] += 1
+
+    def on_test_end(self, logs=None):
+        assert set(logs) == {"loss", "accuracy"}, logs  # val_ names come after, in fit too
+        self.seen["validations"] += 1
+
     def on_epoch_end(self, epoch, logs=None):
+        assert self.seen["validations"] == epoch + 1  # validated before the epoch ends
         if epoch == self.raise_at_epoch:
             raise ValueError(f"no good at epoch {epoch}")
         self.seen["epochs_ended"] += 1
@@ -121,7 +131,9 @@ def test_callbacks_steer_training_and_resume_mid_epoch_exactly(tmp_path, callbac
     assert [c["class"] for c in state["callbacks"]] == [
         "ReduceLROnPlateau", "EarlyStopping", "Counter", "Recorder"]
     assert state["callbacks"][1]["state"]["wait"] == 2
-    assert state["callbacks"][2]["state"] == {"epochs_begun": 3, "batches": 24, "epochs_ended": 3}
+    # validation calls on_test_*, one batch of the 128 test examples an epoch, before on_epoch_end
+    assert state["callbacks"][2]["state"] == {"epochs_begun": 3, "batches": 24, "validations": 3,
+                                              "validated_batches": 3, "epochs_ended": 3}
     assert state["callbacks"][3]["state"] is None
     unsaved = [m for m in warned.messages if "state not checkpointed" in m]
     assert len(unsaved) == 1 and "Recorder" in unsaved[0] and "Counter" not in unsaved[0]
@@ -135,7 +147,8 @@ def test_callbacks_steer_training_and_resume_mid_epoch_exactly(tmp_path, callbac
         train_with_checkpoints(resumed.run_dir, resumed, data)
     latest = final_state(resumed.run_dir)
     assert (latest["epoch"], latest["batch"], latest["step"]) == (2, 6, 22)
-    assert latest["callbacks"][2]["state"] == {"epochs_begun": 3, "batches": 22, "epochs_ended": 2}
+    assert latest["callbacks"][2]["state"] == {"epochs_begun": 3, "batches": 22, "validations": 2,
+                                               "validated_batches": 2, "epochs_ended": 2}
     record = train_with_checkpoints(resumed.run_dir, resumed, data)
     assert (record.start_epoch, record.start_batch, record.batches_trained) == (2, 6, 2)
     # restored counters stop it at the same epoch; the epoch begun before is not begun again

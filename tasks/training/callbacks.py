@@ -92,6 +92,31 @@ class Callbacks:
     def on_train_end(self, logs: dict[str, Any]) -> None:
         self._each("on_train_end", logs=logs)
 
+    def validation_hooks(self):
+        """What `evaluate(callbacks=...)` calls while an epoch is validated, as `fit` passes its
+        callbacks there: each callback's `on_test_*` hooks (None: no callbacks)."""
+        if not self.callbacks:
+            return None
+        import keras
+        from keras.src.utils.python_utils import pythonify_logs
+
+        each = self._each
+
+        class ValidationHooks(keras.callbacks.CallbackList):
+            def on_test_begin(self, logs=None):
+                each("on_test_begin", logs=pythonify_logs(logs))
+
+            def on_test_batch_begin(self, batch, logs=None):
+                each("on_test_batch_begin", batch, logs=pythonify_logs(logs))
+
+            def on_test_batch_end(self, batch, logs=None):
+                each("on_test_batch_end", batch, logs=pythonify_logs(logs))
+
+            def on_test_end(self, logs=None):
+                each("on_test_end", logs=pythonify_logs(logs))
+
+        return ValidationHooks()
+
     def states(self) -> list[dict[str, Any]] | None:
         """Every callback's state, as `state.json` holds it (None: the run has no callbacks)."""
         if not self.callbacks:

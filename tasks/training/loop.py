@@ -4,9 +4,10 @@ Batch by batch from wherever training stands: Keras 3 `fit` cannot start an epoc
 continue a tf.data iterator. The epoch's metrics are the model's metric objects, saved in every
 checkpoint, so a resumed run writes the history an uninterrupted one writes. A SIGTERM or SIGINT
 ends training before the next batch, with a checkpoint committed there. The user's callbacks are
-called where `fit` calls them (an epoch resumed mid-way has begun already: no second
-`on_epoch_begin`), and one that sets `model.stop_training` ends training as `fit` ends it. What
-differs between strategies is an adapter with the methods of `OneDevice` (`Replicas`: under a strategy).
+called where `fit` calls them, validation's `on_test_*` hooks included (an epoch resumed mid-way
+has begun already: no second `on_epoch_begin`), and one that sets `model.stop_training` ends
+training as `fit` ends it. What differs between strategies is an adapter with the methods of
+`OneDevice` (`Replicas`: under a strategy).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class TrainingLoop:
         """Evaluate, close the epoch in the state and commit its checkpoint."""
         train = {k: float(v) for k, v in self.model.get_metrics_result().items()}
         val = self.strategy.validation_model().evaluate(
-            *validation_split(self.start.arrays),
+            *validation_split(self.start.arrays), callbacks=self.callbacks.validation_hooks(),
             batch_size=evaluation_batch_size(self.config.batch_size), verbose=0, return_dict=True)
         row = self.state.close_epoch(train, {k: float(v) for k, v in val.items()})
         if self.callbacks:
