@@ -72,6 +72,14 @@ class Unnamed(keras.Model):
         return [self.cls(x), self.aux(x)]
 
 
+def auto_named_outputs():
+    inputs = keras.Input((6,))
+    trunk = keras.layers.Dense(8)(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(2)(trunk), keras.layers.Dense(1)(trunk)])
+    model.compile(optimizer="adam", loss=["mse", "mse"])
+    return model
+
+
 def unnamed_outputs():
     model = Unnamed()
     model.compile(optimizer="adam", loss=["mse", "mse"])
@@ -179,13 +187,17 @@ def test_list_outputs_with_tuple_labels_in_tf_data_resume_mid_epoch_bit_identica
 
 @pytest.mark.parametrize("values, message", [
     (dict(model="{project}:unnamed_outputs", data="{project}:pipelines"),
-     "returns 2 outputs as a list without names. Build it with the functional API"),
+     "returns 2 outputs as a list with no output names. Name each output layer"),
+    (dict(model="{project}:auto_named_outputs", data="{project}:pipelines"),
+     r"returns 2 outputs as a list with outputs named \['dense(_\d+)?', 'dense(_\d+)?'\] by Keras"),
     (dict(model="{project}:list_outputs", data="{project}:dict_labels_of_other_rows"),
-     r"x_train and y_train have different numbers of rows \(\[79, 80\]\)"),
+     r"x_train and y_train have different numbers of rows \(x_train: 80, y_train\['cls'\]: 80, "
+     r"y_train\['aux'\]: 79\)"),
     (dict(model="{project}:list_outputs", data="{project}:pipelines", class_weight={0: 2.0}),
-     "class_weight weighs the labels of a model of one output"),
+     r"class_weight weighs the labels of a model of one output, and --data .*heads.py:pipelines "
+     r"gives several \(tuple labels\)"),
     (dict(model="{project}:list_outputs", data="{project}:pipelines", formats=["onnx"]),
-     "format onnx takes models of one input and one output; this model has several"),
+     "format onnx takes models of one input and one output; this model has several outputs"),
 ])
 def test_what_several_outputs_cannot_do_is_one_error_naming_the_fix(tmp_path, project, values,
                                                                     message):
@@ -198,3 +210,36 @@ def test_what_several_outputs_cannot_do_is_one_error_naming_the_fix(tmp_path, pr
     assert "\n" not in str(caught.value)
     if "formats" not in values:
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_list_of_numbers_is_one_array_and_a_list_of_arrays_is_several():
+    from ckptflow.core.datasets import checked_arrays
+
+    x = np.zeros((4, 2), "float32")
+    one = checked_arrays("ref", {"x_train": x, "y_train": [0, 1, 0, 1], "x_test": x,
+                                 "y_test": [1, 0, 1, 0]})
+    assert isinstance(one["y_train"], np.ndarray) and one["y_train"].shape == (4,)
+    labels = [np.zeros(4, "int64"), np.ones((4, 1), "float32")]
+    several = checked_arrays("ref", {"x_train": x, "y_train": labels, "x_test": x,
+                                     "y_test": labels})
+    assert [a.shape for a in several["y_train"]] == [(4,), (4, 1)]
+    # integer labels may differ in width between splits (as before); features may not
+    checked_arrays("ref", {"x_train": x, "y_train": np.zeros(4, "int64"), "x_test": x,
+                           "y_test": np.zeros(4, "int32")})
+    with pytest.raises(BadInputError, match="differ in shape or dtype"):
+        checked_arrays("ref", {"x_train": x, "y_train": np.zeros(4), "x_test": x.astype("float64"),
+                               "y_test": np.zeros(4)})
+
+
+def test_reference_predictions_keep_every_output_name(tmp_path):
+    from ckptflow.core.predictions import load, max_abs_diff, to_bytes
+
+    predictions = {"file": np.arange(3.0), "aux": np.ones((3, 1), "float32")}  # np.savez's word
+    path = tmp_path / "reference_predictions.npz"
+    path.write_bytes(to_bytes(predictions))
+    saved = load(path)
+    assert {k: (v.dtype, v.shape) for k, v in saved.items()} == {
+        "file": (np.float64, (3,)), "aux": (np.float32, (3, 1))}
+    assert max_abs_diff(saved, predictions) == 0.0
+    assert max_abs_diff(saved, {"file": predictions["file"]}) == float("inf")  # an output lost
+    assert max_abs_diff(saved, dict(predictions, aux=np.ones((3, 2)))) == float("inf")

@@ -311,11 +311,11 @@ def test_a_two_input_model_takes_dict_features_and_skips_single_input_formats(tm
     from ckptflow.core.formats import select_formats
     from ckptflow.flows.train_pipeline import train_pipeline
 
-    chosen, skipped = select_formats(None, multi_io=True)
+    chosen, skipped = select_formats(None, several="inputs")
     assert [f.name for f in chosen] == ["tf_checkpoint", "weights_h5", "keras", "h5", "saved_model"]
     assert [s.split(":")[0] for s in skipped] == ["litert", "onnx"]
     with pytest.raises(BadInputError, match="format onnx takes models of one input"):
-        select_formats(["onnx"], multi_io=True)
+        select_formats(["onnx"], several="inputs")
     run = RunDir(tmp_path / "two")
     summary = train_pipeline(config(run.root, model=f"{project}:functional_two_inputs",
                                     data=f"{project}:two_inputs",

@@ -25,7 +25,6 @@ from ckptflow.core.snapshot import (
     Arrays,
     Nested,
     data_digest,
-    leaves,
     row_count,
 )
 from ckptflow.core.user_code import call, resolve
@@ -111,27 +110,43 @@ def checked_arrays(ref: str, value: dict) -> Arrays:
     for split in [s for s in (*SPLITS, *VAL_SPLITS) if s in value]:
         arrays[split] = _split_arrays(ref, split, value[split])
     for part in [p for p in ("train", "test", "val") if f"y_{p}" in arrays]:
-        rows = {len(a) for a in leaves(arrays[f"x_{part}"]) + leaves(arrays[f"y_{part}"])}
-        if len(rows) > 1:
+        rows = {name: len(a) for kind in ("x", "y")
+                for name, a in _named_leaves(f"{kind}_{part}", arrays[f"{kind}_{part}"])}
+        if len(set(rows.values())) > 1:
             raise BadInputError(f"--data {ref}: x_{part} and y_{part} have different numbers of "
-                                f"rows ({sorted(rows)}). Give one label per example.")
-        if rows == {0}:
+                                f"rows ({', '.join(f'{n}: {r}' for n, r in rows.items())}). Give "
+                                "one label per example.")
+        if set(rows.values()) == {0}:
             raise BadInputError(f"--data {ref}: {part} split is empty. Give at least one example.")
     if TRAIN_WEIGHTS in value:
         arrays[TRAIN_WEIGHTS] = _weights(ref, value[TRAIN_WEIGHTS], row_count(arrays["y_train"]))
     for part in [p for p in ("test", "val") if f"y_{p}" in arrays]:
-        for kind in ("x", "y"):
-            train, other = _layout(arrays[f"{kind}_train"]), _layout(arrays[f"{kind}_{part}"])
+        for kind, dtypes in (("x", True), ("y", False)):  # integer labels may differ in width
+            train = _layout(arrays[f"{kind}_train"], dtypes)
+            other = _layout(arrays[f"{kind}_{part}"], dtypes)
             if train != other:
-                raise BadInputError(f"--data {ref}: train and {part} examples differ in shape "
-                                    f"({kind}_train {train} vs {kind}_{part} {other}). Give "
-                                    "every split the same features and labels.")
+                raise BadInputError(f"--data {ref}: train and {part} examples differ in shape"
+                                    f"{' or dtype' if dtypes else ''} ({kind}_train {train} vs "
+                                    f"{kind}_{part} {other}). Give every split the same features "
+                                    "and labels.")
     return arrays
 
 
+def _named_leaves(split: str, value: Nested) -> list[tuple[str, np.ndarray]]:
+    """One split's arrays with the names an error gives them (`y_train['aux']`)."""
+    if isinstance(value, dict):
+        return [(f"{split}[{k!r}]", v) for k, v in value.items()]
+    if isinstance(value, list):
+        return [(f"{split}[{i}]", v) for i, v in enumerate(value)]
+    return [(split, value)]
+
+
 def _split_arrays(ref: str, split: str, item) -> Nested:
-    """One split as an array, or a dict or list of arrays (several model inputs or outputs)."""
-    if isinstance(item, dict | list | tuple):
+    """One split as an array, or a dict or list of arrays (several model inputs or outputs; as
+    in Keras, a list of arrays is several, a list of numbers or rows one array)."""
+    several_arrays = isinstance(item, list | tuple) and all(
+        getattr(v, "ndim", 0) >= 1 for v in item)
+    if isinstance(item, dict) or several_arrays:
         if not item:
             raise BadInputError(f"--data {ref}: {split} is an empty {type(item).__name__}. Give "
                                 f"one array per model {'input' if split[0] == 'x' else 'output'}.")
@@ -166,13 +181,13 @@ def _weights(ref: str, value, rows: int) -> np.ndarray:
     return weights.reshape(rows).astype("float32")
 
 
-def _layout(value: Nested) -> dict | list | tuple:
-    """Per-example shapes and dtypes of one split's arrays (what every split must share)."""
+def _layout(value: Nested, dtypes: bool = True) -> dict | list | tuple:
+    """Per-example shapes (and dtypes) of one split's arrays: what every split must share."""
     if isinstance(value, dict):
-        return {k: _layout(v) for k, v in sorted(value.items())}
+        return {k: _layout(v, dtypes) for k, v in sorted(value.items())}
     if isinstance(value, list):
-        return [_layout(v) for v in value]
-    return (value.shape[1:], value.dtype.str)
+        return [_layout(v, dtypes) for v in value]
+    return (value.shape[1:], value.dtype.str) if dtypes else value.shape[1:]
 
 
 def checked_pipelines(ref: str, value: dict):

@@ -216,10 +216,10 @@ def load_and_predict(sender, name: str, path: str, snapshot: str, identity: dict
 
 
 def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | None = None,
-                   multi_io: bool = False) -> tuple[list[ExportFormat], list[str]]:
+                   several: str = "") -> tuple[list[ExportFormat], list[str]]:
     """The formats to export and a note for each one skipped (a missing package; a model of
-    several inputs or outputs). `names=None`: every format that can be exported; naming one that
-    cannot is an error, since the user expects that file."""
+    `several` inputs, outputs, or inputs and outputs). `names=None`: every format that can be
+    exported; naming one that cannot is an error, since the user expects that file."""
     registry = FORMATS if registry is None else registry
     if names is not None:
         unknown = [n for n in names if n not in registry]
@@ -228,9 +228,10 @@ def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | 
                                 f"{list(registry)}")
         chosen = [registry[n] for n in names]
         for fmt in chosen:
-            if multi_io and not fmt.multi_io:
+            if several and not fmt.multi_io:
                 raise BadInputError(f"format {fmt.name} takes models of one input and one "
-                                    "output; this model has several. Leave the format out.")
+                                    f"output; this model has several {several}. Leave the "
+                                    "format out.")
             if fmt.missing():
                 raise BadInputError(
                     f"format {fmt.name} needs {', '.join(fmt.missing())}, which is not installed. "
@@ -238,7 +239,7 @@ def select_formats(names: list[str] | None, registry: dict[str, ExportFormat] | 
         return chosen, []
     chosen, skipped = [], []
     for fmt in registry.values():
-        if multi_io and not fmt.multi_io:
+        if several and not fmt.multi_io:
             skipped.append(f"{fmt.name}: skipped, takes models of one input and one output only")
         elif fmt.missing():
             skipped.append(f"{fmt.name}: skipped, needs {', '.join(fmt.missing())} "

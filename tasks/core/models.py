@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,12 +97,8 @@ def _build(model, ref: str, x_sample, y_sample) -> None:
         raise BadInputError(f"--model {ref}: the model cannot take the data's features "
                             f"({_shapes(x_sample)}): {type(exc).__name__}: {first_line(exc)}. "
                             "Match the model's inputs to the data.") from exc
-    if isinstance(y_pred, list | tuple) and len(y_pred) > 1 and not getattr(
-            model, "output_names", None):
-        raise BadInputError(f"--model {ref} returns {len(y_pred)} outputs as a list without "
-                            "names. Build it with the functional API (keras.Model(inputs, "
-                            "outputs)) or return a dict of outputs, so that each output's metrics "
-                            "and predictions are named.")
+    if isinstance(y_pred, list | tuple) and len(y_pred) > 1:
+        _check_output_names(model, ref, len(y_pred))
     try:
         model.compute_loss(x=x_sample, y=y_sample, y_pred=y_pred)
         model.compute_metrics(x_sample, y_sample, y_pred, sample_weight=None)
@@ -114,6 +111,31 @@ def _build(model, ref: str, x_sample, y_sample) -> None:
     model.reset_metrics()
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
+
+
+def _check_output_names(model, ref: str, outputs: int) -> None:
+    """A list of outputs is named by its layers: refuse names that are missing, or Keras'
+    automatic ones (`dense_3`: numbered per process, so a resume or verify would not match)."""
+    names = getattr(model, "output_names", None) or []
+    automatic = [n for n in names if _automatic_name(model, n)]
+    if len(names) != outputs or automatic:
+        received = (f"outputs named {automatic} by Keras (numbered per process, so another "
+                    "process would name them otherwise)" if automatic else "no output names")
+        raise BadInputError(f"--model {ref} returns {outputs} outputs as a list with "
+                            f"{received}. Name each output layer (e.g. Dense(1, name=\"aux\")) or "
+                            "return a dict of outputs, so that each output's metrics and "
+                            "predictions keep their names.")
+
+
+def _automatic_name(model, name: str) -> bool:
+    """Whether an output's name is one Keras gave it (`dense_3`, an op's `add`)."""
+    from keras.src.utils.naming import to_snake_case
+
+    try:
+        layer = model.get_layer(name)
+    except ValueError:  # the output of an op, not of a layer: always named by Keras
+        return True
+    return re.fullmatch(rf"{re.escape(to_snake_case(type(layer).__name__))}(_\d+)?", name) is not None
 
 
 def fingerprint(model) -> str:
@@ -142,8 +164,11 @@ def metric_names(model) -> list[str]:
 
 
 def loss_names(model) -> set[str]:
-    """The loss trackers among the results: `loss`, and each named output's (`aux_loss`)."""
-    return {"loss", *(f"{name}_loss" for name in getattr(model, "output_names", None) or ())}
+    """The loss trackers among the results: `loss`, and each output's (`aux_loss`): the model's
+    own Mean trackers (its compiled metrics are inside its CompileMetrics)."""
+    import keras
+
+    return {"loss"} | {m.name for m in model.metrics if isinstance(m, keras.metrics.Mean)}
 
 
 def prediction_metrics(model, y, predictions) -> dict[str, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,16 @@ def suffix(predictions: Predictions) -> str:
 
 
 def to_bytes(predictions: Predictions) -> bytes:
+    """An .npy, or an .npz of one `NAME.npy` per output (written here, not by `np.savez`, whose
+    keywords would refuse an output named `file`)."""
     buffer = io.BytesIO()
-    if isinstance(predictions, dict):
-        np.savez(buffer, **predictions)
-    else:
+    if not isinstance(predictions, dict):
         np.save(buffer, predictions)
+        return buffer.getvalue()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, array in predictions.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return buffer.getvalue()
 
 

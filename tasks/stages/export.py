@@ -61,8 +61,9 @@ def export_each_format(run_dir: str | Path, data: DataRecord, checkpoint: Checkp
     run = RunDir(run_dir)
     arrays = load_snapshot(run.root / data.path, keys=TEST_SPLITS)
     x, y = arrays["x_test"], arrays["y_test"]
-    several = not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray))  # inputs or outputs
-    chosen, skipped = select_formats(formats, multi_io=several)
+    several = " and ".join(kind for kind, value in (("inputs", x), ("outputs", y))
+                           if not isinstance(value, np.ndarray))
+    chosen, skipped = select_formats(formats, several=several)
     for note in skipped:
         log.warning("export %s", note)
     names = [f.name for f in chosen]

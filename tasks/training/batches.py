@@ -39,10 +39,12 @@ def class_indices(y, batched: bool):
     return tf.cast(tf.reshape(y, [-1] if batched else []), tf.int64)
 
 
-def several_labels_weighed_by_class() -> BadInputError:
-    return BadInputError("class_weight weighs the labels of a model of one output, and these "
-                         "labels are several (a dict or list, one per output). Weigh each example "
-                         "instead (w_train, or (x, y, weight) elements), or drop class_weight.")
+def several_labels_weighed_by_class(ref: str, labels) -> BadInputError:
+    return BadInputError(f"class_weight weighs the labels of a model of one output, and --data "
+                         f"{ref} gives several ({type(labels).__name__} labels"
+                         f"{f' {sorted(labels)}' if isinstance(labels, dict) else ''}). Weigh "
+                         "each example instead (w_train, or (x, y, weight) elements), or drop "
+                         "class_weight.")
 
 
 class ArrayBatches:
@@ -50,10 +52,10 @@ class ArrayBatches:
     each with its examples' weights when there are any (`weights`, or from `class_weight`)."""
 
     def __init__(self, x, y, seed: int, batch_size: int, weights: np.ndarray | None = None,
-                 class_weight: dict[int, float] | None = None):
+                 class_weight: dict[int, float] | None = None, ref: str = ""):
         if class_weight is not None:
             if not isinstance(y, np.ndarray):
-                raise several_labels_weighed_by_class()
+                raise several_labels_weighed_by_class(ref, y)
             classes = class_indices(y, batched=True).numpy()
             weights = class_weight_vector(class_weight, int(classes.max()) + 1)[classes]
         self.weighted = weights is not None
@@ -108,8 +110,8 @@ class PipelineBatches:
             if len(train.element_spec) == 3:
                 raise BadInputError(f"--data {ref} weighs each example ((x, y, weight) "
                                     "elements) and class_weight is given too. Give one of them.")
-            if len(tf.nest.flatten(train.element_spec[1])) > 1:
-                raise several_labels_weighed_by_class()
+            if not isinstance(train.element_spec[1], tf.TensorSpec):
+                raise several_labels_weighed_by_class(ref, train.element_spec[1])
             vector = tf.constant(class_weight_vector(class_weight))
             train = train.map(
                 lambda x, y: (x, y, tf.gather(vector, class_indices(y, batched=False))))

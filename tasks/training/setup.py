@@ -129,7 +129,7 @@ def batch_source(config: TrainConfig, data: DataRecord, arrays: Arrays
             raise BadInputError(f"--data {data.source} gives {TRAIN_WEIGHTS} and class_weight is "
                                 "given too. Give one of them.")
         return ArrayBatches(arrays.pop("x_train"), arrays.pop("y_train"), config.seed,
-                            config.batch_size, weights, config.class_weight)
+                            config.batch_size, weights, config.class_weight, data.source)
     source = data.request["source"]
     train = training_pipeline(source, data.request.get("data_params") or {}, data.request["seed"])
     return PipelineBatches(train, data.train_samples, config.batch_size, source,
