@@ -28,6 +28,7 @@ Usage:
     python bench/overhead.py                        # full run (~45 min); bench/results/overhead.*
     python bench/overhead.py --only train,resume    # re-run some experiments, keep the others
     python bench/overhead.py --only warm --name warm  # the warm server alone (~5 min)
+    python bench/overhead.py --only fixed --name fixed  # issue 26's fixed cost, 5 rounds (~8 min)
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 PLAIN = REPO / "bench" / "plain.py"
 BIN = Path(sys.executable).parent
-EXPERIMENTS = ("train", "e2e60k", "e2e", "resume", "lost", "sweep", "warm")  # the order they run in
+EXPERIMENTS = ("train", "e2e60k", "e2e", "fixed", "resume", "lost", "sweep",
+               "warm")  # the order they run in
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # Earlier code to compare with: before any change this benchmark led to, and before the second
 # round (overlapped start-up, fit-based training loop, parallel verify).
@@ -76,6 +78,9 @@ FULL = {
                  variants=["plain", "ckptflow", "trivial_flow", "ckptflow_server"]),
             dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=1,
                  variants=["stages", "ckptflow_before", "ckptflow_round1"])],
+    # issue 26's fixed cost: ckptflow - plain script - trivial flow, 5 interleaved rounds
+    "fixed": [dict(case="tutorial", train=1000, test=1000, units=512, epochs=10, rounds=5,
+                   variants=["plain", "trivial_flow", "ckptflow"])],
     "train": dict(train=60000, test=10000, units=512, epochs=1, rounds=1),
     "sweep": dict(sizes=[1000, 10000, 60000], units=[512, 2048], epochs=1, rounds=1),
     "resume": dict(train=60000, test=10000, units=512, rounds=2),
@@ -88,6 +93,8 @@ QUICK = {
                     variants=["plain", "ckptflow"])],
     "e2e": [dict(case="tutorial", train=1000, test=1000, units=512, epochs=2, rounds=1,
                  variants=["plain", "ckptflow", "stages", "trivial_flow", "ckptflow_server"])],
+    "fixed": [dict(case="tutorial", train=1000, test=1000, units=512, epochs=2, rounds=1,
+                   variants=["plain", "trivial_flow", "ckptflow"])],
     "train": dict(train=4000, test=1000, units=512, epochs=1, rounds=1),
     "sweep": dict(sizes=[1000, 4000], units=[512], epochs=1, rounds=1),
     "resume": dict(train=4000, test=1000, units=512, rounds=1),
@@ -615,7 +622,7 @@ def derived(rows: list[dict]) -> list[dict]:
                 out.append({"what": f"time inside checkpoint saves, {variant}", "case": case,
                             "experiment": experiment, "stats": _stats(shares), "unit": "share",
                             "target": 0.035 if variant == "train_epoch_saves" else None})
-        if experiment == "e2e":
+        if experiment in ("e2e", "fixed"):
             med = {v: statistics.median(_values(rows, experiment, case, v, "wall_s") or [0])
                    for v in ("ckptflow", "plain", "trivial_flow", "stages")}
             if med["trivial_flow"] and med["ckptflow"]:
@@ -623,9 +630,11 @@ def derived(rows: list[dict]) -> list[dict]:
                             "experiment": experiment, "unit": "s",
                             "stats": {"median": med["ckptflow"] - med["plain"] - med["trivial_flow"]},
                             "target": 1.0})
-                out.append({"what": "Prefect's cost: ckptflow run - stages (s)", "case": case,
-                            "experiment": experiment, "unit": "s",
-                            "stats": {"median": med["ckptflow"] - med["stages"]}, "target": None})
+                if med["stages"]:
+                    out.append({"what": "Prefect's cost: ckptflow run - stages (s)", "case": case,
+                                "experiment": experiment, "unit": "s",
+                                "stats": {"median": med["ckptflow"] - med["stages"]},
+                                "target": None})
                 out.append({"what": "trivial 3-task flow (s)", "case": case, "experiment":
                             experiment, "unit": "s", "stats": _stats(
                                 _values(rows, experiment, case, "trivial_flow", "wall_s")),
@@ -738,7 +747,8 @@ def machine() -> str:
 
 
 def run_experiment(bench: Bench, plan: dict, name: str) -> None:
-    {"e2e": exp_e2e, "e2e60k": lambda b, p: exp_e2e(b, p, "e2e60k"), "train": exp_train,
+    {"e2e": exp_e2e, "e2e60k": lambda b, p: exp_e2e(b, p, "e2e60k"),
+     "fixed": lambda b, p: exp_e2e(b, p, "fixed"), "train": exp_train,
      "sweep": exp_sweep, "resume": exp_resume, "lost": exp_lost, "warm": exp_warm}[name](
         bench, plan[name])
 
