@@ -308,10 +308,6 @@ def main(argv: list[str] | None = None) -> int:
                 from ckptflow.flows.sweep import sweep_flow as run_flow
             else:
                 from ckptflow.flows.train_pipeline import train_pipeline as run_flow
-                if not is_url(config.run_dir):  # not finished (above): the flow will need it
-                    from ckptflow.core.native_output import import_tensorflow
-
-                    import_tensorflow()  # ~10 s, while the temporary server starts beside it
             wait_until_ready()
             raise_if_stop_requested()
             state = run_flow(config, return_state=True)
