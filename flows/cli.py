@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
     from ckptflow.core.errors import StopRequested
     from ckptflow.core.lease import LeaseLost
+    from ckptflow.core.native_output import TensorFlowImport
     from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested
 
     # A sweep's points share the default grace.
@@ -308,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                 from ckptflow.flows.sweep import sweep_flow as run_flow
             else:
                 from ckptflow.flows.train_pipeline import train_pipeline as run_flow
+            raise_if_stop_requested()
+            # TensorFlow (~10 s) loads beside the server's start (~10 s), not after it; not for a
+            # run in a store, which may be finished (known once pulled, in the flow)
+            importing = TensorFlowImport() if args.command == "run" \
+                and not is_url(config.run_dir) else None
             wait_until_ready()
+            if importing:
+                importing.wait(raise_if_stop_requested)
             raise_if_stop_requested()
             state = run_flow(config, return_state=True)
             if state.is_cancelled():  # stopped by a signal, its checkpoint committed

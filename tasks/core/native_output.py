@@ -8,12 +8,15 @@ the run's `logs/native.log`; its last lines are logged when that work fails.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ckptflow.core.errors import StopRequested, first_line
@@ -25,15 +28,7 @@ log = logging.getLogger("ckptflow.native")
 def native_output_to(path: Path) -> Iterator[None]:
     """While active, this process's descriptors 1 and 2 (and those of a process started
     meanwhile) append to `path`, unless it cannot be opened (a full disk)."""
-    try:
-        log_fd = _open_log(path)
-    except OSError:
-        yield
-        return
-    saved = (os.dup(1), os.dup(2))
-    _flush()
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
+    redirect = _Redirect.to(path)
     failed = None
     try:
         yield
@@ -41,11 +36,8 @@ def native_output_to(path: Path) -> Iterator[None]:
         failed = exc
         raise
     finally:
-        _flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, log_fd):
-            os.close(fd)
+        if redirect:
+            redirect.end()
         if failed is not None and not isinstance(failed, StopRequested):
             log.error("%s: %s; the last lines of %s:\n%s", type(failed).__name__,
                       first_line(failed), path, last_lines(path))
@@ -61,17 +53,65 @@ def import_tensorflow() -> None:
             import tensorflow  # noqa: F401
 
 
+class TensorFlowImport:
+    """TensorFlow imported on a thread, started now, while the main thread waits for something
+    else (Prefect's server starting); its native lines into a temporary file, as
+    `import_tensorflow` does, until the import ends.
+
+    The main thread stays free to honour a stop: an import cannot be interrupted, and on a busy
+    machine it outlasts a stop's grace, so `wait()` reads the stop flag while it runs. Until the
+    import ends, the main thread's own output lands in that file too; if the process exits
+    first (a stop), descriptors 1 and 2 are pointed back at exit, before the exit handlers
+    registered earlier (last-in, first-out) print the caller's last words.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._failed: BaseException | None = None
+        self._native = ""
+        if "tensorflow" in sys.modules:
+            return
+        self._lock = threading.Lock()
+        self._folder = tempfile.mkdtemp(prefix="ckptflow-import-")
+        self._redirect = _Redirect.to(Path(self._folder) / "native.log")
+        atexit.register(self._end)
+        self._thread = threading.Thread(target=self._import, daemon=True,
+                                        name="ckptflow-import-tensorflow")
+        self._thread.start()
+
+    def wait(self, between: Callable[[], None] = lambda: None) -> None:
+        """Until TensorFlow is imported, calling `between()` (a safe point) every 0.1 s; raises
+        what the import raised, its native lines logged."""
+        while self._thread is not None and self._thread.is_alive():
+            between()
+            self._thread.join(0.1)
+        if self._failed is not None:
+            log.error("importing TensorFlow failed; the last lines it wrote:\n%s", self._native)
+            raise self._failed
+
+    def _import(self) -> None:
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException as exc:  # raised again by wait(), on the main thread
+            self._failed = exc
+            self._native = last_lines(Path(self._folder) / "native.log")
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        with self._lock:
+            atexit.unregister(self._end)
+            if self._redirect:
+                self._redirect.end()
+                self._redirect = None
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+
 def send_native_output_to(path: Path) -> None:
     """In a helper process, first thing: its descriptors 1 and 2 append to `path` from now on
     (unless the log cannot be opened)."""
-    try:
-        log_fd = _open_log(path)
-    except OSError:
-        return
-    _flush()
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    with contextlib.suppress(OSError):
+        _point_at(_open_log(path))
 
 
 def last_lines(path: Path, count: int = 20) -> str:
@@ -82,6 +122,36 @@ def last_lines(path: Path, count: int = 20) -> str:
             return b"\n".join(f.read().splitlines()[-count:]).decode(errors="replace")
     except OSError:
         return ""
+
+
+class _Redirect:
+    """Descriptors 1 and 2 appending to a log until `end()` points them back."""
+
+    def __init__(self, log_fd: int):
+        self._saved = (os.dup(1), os.dup(2))
+        _point_at(log_fd)
+
+    @classmethod
+    def to(cls, path: Path) -> _Redirect | None:
+        """A redirect to `path`, or None if the log cannot be opened (a full disk)."""
+        try:
+            return cls(_open_log(path))
+        except OSError:
+            return None
+
+    def end(self) -> None:
+        _flush()
+        for target, saved in enumerate(self._saved, start=1):
+            os.dup2(saved, target)
+            os.close(saved)
+
+
+def _point_at(log_fd: int) -> None:
+    """Descriptors 1 and 2 become `log_fd` (which is closed), what was buffered written first."""
+    _flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
 
 
 def _open_log(path: Path) -> int:
