@@ -1,7 +1,5 @@
 """`python -m ckptflow ...`: the same as the `ckptflow` command."""
 
-import sys
+from ckptflow.flows.cli import entry_point
 
-from ckptflow.flows.cli import main
-
-sys.exit(main())
+entry_point()
