@@ -84,6 +84,7 @@ def child_train(work: Path, mode: str) -> dict:
     costs = read_manifest(config.run_dir)["training"]["attempts"][-1]["checkpoints"]
     return {"mode": mode, "stage_s": time.perf_counter() - started, "cost": costs["cost"],
             "waited_s": costs["waited_seconds"], "training_s": costs["training_seconds"],
+            "waited_by": costs["waited_by"], "deferred": costs["deferred"],
             "committed": costs["committed"], "bytes_written": costs["bytes_written"]}
 
 
