@@ -69,15 +69,17 @@ class CheckpointSaves:
     counted as a checkpoint's.
 
     `keras_model` builds a model of the run's architecture for the epoch ends' Keras files (the
-    training model changes while they are written); called once, on the training thread (Keras'
-    settings are per thread). `background=False` commits in `save`, on the training thread.
+    training model changes while they are written); called here, on the training thread (Keras'
+    settings are per thread) and before training's clock starts: at the first epoch end
+    training would wait for it. `background=False` commits in `save`, on the training thread.
     """
 
     def __init__(self, store: CheckpointStore, policy: SavePolicy,
                  keras_model: Callable[[], Any] | None = None, extra: dict | None = None,
                  background: bool = True, latest: Checkpoint | None = None):
         self.store, self.policy, self.background, self.extra = store, policy, background, extra
-        self._keras_model_factory, self._keras_model = keras_model, None
+        self._keras_model = keras_model() if keras_model and background and store.keras_files \
+            else None
         self.latest, self.committed, self.bytes_written = latest, 0, 0
         self.cpu_seconds = 0.0  # of the commits made on the writer thread
         self._charged_cpu = 0.0  # of cpu_seconds, what the policy has been charged
@@ -148,8 +150,6 @@ class CheckpointSaves:
             self.policy.saved(spent)
 
     def _start_commit(self, capture: Capture, then: Then | None) -> None:
-        if capture.keras_values is not None and self._keras_model is None:
-            self._keras_model = self._keras_model_factory()
         self._then = then
         self._thread = threading.Thread(target=self._commit, args=(capture,),
                                         name=f"ckptflow-commit-{capture.name}", daemon=True)
