@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     # an error registered before that handler is printed after it (atexit runs last-in,
     # first-out), so it stays the last line.
     last_words: list[str] = []
-    atexit.register(lambda: last_words and print(last_words[0], file=sys.stderr))
+    atexit.register(say_last_words, last_words)
     from ckptflow.core.errors import StopRequested
     from ckptflow.core.lease import LeaseLost
     from ckptflow.core.native_output import TensorFlowImport
@@ -346,6 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_summary(result))
     return 0
+
+
+def say_last_words(words: list[str]) -> None:
+    """At exit, after the exit handlers registered later: the run's last line, if it has one;
+    nothing after it."""
+    from ckptflow.core.native_output import silence_unfinished_import
+
+    if words:
+        print(words[0], file=sys.stderr)
+    silence_unfinished_import()
 
 
 def format_summary(summary: dict) -> str:

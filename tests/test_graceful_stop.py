@@ -129,6 +129,45 @@ def test_a_signal_inside_a_log_handler_raises_nothing_there_and_stops_at_the_nex
     raise_if_stop_requested()  # so the next run in this process is not stopped
 
 
+# The start-up of `ckptflow run`: TensorFlow importing on its thread, a SIGTERM 0.3 s in; the CLI's
+# own exit handler prints the last line.
+STOP_DURING_IMPORT = """
+import atexit, os, signal, sys, threading
+from ckptflow.core.errors import StopRequested
+from ckptflow.core.native_output import TensorFlowImport
+from ckptflow.core.stop import StopOnSignal, raise_if_stop_requested
+from ckptflow.flows.cli import say_last_words
+
+words = []
+atexit.register(say_last_words, words)
+with StopOnSignal(20.0):
+    importing = TensorFlowImport()
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        importing.wait(raise_if_stop_requested)
+        words.append("imported before the stop was honoured")
+    except StopRequested:
+        still = [t.name for t in threading.enumerate() if t.name.endswith("import-tensorflow")]
+        words.append(f"ckptflow: stopped; import threads still running: {still}")
+sys.exit(3)
+"""
+
+
+def test_a_stop_while_tensorflow_imports_ends_at_once_and_nothing_follows_the_last_line():
+    """The import cannot be interrupted (and outlasts a stop's grace on a busy machine): the stop
+    is honoured while it still runs; none of its native lines reaches the terminal, before or
+    after the last line."""
+    result = subprocess.run([sys.executable, "-c", STOP_DURING_IMPORT], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stdout == ""
+    *before, last = result.stderr.splitlines()
+    assert last == "ckptflow: stopped; import threads still running: ['ckptflow-import-tensorflow']"
+    # the stop's warning shows if the import restored the terminal in time; nothing of TensorFlow's
+    assert set(before) <= {"SIGTERM: stopping at the next safe point (within 20 s; a second "
+                           "signal stops at once)"}, before
+
+
 # `ckptflow run` with a log handler that meets the SIGTERM in its write: it sends the signal itself
 # as evaluate logs its result, and finishes the line after the signal's handler ran.
 MID_STAGE = """

@@ -22,6 +22,7 @@ from pathlib import Path
 from ckptflow.core.errors import StopRequested, first_line
 
 log = logging.getLogger("ckptflow.native")
+_IMPORT_THREAD = "ckptflow-import-tensorflow"
 
 
 @contextlib.contextmanager
@@ -62,7 +63,8 @@ class TensorFlowImport:
     machine it outlasts a stop's grace, so `wait()` reads the stop flag while it runs. Until the
     import ends, the main thread's own output lands in that file too; if the process exits
     first (a stop), descriptors 1 and 2 are pointed back at exit, before the exit handlers
-    registered earlier (last-in, first-out) print the caller's last words.
+    registered earlier (last-in, first-out) print the caller's last words, after which
+    `silence_unfinished_import()` keeps the import's later lines from following them.
     """
 
     def __init__(self) -> None:
@@ -76,7 +78,7 @@ class TensorFlowImport:
         self._redirect = _Redirect.to(Path(self._folder) / "native.log")
         atexit.register(self._end)
         self._thread = threading.Thread(target=self._import, daemon=True,
-                                        name="ckptflow-import-tensorflow")
+                                        name=_IMPORT_THREAD)
         self._thread.start()
 
     def wait(self, between: Callable[[], None] = lambda: None) -> None:
@@ -107,6 +109,14 @@ class TensorFlowImport:
             shutil.rmtree(self._folder, ignore_errors=True)
 
 
+def silence_unfinished_import() -> None:
+    """After a process's last line: if a `TensorFlowImport` is still running (the process ends
+    on a stop at start-up), descriptors 1 and 2 go to /dev/null from now on, so that none of the
+    import's native lines follows that line."""
+    if any(t.name == _IMPORT_THREAD and t.is_alive() for t in threading.enumerate()):
+        _point_at(os.open(os.devnull, os.O_WRONLY))
+
+
 def send_native_output_to(path: Path) -> None:
     """In a helper process, first thing: its descriptors 1 and 2 append to `path` from now on
     (unless the log cannot be opened)."""
@@ -135,9 +145,10 @@ class _Redirect:
     def to(cls, path: Path) -> _Redirect | None:
         """A redirect to `path`, or None if the log cannot be opened (a full disk)."""
         try:
-            return cls(_open_log(path))
+            log_fd = _open_log(path)
         except OSError:
             return None
+        return cls(log_fd)
 
     def end(self) -> None:
         _flush()
