@@ -48,16 +48,13 @@ def import_tensorflow() -> None:
     """Import TensorFlow now (if not yet), its native start-up lines (CUDA probing, absl) into a
     temporary file that is shown only if the import fails: no run directory is written for them
     (bad input found later must leave an existing one as it was)."""
-    if "tensorflow" not in sys.modules:
-        with tempfile.TemporaryDirectory(prefix="ckptflow-import-") as folder, \
-                native_output_to(Path(folder) / "native.log"):
-            import tensorflow  # noqa: F401
+    TensorFlowImport().wait()
 
 
 class TensorFlowImport:
     """TensorFlow imported on a thread, started now, while the main thread waits for something
-    else (Prefect's server starting); its native lines into a temporary file, as
-    `import_tensorflow` does, until the import ends.
+    else (Prefect's server starting); its native lines into a temporary file, shown only if the
+    import fails, until the import ends.
 
     The main thread stays free to honour a stop: an import cannot be interrupted, and on a busy
     machine it outlasts a stop's grace, so `wait()` reads the stop flag while it runs. Until the
